@@ -1,0 +1,3 @@
+from bnlab.cli import entry
+
+entry()

@@ -1,0 +1,299 @@
+"""Data sets as resident tensors on the training device, and a seeded batch stream.
+
+Each split is decoded once (uint8 -> float, standardized with the training split's per-channel
+mean and std) and kept on the device; an epoch is a ``torch.randperm`` and index slices, so the
+hot loop has no per-sample Python, no DataLoader and no PIL.
+
+Files are the originals: torchvision's classes download and verify them into ``data.root`` when
+a network is reachable; bnlab parses them itself (IDX for MNIST/Fashion-MNIST, the python pickle
+batches for CIFAR-10), so tiny test files in those formats take the same path as real data.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import pickle
+import shutil
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from bnlab.errors import DataError
+
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+OFFLINE_HINT = ("data=digits always works offline; data=fashion_mnist works offline with "
+                "Debian's dataset-fashion-mnist package (apt-get install dataset-fashion-mnist)")
+
+
+@dataclass
+class Split:
+    x: Tensor  # float32 (N, C, H, W) on the device
+    y: Tensor  # int64 (N,) on the device
+
+    def __len__(self) -> int:
+        return self.y.shape[0]
+
+
+@dataclass
+class Dataset:
+    name: str
+    train: Split
+    test: Split
+    num_classes: int
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.train.x.shape[1:])  # type: ignore[return-value]
+
+
+@dataclass
+class RawSplits:
+    """uint8 images (N, C, H, W) and int64 labels, before scaling and standardization."""
+
+    train_x: Tensor
+    train_y: Tensor
+    test_x: Tensor
+    test_y: Tensor
+    max_value: float  # 255 for 8-bit images, 16 for the UCI digits
+
+
+# ---------------------------------------------------------------- reachability and download
+def _reachable(url: str, timeout: float = 3.0) -> bool:
+    """A quick TCP check, so an offline machine fails in seconds instead of hanging in urllib."""
+    parsed = urlparse(url)
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parsed.hostname, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _download(name: str, where: Path, files: list[str], urls: list[str],
+              fetch: Callable[[], object], allowed: bool) -> None:
+    missing = f"{name}: files missing in {where} ({', '.join(files)})"
+    if not allowed:
+        raise DataError(f"{missing}; data.download=false. Put the original files there. {OFFLINE_HINT}")
+    if not any(_reachable(u) for u in urls):
+        raise DataError(f"{missing} and no network to download them. Put the original files "
+                        f"there, or set data.root (or $BNLAB_DATA). {OFFLINE_HINT}")
+    try:
+        fetch()
+    except Exception as err:  # urllib, tarfile and md5 failures all mean the same to a user
+        raise DataError(f"{name}: download into {where} failed ({err}). {OFFLINE_HINT}") from err
+
+
+def _writable_root(root: Path) -> Path:
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise DataError(f"data.root={root} cannot be created ({err.strerror})") from err
+    return root
+
+
+# ---------------------------------------------------------------- MNIST and Fashion-MNIST (IDX)
+IDX_FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+             "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
+
+
+def read_idx(path: Path) -> Tensor:
+    """Parse an IDX file (LeCun's format: magic 0x0000 | dtype 0x08 | ndim, big-endian sizes)."""
+    data = path.read_bytes()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08 or not 1 <= data[3] <= 4:
+        raise DataError(f"{path}: not an unsigned-byte IDX file (wrong magic number)")
+    ndim = data[3]
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise DataError(f"{path}: truncated IDX header")
+    shape = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    expected = header + int(np.prod(shape))
+    if len(data) != expected:
+        raise DataError(f"{path}: truncated or padded ({len(data)} bytes, the header says {expected})")
+    return torch.from_numpy(np.frombuffer(data, np.uint8, offset=header).copy()).view(*shape)
+
+
+def _idx_dataset(name: str, folder: str, root: Path, download: bool) -> RawSplits:
+    import torchvision.datasets as tvd
+
+    cls = {"MNIST": tvd.MNIST, "FashionMNIST": tvd.FashionMNIST}[folder]
+    raw = root / folder / "raw"
+    if not all((raw / f).is_file() for f in IDX_FILES) and folder == "FashionMNIST":
+        _copy_debian_fashion_mnist(raw)
+    if not all((raw / f).is_file() for f in IDX_FILES):
+        _writable_root(root)
+        _download(name, raw, IDX_FILES, list(cls.mirrors),
+                  lambda: cls(str(root), train=True, download=True), download)
+    arrays = [read_idx(raw / f) for f in IDX_FILES]
+    train_x, train_y, test_x, test_y = arrays
+    for images, labels, split in ((train_x, train_y, "train"), (test_x, test_y, "t10k")):
+        if images.dim() != 3 or labels.dim() != 1 or images.shape[0] != labels.shape[0]:
+            raise DataError(f"{name}: {raw}/{split}-* images {tuple(images.shape)} do not match "
+                            f"labels {tuple(labels.shape)}")
+    return RawSplits(train_x.unsqueeze(1), train_y.long(), test_x.unsqueeze(1), test_y.long(), 255.0)
+
+
+def _copy_debian_fashion_mnist(raw: Path) -> None:
+    """Debian's .gz files hold the real data but not torchvision's md5s: decompress them here."""
+    sources = [DEBIAN_FASHION_MNIST / f"{f}.gz" for f in IDX_FILES]
+    if not all(s.is_file() for s in sources):
+        return
+    try:
+        raw.mkdir(parents=True, exist_ok=True)
+        for src in sources:
+            target = raw / src.stem
+            if target.is_file():
+                continue
+            partial = target.with_suffix(".partial")
+            with gzip.open(src, "rb") as fin, open(partial, "wb") as fout:
+                shutil.copyfileobj(fin, fout)
+            os.replace(partial, target)  # never leave a half-decompressed file under the real name
+    except OSError as err:
+        raise DataError(f"fashion_mnist: cannot decompress {DEBIAN_FASHION_MNIST} into {raw} "
+                        f"({err.strerror}); set data.root to a writable folder") from err
+
+
+# ---------------------------------------------------------------- CIFAR-10 (python pickle batches)
+CIFAR_TRAIN = [f"data_batch_{i}" for i in range(1, 6)]
+CIFAR_TEST = ["test_batch"]
+
+
+def read_cifar_batch(path: Path) -> tuple[Tensor, Tensor]:
+    """One CIFAR-10 python batch: a pickled dict with b'data' (N, 3072) uint8 and b'labels'."""
+    try:
+        with open(path, "rb") as f:
+            entry = pickle.load(f, encoding="latin1")
+        data = np.asarray(entry["data"], dtype=np.uint8)
+        labels = np.asarray(entry.get("labels", entry.get("fine_labels")), dtype=np.int64)
+        images = data.reshape(-1, 3, 32, 32)
+    except Exception as err:  # unpickling garbage raises anything from EOFError to KeyError
+        raise DataError(f"{path}: not a CIFAR-10 python batch ({type(err).__name__}: {err})") from err
+    if images.shape[0] != labels.shape[0]:
+        raise DataError(f"{path}: {images.shape[0]} images but {labels.shape[0]} labels")
+    return torch.from_numpy(images.copy()), torch.from_numpy(labels)
+
+
+def _cifar10(root: Path, download: bool) -> RawSplits:
+    import torchvision.datasets as tvd
+
+    folder = root / tvd.CIFAR10.base_folder
+    files = CIFAR_TRAIN + CIFAR_TEST
+    if not all((folder / f).is_file() for f in files):
+        _writable_root(root)
+        _download("cifar10", folder, files, [tvd.CIFAR10.url],
+                  lambda: tvd.CIFAR10(str(root), train=True, download=True), download)
+    train = [read_cifar_batch(folder / f) for f in CIFAR_TRAIN]
+    test_x, test_y = read_cifar_batch(folder / CIFAR_TEST[0])
+    return RawSplits(torch.cat([x for x, _ in train]), torch.cat([y for _, y in train]),
+                     test_x, test_y, 255.0)
+
+
+# ---------------------------------------------------------------- UCI digits (scikit-learn)
+def _digits(root: Path, download: bool) -> RawSplits:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    images = torch.from_numpy(bunch.images.astype(np.uint8)).unsqueeze(1)  # values 0..16
+    labels = torch.from_numpy(bunch.target.astype(np.int64))
+    # A fixed 80/20 split, the same on every machine.
+    order = torch.from_numpy(np.random.RandomState(0).permutation(len(labels)))
+    n_train = int(0.8 * len(labels))
+    tr, te = order[:n_train], order[n_train:]
+    return RawSplits(images[tr], labels[tr], images[te], labels[te], 16.0)
+
+
+LOADERS: dict[str, Callable[[Path, bool], RawSplits]] = {
+    "mnist": lambda root, dl: _idx_dataset("mnist", "MNIST", root, dl),
+    "fashion_mnist": lambda root, dl: _idx_dataset("fashion_mnist", "FashionMNIST", root, dl),
+    "cifar10": _cifar10,
+    "digits": _digits,
+}
+
+
+def load_dataset(cfg, device: torch.device) -> Dataset:
+    """Load ``cfg.name`` from ``cfg.root`` as resident, standardized tensors on ``device``."""
+    root = Path(os.path.expanduser(str(cfg.root)))
+    raw = LOADERS[cfg.name](root, bool(cfg.download))
+    scale = 1.0 / raw.max_value
+    train_x = raw.train_x.to(device=device, dtype=torch.float32).mul_(scale)
+    test_x = raw.test_x.to(device=device, dtype=torch.float32).mul_(scale)
+    if cfg.normalize:
+        mean = train_x.mean(dim=(0, 2, 3), keepdim=True)
+        std = train_x.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
+        train_x.sub_(mean).div_(std)
+        test_x.sub_(mean).div_(std)
+    num_classes = int(max(raw.train_y.max(), raw.test_y.max())) + 1
+    return Dataset(cfg.name, Split(train_x, raw.train_y.to(device)),
+                   Split(test_x, raw.test_y.to(device)), num_classes)
+
+
+# ---------------------------------------------------------------- batches
+def augment_batch(x: Tensor, generator: torch.Generator, pad: int = 4) -> Tensor:
+    """Random crop (zero padding ``pad``) and horizontal flip of every image, on x's device."""
+    n, c, h, w = x.shape
+    flip = torch.rand(n, generator=generator, device=generator.device) < 0.5
+    x = torch.where(flip.to(x.device)[:, None, None, None], x.flip(3), x)
+    padded = F.pad(x, (pad, pad, pad, pad))
+    shift = torch.randint(0, 2 * pad + 1, (2, n), generator=generator,
+                          device=generator.device).to(x.device)
+    rows = (shift[0][:, None] + torch.arange(h, device=x.device))[:, None, :, None]
+    cols = (shift[1][:, None] + torch.arange(w, device=x.device))[:, None, None, :]
+    batch = torch.arange(n, device=x.device)[:, None, None, None]
+    chans = torch.arange(c, device=x.device)[None, :, None, None]
+    return padded[batch, chans, rows, cols]
+
+
+class BatchStream:
+    """Shuffled batches of a resident split: an epoch is one seeded ``randperm``.
+
+    Under torch.distributed each rank takes its contiguous share of the same global batch,
+    so the union of the ranks' batches is exactly the one-process batch.
+    """
+
+    def __init__(self, split: Split, batch_size: int, seed: int, augment: bool = False,
+                 rank: int = 0, world_size: int = 1) -> None:
+        self.split, self.batch_size, self.augment = split, batch_size, augment
+        self.rank, self.world_size = rank, world_size
+        self.generator = torch.Generator().manual_seed(seed)
+        device = split.x.device
+        self.aug_generator = torch.Generator(device=device).manual_seed(seed + 1)
+        self.perm: Tensor | None = None
+        self.pos = 0
+        self.epoch = 0
+
+    def __next__(self) -> tuple[Tensor, Tensor]:
+        n = len(self.split)
+        if self.perm is None or self.pos + self.batch_size > n:  # drop the ragged tail
+            self.perm = torch.randperm(n, generator=self.generator).to(self.split.x.device)
+            self.pos = 0
+            self.epoch += 1
+        idx = self.perm[self.pos: self.pos + self.batch_size]
+        self.pos += self.batch_size
+        if self.world_size > 1:
+            idx = idx.tensor_split(self.world_size)[self.rank]
+        x = self.split.x[idx]
+        if self.augment:
+            x = augment_batch(x, self.aug_generator)
+        return x, self.split.y[idx]
+
+    def __iter__(self) -> BatchStream:
+        return self
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state(), "aug_generator": self.aug_generator.get_state(),
+                "perm": None if self.perm is None else self.perm.cpu(), "pos": self.pos,
+                "epoch": self.epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+        self.aug_generator.set_state(state["aug_generator"])
+        perm = state["perm"]
+        self.perm = None if perm is None else perm.to(self.split.x.device)
+        self.pos, self.epoch = state["pos"], state["epoch"]

@@ -1,0 +1,116 @@
+"""MLP, CNN and VGG built from a norm factory and an activation, with named probe points.
+
+A hidden block is ``layer -> norm -> activation`` (``norm.position=before_act``, the layer's bias
+dropped since the norm's beta replaces it) or ``layer -> activation -> norm`` (``after_act``).
+Each block can record its three points for the probes: ``pre`` (layer output), ``norm`` (norm
+output) and ``act`` (activation output).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from bnlab.norms import build_norm
+
+ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+    "sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "relu": nn.ReLU,
+    "leaky_relu": lambda: nn.LeakyReLU(0.01), "gelu": nn.GELU, "identity": nn.Identity,
+}
+
+NormFactory = Callable[[int, int], nn.Module]  # (num_features, dims) -> layer
+
+
+class Block(nn.Module):
+    """One hidden layer with its normalization and nonlinearity, in the configured order."""
+
+    def __init__(self, layer: nn.Module, norm: nn.Module, activation: nn.Module,
+                 norm_first: bool) -> None:
+        super().__init__()
+        self.layer, self.norm, self.act = layer, norm, activation
+        self.norm_first = norm_first
+        self.taps: dict[str, Tensor] | None = None  # set by the probes to record the points
+
+    def forward(self, x: Tensor) -> Tensor:
+        pre = self.layer(x)
+        if self.norm_first:
+            normed = self.norm(pre)
+            out = activated = self.act(normed)
+        else:
+            activated = self.act(pre)
+            out = normed = self.norm(activated)
+        if self.taps is not None:
+            self.taps.update(pre=pre, norm=normed, act=activated)
+        return out
+
+    @property
+    def nonlinearity_input(self) -> str:
+        return "norm" if self.norm_first else "pre"
+
+
+class Net(nn.Module):
+    """A stack of blocks (and pools), then a linear classifier; ``blocks`` are layer1, layer2, ..."""
+
+    def __init__(self, features: nn.Sequential, classifier: nn.Module) -> None:
+        super().__init__()
+        self.features, self.classifier = features, classifier
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(self.features(x))
+
+    @property
+    def blocks(self) -> list[Block]:
+        return [m for m in self.features if isinstance(m, Block)]
+
+
+def _norm_factory(cfg_norm) -> tuple[NormFactory, bool]:
+    options = {k: v for k, v in cfg_norm.items() if k not in ("name", "position", "sync")}
+    name = str(cfg_norm.name)
+
+    def make(num_features: int, dims: int) -> nn.Module:
+        return build_norm(name, num_features, dims, **options)
+
+    return make, name != "none"
+
+
+def build_model(cfg, in_shape: tuple[int, int, int], num_classes: int) -> Net:
+    """The network of ``cfg.model`` for inputs of shape (C, H, W)."""
+    make_norm, normalized = _norm_factory(cfg.norm)
+    norm_first = cfg.norm.position == "before_act"
+    # Before the activation the norm's beta replaces the layer's bias (Ioffe & Szegedy, Sec. 3.2).
+    bias = not (normalized and norm_first)
+    activation = ACTIVATIONS[cfg.activation.name]
+
+    def block(layer: nn.Module, width: int, dims: int) -> Block:
+        return Block(layer, make_norm(width, dims), activation(), norm_first)
+
+    layers: list[nn.Module] = []
+    c, h, w = in_shape
+    model = cfg.model
+    if model.name in ("cnn", "vgg"):
+        if model.name == "cnn":
+            plan = []
+            for channels, padding in zip(model.channels, model.paddings):
+                plan += [(channels, int(model.kernel_size), int(padding)), "M"]
+        else:
+            plan = [item if item == "M" else (int(item), 3, 1) for item in model.layers]
+        for item in plan:
+            if item == "M":
+                pool = nn.MaxPool2d(2) if getattr(model, "pool", "max") == "max" else nn.AvgPool2d(2)
+                layers.append(pool)
+                continue
+            out, k, p = item
+            layers.append(block(nn.Conv2d(c, out, k, padding=p, bias=bias), out, 4))
+            c = out
+        layers.append(nn.Flatten())
+        with torch.no_grad():  # shape inference: the flattened size after convs and pools
+            features = nn.Sequential(*layers).eval()(torch.zeros(2, *in_shape)).shape[1]
+    else:
+        layers.append(nn.Flatten())
+        features = c * h * w
+    for width in model.widths:
+        layers.append(block(nn.Linear(features, width, bias=bias), width, 2))
+        features = width
+    return Net(nn.Sequential(*layers), nn.Linear(features, num_classes))

@@ -1,0 +1,402 @@
+"""The training loop: optimizer, schedule, evaluation, probes, divergence, checkpoints.
+
+``main`` is the Hydra task behind ``bnlab train``: it checks the config, trains, and turns the
+errors a user can cause into one line on stderr. ``Trainer`` holds one run's state.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import shutil
+import signal
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
+
+from bnlab import __version__
+from bnlab.checkpoint import load_checkpoint, rng_states, save_checkpoint, set_rng_states
+from bnlab.config import validate
+from bnlab.data import BatchStream, Dataset, Split, load_dataset
+from bnlab.errors import UserError
+from bnlab.models import Net, build_model
+from bnlab.norms import Norm
+from bnlab.progress import Progress
+from bnlab.record import SUMMARY_JSON, Recorder, write_json_atomic
+
+CHECKPOINT = Path("checkpoints") / "last.pt"
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+# ---------------------------------------------------------------- process set-up
+def parallel_jobs() -> int:
+    """How many training processes share this machine's cores (parallel launcher or torchrun)."""
+    jobs = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        launcher = HydraConfig.get().launcher
+        n_jobs = launcher.get("n_jobs", None) if launcher is not None else None
+        if n_jobs:
+            jobs = max(jobs, int(n_jobs) if int(n_jobs) > 0 else os.cpu_count() or 1)
+    except (ValueError, AttributeError):
+        pass
+    return jobs
+
+
+def setup_process(cfg: DictConfig) -> torch.device:
+    """Flush subnormals, pick threads and device: without these, CPU timings are random."""
+    # Saturated sigmoids under BN produce subnormal floats that slow the CPU 20-30x.
+    torch.set_flush_denormal(True)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    threads = cfg.train.threads or max(1, (cores or 1) // parallel_jobs())
+    torch.set_num_threads(threads)
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("device=cuda but no CUDA device is available; use device=cpu or device=auto")
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg.device)
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def versions() -> dict[str, str]:
+    import hydra
+    import torchvision
+
+    return {"bnlab": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "hydra": hydra.__version__, "python": platform.python_version()}
+
+
+def build_optimizer(cfg_optim: DictConfig, model: Net, total_steps: int):
+    params = list(model.parameters())
+    if cfg_optim.name == "sgd":
+        opt = torch.optim.SGD(params, lr=cfg_optim.lr, momentum=cfg_optim.momentum,
+                              weight_decay=cfg_optim.weight_decay, nesterov=cfg_optim.nesterov)
+    else:
+        opt = torch.optim.AdamW(params, lr=cfg_optim.lr, betas=tuple(cfg_optim.betas),
+                                weight_decay=cfg_optim.weight_decay)
+    if cfg_optim.schedule == "cosine":
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps)
+    else:
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    return opt, sched
+
+
+@torch.no_grad()
+def evaluate(model: Net, split: Split, batch_size: int, train_mode: bool = False) -> tuple[float, float]:
+    """Mean loss and accuracy on the whole split, in eval mode (or train-mode batch statistics)."""
+    from bnlab.norms import frozen_stats
+
+    was_training = model.training
+    model.train(train_mode)
+    loss_sum = torch.zeros((), device=split.x.device)
+    correct = torch.zeros((), device=split.x.device, dtype=torch.long)
+    with frozen_stats(model):
+        for start in range(0, len(split), batch_size):
+            x, y = split.x[start:start + batch_size], split.y[start:start + batch_size]
+            logits = model(x).float()
+            loss_sum += F.cross_entropy(logits, y, reduction="sum")
+            correct += (logits.argmax(1) == y).sum()
+    model.train(was_training)
+    n = len(split)
+    return loss_sum.item() / n, correct.item() / n
+
+
+# ---------------------------------------------------------------- the run
+class Interrupted(Exception):
+    pass
+
+
+class Trainer:
+    """One training run in ``run_dir``: fresh, or resumed from its checkpoint."""
+
+    def __init__(self, cfg: DictConfig, run_dir: Path, device: torch.device, data: Dataset,
+                 rank: int = 0, world_size: int = 1) -> None:
+        self.cfg, self.run_dir, self.device, self.data = cfg, run_dir, device, data
+        self.rank, self.world_size = rank, world_size
+        self.is_writer = rank == 0
+        tcfg = cfg.train
+        per_epoch = len(data.train) // tcfg.batch_size
+        self.total_steps = tcfg.epochs * per_epoch if tcfg.epochs else tcfg.steps
+
+        self.model = build_model(cfg, data.shape, data.num_classes).to(device)
+        self.optimizer, self.scheduler = build_optimizer(cfg.optim, self.model, self.total_steps)
+        self.stream = BatchStream(data.train, tcfg.batch_size, cfg.seed,
+                                  augment=bool(cfg.data.get("augment", False)),
+                                  rank=rank, world_size=world_size)
+        self.prober = None
+        if cfg.probe.enabled:
+            from bnlab.probes import Prober
+
+            self.prober = Prober(cfg, self.model, data, device)
+        self.step_fn = self._make_step()
+        self.step = 0
+        self.loss_sum = torch.zeros((), device=device)  # since the last log step, on the device
+        self.correct_sum = torch.zeros((), device=device, dtype=torch.long)
+        self.seen = 0
+        self.best: dict[str, float] = {}
+        self.final: dict[str, float] = {}
+        self.diverged_step: int | None = None
+        self.wall_before = 0.0  # wall time of earlier attempts of a resumed run
+        self.stop_signal: int | None = None
+
+    # -- one optimization step, compiled when asked
+    def _make_step(self):
+        model, opt, sched = self.model, self.optimizer, self.scheduler
+        amp = bool(self.cfg.train.amp) and self.device.type == "cuda"
+
+        def forward_loss(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+                logits = model(x)
+            return F.cross_entropy(logits.float(), y), logits
+
+        if self.cfg.train.compile:
+            forward_loss = torch.compile(forward_loss)
+
+        def step(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+            loss, logits = forward_loss(x, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            return loss.detach(), (logits.detach().argmax(1) == y).sum()
+
+        return step
+
+    # -- checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step, "total_steps": self.total_steps,
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "stream": self.stream.state_dict(),
+            "rng": rng_states(), "loss_sum": self.loss_sum.cpu(), "correct_sum": self.correct_sum.cpu(),
+            "seen": self.seen, "best": self.best, "final": self.final, "wall_s": self.wall(),
+            "probe": self.prober.state_dict() if self.prober else {},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as err:
+            first = str(err).strip().splitlines()[0]
+            raise UserError(f"checkpoint does not match this run's model ({first})") from err
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.stream.load_state_dict(state["stream"])
+        set_rng_states(state["rng"])
+        self.step, self.seen = state["step"], state["seen"]
+        self.loss_sum = state["loss_sum"].to(self.device)
+        self.correct_sum = state["correct_sum"].to(self.device)
+        self.best, self.final, self.wall_before = state["best"], state["final"], state["wall_s"]
+        if self.prober:
+            self.prober.load_state_dict(state["probe"])
+
+    def save(self) -> None:
+        if self.is_writer:
+            save_checkpoint(self.run_dir / CHECKPOINT, self.state_dict())
+
+    # -- bookkeeping
+    def wall(self) -> float:
+        return self.wall_before + time.perf_counter() - self.t_start
+
+    def summary(self, status: str, error: str | None = None) -> None:
+        if not self.is_writer:
+            return
+        data = {
+            "status": status, "steps": self.step, "total_steps": self.total_steps,
+            "wall_s": round(self.wall(), 3), "device": str(self.device),
+            "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda"
+            else platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads(), "world_size": self.world_size,
+            "versions": versions(), "final": self.final, "best": self.best,
+            "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        if self.diverged_step is not None:
+            data["diverged_step"] = self.diverged_step
+        if error:
+            data["error"] = error
+        write_json_atomic(self.run_dir / SUMMARY_JSON, data)
+
+    def _log_train(self, recorder: Recorder, train_time: float, steps: int) -> float:
+        """Read the device-side sums (the only host sync), log them; returns the mean loss."""
+        loss = self.loss_sum.item() / max(self.seen, 1)
+        acc = self.correct_sum.item() / max(self.seen * self.stream.batch_size, 1)
+        values = {"train/loss": loss, "train/acc": acc,
+                  "train/lr": self.optimizer.param_groups[0]["lr"],
+                  "perf/steps_per_s": steps / train_time if train_time > 0 else float("nan")}
+        for layer in self.model.modules():
+            if isinstance(layer, Norm) and layer.log_scalars():
+                values.update({f"norm/{k}": v for k, v in layer.log_scalars().items()})
+                break  # the schedule is the same in every layer
+        recorder.scalars(self.step, values)
+        self.final.update(values)
+        self.loss_sum.zero_()
+        self.correct_sum.zero_()
+        self.seen = 0
+        return loss
+
+    def _evaluate(self, recorder: Recorder) -> dict[str, float]:
+        loss, acc = evaluate(self.model, self.data.test, self.cfg.train.eval_batch_size)
+        values = {"test/loss": loss, "test/acc": acc}
+        if self.prober is not None:
+            values.update(self.prober.eval_extras(self.model, self.data.test,
+                                                  self.cfg.train.eval_batch_size))
+        recorder.scalars(self.step, values)
+        self.final.update(values)
+        if acc > self.best.get("test/acc", -1.0):
+            self.best.update({"test/acc": acc, "test/acc_step": self.step})
+        if loss < self.best.get("test/loss", math.inf):
+            self.best["test/loss"] = loss
+        return values
+
+    # -- the loop
+    def run(self, resumed: bool) -> str:
+        cfg, tcfg = self.cfg, self.cfg.train
+        self.t_start = time.perf_counter()
+        recorder = Recorder(self.run_dir, purge_step=self.step + 1 if resumed else None,
+                            enabled=self.is_writer)
+        progress = Progress(self.total_steps, self.step, tcfg.progress if self.is_writer else "off")
+        self.summary("running")
+        if self.prober is not None and self.step == 0:
+            self.prober.probe(0, recorder)
+        status = "completed"
+        steps_since_log, train_time = 0, 0.0
+        t_mark = time.perf_counter()
+        try:
+            while self.step < self.total_steps:
+                if self.stop_signal is not None:
+                    raise Interrupted
+                x, y = next(self.stream)
+                if self.prober is not None and self.prober.wants_ics(self.step + 1):
+                    self.prober.ics(self.step + 1, self.model, self.optimizer, x, y, recorder)
+                loss, correct = self.step_fn(x, y)
+                self.loss_sum += loss
+                self.correct_sum += correct
+                self.seen += 1
+                self.step += 1
+                steps_since_log += 1
+                step = self.step
+                last = step == self.total_steps
+                if step % tcfg.log_every == 0 or last:
+                    if self.device.type == "cuda":
+                        torch.cuda.synchronize()
+                    train_time += time.perf_counter() - t_mark
+                    mean_loss = self._log_train(recorder, train_time, steps_since_log)
+                    steps_since_log, train_time = 0, 0.0
+                    if not math.isfinite(mean_loss):
+                        self.diverged_step = step
+                        progress.message(f"diverged: train/loss={mean_loss} at step {step}")
+                        if tcfg.stop_on_divergence:
+                            status = "diverged"
+                            break
+                    progress.update(step, {"loss": mean_loss, "acc": self.final["train/acc"],
+                                           "steps/s": self.final["perf/steps_per_s"]})
+                    t_mark = time.perf_counter()
+                if step % tcfg.eval_every == 0 or last:
+                    self._finish_population_stats(last)
+                    self._evaluate(recorder)
+                if self.prober is not None and step % cfg.probe.every == 0:
+                    self.prober.probe(step, recorder)
+                if step % tcfg.checkpoint_every == 0 or last:
+                    self.save()
+                if step % tcfg.log_every == 0 or last:
+                    t_mark = time.perf_counter()  # eval, probes and checkpoints are not train time
+            if status == "diverged" or self.diverged_step is not None:
+                status = "diverged"
+                self._evaluate(recorder)
+            self.save()
+        except Interrupted:
+            self.save()
+            status = "interrupted"
+        finally:
+            progress.close()
+            recorder.close()
+        self.summary(status)
+        return status
+
+    def _finish_population_stats(self, last: bool) -> None:
+        """BN's ``inference=population`` (Ioffe & Szegedy, Alg. 2) replaces the moving averages."""
+        if last and self.cfg.norm.get("inference") == "population":
+            from bnlab.norms.batchnorm import estimate_population_statistics
+
+            estimate_population_statistics(self.model, self.stream)
+
+
+# ---------------------------------------------------------------- the Hydra task
+def _looks_like_fresh_run(run_dir: Path) -> bool:
+    """Only Hydra's own files: nothing a user would miss if the directory went away."""
+    return all(p.name in (".hydra", "train.log") for p in run_dir.iterdir())
+
+
+def _install_signal_handlers(trainer: Trainer) -> None:
+    def handle(signum, frame):  # first signal: checkpoint at the next step; second: leave now
+        if trainer.stop_signal is not None:
+            os._exit(EXIT_INTERRUPTED)
+        trainer.stop_signal = signum
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, handle)
+
+
+def run(cfg: DictConfig, run_dir: Path) -> str:
+    """Train ``cfg`` in ``run_dir`` (resuming from its checkpoint when ``cfg.resume`` is set)."""
+    validate(cfg)
+    device = setup_process(cfg)
+    seed_everything(cfg.seed)
+    data = load_dataset(cfg.data, device)
+    if cfg.train.batch_size > len(data.train):
+        raise UserError(f"train.batch_size={cfg.train.batch_size} is not valid: the {data.name} "
+                        f"training split has only {len(data.train)} examples")
+    if cfg.probe.enabled and cfg.probe.batch_size > len(data.train):
+        raise UserError(f"probe.batch_size={cfg.probe.batch_size} is not valid: the {data.name} "
+                        f"training split has only {len(data.train)} examples")
+    trainer = Trainer(cfg, run_dir, device, data)
+    resumed = cfg.resume is not None
+    if resumed:
+        trainer.load_state_dict(load_checkpoint(run_dir / CHECKPOINT, device))
+    _install_signal_handlers(trainer)
+    return trainer.run(resumed)
+
+
+def main(cfg: DictConfig) -> None:
+    """Hydra task of ``bnlab train``."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    try:
+        status = run(cfg, run_dir)
+    except UserError as err:
+        print(f"bnlab: error: {err}", file=sys.stderr)
+        if multirun or cfg.resume is not None:
+            # Keep the directory: a sweep's report lists this run as failed, and why.
+            write_json_atomic(run_dir / SUMMARY_JSON, {"status": "failed", "error": str(err),
+                                                       "config": OmegaConf.to_container(cfg)})
+            if multirun:
+                return
+        elif run_dir.is_dir() and _looks_like_fresh_run(run_dir):
+            shutil.rmtree(run_dir, ignore_errors=True)
+        sys.exit(EXIT_USER_ERROR)
+    if status == "interrupted":
+        print(f"bnlab: interrupted; resume with: bnlab train resume={run_dir}", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
