@@ -79,7 +79,8 @@ def _reachable(url: str, timeout: float = 3.0) -> bool:
 
 def _download(name: str, where: Path, files: list[str], urls: list[str],
               fetch: Callable[[], object], allowed: bool) -> None:
-    missing = f"{name}: files missing in {where} ({', '.join(files)})"
+    missing = f"{name}: files missing in {where} ({', '.join(files)}, or their .gz originals)" \
+        if name != "cifar10" else f"{name}: files missing in {where} ({', '.join(files)})"
     if not allowed:
         raise DataError(f"{missing}; data.download=false. Put the original files there. {OFFLINE_HINT}")
     if not any(_reachable(u) for u in urls):
@@ -125,14 +126,15 @@ def _idx_dataset(name: str, folder: str, root: Path, download: bool) -> RawSplit
 
     cls = {"MNIST": tvd.MNIST, "FashionMNIST": tvd.FashionMNIST}[folder]
     raw = root / folder / "raw"
-    if not all((raw / f).is_file() for f in IDX_FILES) and folder == "FashionMNIST":
-        _copy_debian_fashion_mnist(raw)
-    if not all((raw / f).is_file() for f in IDX_FILES):
-        _writable_root(root)
+    have = lambda: all((raw / f).is_file() for f in IDX_FILES)  # noqa: E731
+    if not have():
+        _decompress_idx(raw, raw)  # the user put the original .gz files there
+    if not have() and folder == "FashionMNIST":
+        _decompress_idx(DEBIAN_FASHION_MNIST, raw)
+    if not have():
         _download(name, raw, IDX_FILES, list(cls.mirrors),
-                  lambda: cls(str(root), train=True, download=True), download)
-    arrays = [read_idx(raw / f) for f in IDX_FILES]
-    train_x, train_y, test_x, test_y = arrays
+                  lambda: cls(str(_writable_root(root)), train=True, download=True), download)
+    train_x, train_y, test_x, test_y = (read_idx(raw / f) for f in IDX_FILES)
     for images, labels, split in ((train_x, train_y, "train"), (test_x, test_y, "t10k")):
         if images.dim() != 3 or labels.dim() != 1 or images.shape[0] != labels.shape[0]:
             raise DataError(f"{name}: {raw}/{split}-* images {tuple(images.shape)} do not match "
@@ -140,9 +142,13 @@ def _idx_dataset(name: str, folder: str, root: Path, download: bool) -> RawSplit
     return RawSplits(train_x.unsqueeze(1), train_y.long(), test_x.unsqueeze(1), test_y.long(), 255.0)
 
 
-def _copy_debian_fashion_mnist(raw: Path) -> None:
-    """Debian's .gz files hold the real data but not torchvision's md5s: decompress them here."""
-    sources = [DEBIAN_FASHION_MNIST / f"{f}.gz" for f in IDX_FILES]
+def _decompress_idx(source: Path, raw: Path) -> None:
+    """Decompress the four original ``.gz`` files from ``source`` into ``raw``, if all are there.
+
+    Debian's Fashion-MNIST files hold the real data but not torchvision's md5s (their gzip
+    headers lack the file name), so torchvision's own download check would reject them.
+    """
+    sources = [source / f"{f}.gz" for f in IDX_FILES]
     if not all(s.is_file() for s in sources):
         return
     try:
@@ -151,13 +157,13 @@ def _copy_debian_fashion_mnist(raw: Path) -> None:
             target = raw / src.stem
             if target.is_file():
                 continue
-            partial = target.with_suffix(".partial")
+            partial = target.with_name(target.name + ".partial")
             with gzip.open(src, "rb") as fin, open(partial, "wb") as fout:
                 shutil.copyfileobj(fin, fout)
             os.replace(partial, target)  # never leave a half-decompressed file under the real name
-    except OSError as err:
-        raise DataError(f"fashion_mnist: cannot decompress {DEBIAN_FASHION_MNIST} into {raw} "
-                        f"({err.strerror}); set data.root to a writable folder") from err
+    except (OSError, EOFError) as err:
+        raise DataError(f"cannot decompress {source}/*.gz into {raw} ({err}); "
+                        "set data.root to a writable folder or replace the files") from err
 
 
 # ---------------------------------------------------------------- CIFAR-10 (python pickle batches)
@@ -186,9 +192,8 @@ def _cifar10(root: Path, download: bool) -> RawSplits:
     folder = root / tvd.CIFAR10.base_folder
     files = CIFAR_TRAIN + CIFAR_TEST
     if not all((folder / f).is_file() for f in files):
-        _writable_root(root)
         _download("cifar10", folder, files, [tvd.CIFAR10.url],
-                  lambda: tvd.CIFAR10(str(root), train=True, download=True), download)
+                  lambda: tvd.CIFAR10(str(_writable_root(root)), train=True, download=True), download)
     train = [read_cifar_batch(folder / f) for f in CIFAR_TRAIN]
     test_x, test_y = read_cifar_batch(folder / CIFAR_TEST[0])
     return RawSplits(torch.cat([x for x, _ in train]), torch.cat([y for _, y in train]),
@@ -197,11 +202,17 @@ def _cifar10(root: Path, download: bool) -> RawSplits:
 
 # ---------------------------------------------------------------- UCI digits (scikit-learn)
 def _digits(root: Path, download: bool) -> RawSplits:
-    from sklearn.datasets import load_digits
+    """scikit-learn's bundled copy of the UCI digits, read from its CSV without importing sklearn
+    (whose import costs about a second of every run's start-up)."""
+    import importlib.util
 
-    bunch = load_digits()
-    images = torch.from_numpy(bunch.images.astype(np.uint8)).unsqueeze(1)  # values 0..16
-    labels = torch.from_numpy(bunch.target.astype(np.int64))
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("digits: scikit-learn is not installed (pip install scikit-learn)")
+    path = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz"
+    table = np.loadtxt(path, delimiter=",", dtype=np.int64)  # 1,797 rows: 64 pixels (0..16), label
+    images = torch.from_numpy(table[:, :64].astype(np.uint8)).view(-1, 1, 8, 8)
+    labels = torch.from_numpy(table[:, 64])
     # A fixed 80/20 split, the same on every machine.
     order = torch.from_numpy(np.random.RandomState(0).permutation(len(labels)))
     n_train = int(0.8 * len(labels))

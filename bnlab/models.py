@@ -92,7 +92,7 @@ def build_model(cfg, in_shape: tuple[int, int, int], num_classes: int) -> Net:
     if model.name in ("cnn", "vgg"):
         if model.name == "cnn":
             plan = []
-            for channels, padding in zip(model.channels, model.paddings):
+            for channels, padding in zip(model.channels, model.paddings, strict=True):
                 plan += [(channels, int(model.kernel_size), int(padding)), "M"]
         else:
             plan = [item if item == "M" else (int(item), 3, 1) for item in model.layers]

@@ -6,6 +6,7 @@ errors a user can cause into one line on stderr. ``Trainer`` holds one run's sta
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import platform
@@ -396,6 +397,8 @@ def main(cfg: DictConfig) -> None:
                 return
         elif run_dir.is_dir() and _looks_like_fresh_run(run_dir):
             shutil.rmtree(run_dir, ignore_errors=True)
+            with contextlib.suppress(OSError):  # the date folder Hydra made for it, if now empty
+                run_dir.parent.rmdir()
         sys.exit(EXIT_USER_ERROR)
     if status == "interrupted":
         print(f"bnlab: interrupted; resume with: bnlab train resume={run_dir}", file=sys.stderr)

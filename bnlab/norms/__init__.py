@@ -43,7 +43,7 @@ def _set_flag(model: nn.Module, flag: str, value: bool) -> Iterator[None]:
     try:
         yield
     finally:
-        for m, old in zip(layers, saved):
+        for m, old in zip(layers, saved, strict=True):
             setattr(m, flag, old)
 
 

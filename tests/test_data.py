@@ -1,0 +1,180 @@
+"""Data loading through the real code paths, on tiny files written in the original formats."""
+
+from __future__ import annotations
+
+import gzip
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from bnlab.data import IDX_FILES, BatchStream, DataError, Split, augment_batch, load_dataset, read_idx
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """LeCun's IDX format: 0x0000, dtype 0x08 (ubyte), ndim, big-endian int32 sizes, data."""
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(s).to_bytes(4, "big") for s in array.shape)
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+def tiny_mnist(raw: Path, n_train: int = 12, n_test: int = 5, gz: bool = False) -> dict:
+    rng = np.random.RandomState(1)
+    arrays = {
+        "train-images-idx3-ubyte": rng.randint(0, 256, (n_train, 28, 28)),
+        "train-labels-idx1-ubyte": rng.randint(0, 10, n_train),
+        "t10k-images-idx3-ubyte": rng.randint(0, 256, (n_test, 28, 28)),
+        "t10k-labels-idx1-ubyte": rng.randint(0, 10, n_test),
+    }
+    raw.mkdir(parents=True, exist_ok=True)
+    for name, array in arrays.items():
+        write_idx(raw / name, array)
+        if gz:
+            (raw / f"{name}.gz").write_bytes(gzip.compress((raw / name).read_bytes()))
+            (raw / name).unlink()
+    return arrays
+
+
+def data_cfg(name: str, root: Path, normalize: bool = False, download: bool = False):
+    return OmegaConf.create({"name": name, "root": str(root), "normalize": normalize,
+                             "download": download, "augment": False})
+
+
+def test_mnist_idx_files_load_as_resident_tensors(tmp_path):
+    arrays = tiny_mnist(tmp_path / "MNIST" / "raw")
+    data = load_dataset(data_cfg("mnist", tmp_path), torch.device("cpu"))
+    assert data.train.x.shape == (12, 1, 28, 28) and data.test.x.shape == (5, 1, 28, 28)
+    assert data.train.x.dtype == torch.float32
+    expected = torch.from_numpy(arrays["train-images-idx3-ubyte"].astype(np.float32) / 255)
+    torch.testing.assert_close(data.train.x[:, 0], expected)
+    assert data.test.y.tolist() == arrays["t10k-labels-idx1-ubyte"].tolist()
+
+
+def test_mnist_original_gz_files_are_decompressed(tmp_path):
+    arrays = tiny_mnist(tmp_path / "MNIST" / "raw", gz=True)
+    data = load_dataset(data_cfg("mnist", tmp_path), torch.device("cpu"))
+    assert data.train.y.tolist() == arrays["train-labels-idx1-ubyte"].tolist()
+    assert all((tmp_path / "MNIST" / "raw" / f).is_file() for f in IDX_FILES)
+
+
+def test_normalize_standardizes_with_training_statistics(tmp_path):
+    tiny_mnist(tmp_path / "MNIST" / "raw", n_train=40)
+    data = load_dataset(data_cfg("mnist", tmp_path, normalize=True), torch.device("cpu"))
+    assert abs(data.train.x.mean().item()) < 1e-5
+    assert data.train.x.std().item() == pytest.approx(1.0, abs=1e-3)
+
+
+def test_wrong_magic_number_is_a_data_error(tmp_path):
+    raw = tmp_path / "MNIST" / "raw"
+    tiny_mnist(raw)
+    content = bytearray((raw / "train-images-idx3-ubyte").read_bytes())
+    content[2] = 0x0D  # float32 type code: not the original format
+    (raw / "train-images-idx3-ubyte").write_bytes(bytes(content))
+    with pytest.raises(DataError, match="wrong magic number"):
+        load_dataset(data_cfg("mnist", tmp_path), torch.device("cpu"))
+
+
+def test_truncated_idx_file_is_a_data_error(tmp_path):
+    raw = tmp_path / "MNIST" / "raw"
+    tiny_mnist(raw)
+    content = (raw / "t10k-images-idx3-ubyte").read_bytes()
+    (raw / "t10k-images-idx3-ubyte").write_bytes(content[:-100])
+    with pytest.raises(DataError, match="truncated"):
+        read_idx(raw / "t10k-images-idx3-ubyte")
+
+
+def test_missing_data_without_download_names_files_and_offline_options(tmp_path):
+    with pytest.raises(DataError) as err:
+        load_dataset(data_cfg("mnist", tmp_path / "empty"), torch.device("cpu"))
+    message = str(err.value)
+    assert "train-images-idx3-ubyte" in message and str(tmp_path / "empty") in message
+    assert "data=digits" in message and "\n" not in message
+    assert not (tmp_path / "empty").exists()  # nothing created for a run that cannot start
+
+
+def write_cifar_batch(path: Path, n: int, rng: np.random.RandomState) -> tuple[np.ndarray, list]:
+    data = rng.randint(0, 256, (n, 3072)).astype(np.uint8)
+    labels = rng.randint(0, 10, n).tolist()
+    with open(path, "wb") as f:
+        pickle.dump({"batch_label": path.name, "labels": labels, "data": data,
+                     "filenames": [f"{i}.png" for i in range(n)]}, f)
+    return data, labels
+
+
+def tiny_cifar(root: Path) -> tuple[np.ndarray, list]:
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.RandomState(2)
+    first = None
+    for i in range(1, 6):
+        batch = write_cifar_batch(folder / f"data_batch_{i}", 3, rng)
+        first = first or batch
+    write_cifar_batch(folder / "test_batch", 4, rng)
+    return first
+
+
+def test_cifar10_python_batches_load_channels_first(tmp_path):
+    data0, labels0 = tiny_cifar(tmp_path)
+    data = load_dataset(data_cfg("cifar10", tmp_path), torch.device("cpu"))
+    assert data.train.x.shape == (15, 3, 32, 32) and data.test.x.shape == (4, 3, 32, 32)
+    # The pickle rows are R plane, G plane, B plane of 32x32 each.
+    expected = torch.from_numpy(data0[0].reshape(3, 32, 32).astype(np.float32) / 255)
+    torch.testing.assert_close(data.train.x[0], expected)
+    assert data.train.y[:3].tolist() == labels0
+
+
+def test_corrupt_cifar_batch_is_a_data_error(tmp_path):
+    tiny_cifar(tmp_path)
+    (tmp_path / "cifar-10-batches-py" / "data_batch_3").write_bytes(b"\x80\x04garbage")
+    with pytest.raises(DataError, match="data_batch_3"):
+        load_dataset(data_cfg("cifar10", tmp_path), torch.device("cpu"))
+
+
+def test_digits_is_sklearns_set_with_a_fixed_split():
+    from sklearn.datasets import load_digits
+
+    data = load_dataset(data_cfg("digits", "/nonexistent"), torch.device("cpu"))
+    assert len(data.train) + len(data.test) == 1797 and data.num_classes == 10
+    reference = load_digits()
+    order = np.random.RandomState(0).permutation(1797)
+    torch.testing.assert_close(data.train.x[:5].view(5, 64) * 16,
+                               torch.from_numpy(reference.data[order[:5]]).float())
+
+
+@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").exists(),
+                    reason="Debian's dataset-fashion-mnist is not installed")
+def test_fashion_mnist_found_in_debian_package(tmp_path):
+    data = load_dataset(data_cfg("fashion_mnist", tmp_path), torch.device("cpu"))
+    assert len(data.train) == 60000 and len(data.test) == 10000 and data.num_classes == 10
+    assert not list((tmp_path / "FashionMNIST" / "raw").glob("*.partial"))
+
+
+def test_batch_stream_epoch_is_a_permutation_and_resumes_exactly():
+    split = Split(torch.arange(20.0).view(20, 1, 1, 1), torch.arange(20))
+    stream = BatchStream(split, batch_size=6, seed=3)
+    first_epoch = torch.cat([next(stream)[1] for _ in range(3)])
+    assert sorted(first_epoch.tolist()) == sorted(set(first_epoch.tolist()))  # no repeats
+    state = stream.state_dict()
+    expected = [next(stream)[1].tolist() for _ in range(5)]
+    resumed = BatchStream(split, batch_size=6, seed=99)
+    resumed.load_state_dict(state)
+    assert [next(resumed)[1].tolist() for _ in range(5)] == expected
+
+
+def test_batch_stream_shards_are_the_global_batch():
+    split = Split(torch.arange(30.0).view(30, 1, 1, 1), torch.arange(30))
+    whole = [next(BatchStream(split, 10, seed=5))[1]]
+    shards = [next(BatchStream(split, 10, seed=5, rank=r, world_size=2))[1] for r in range(2)]
+    assert torch.cat(shards).tolist() == whole[0].tolist()
+
+
+def test_augment_flips_and_shifts_within_padding():
+    x = torch.arange(2 * 8 * 8, dtype=torch.float32).view(2, 1, 8, 8) + 1
+    out = augment_batch(x, torch.Generator().manual_seed(0), pad=2)
+    assert out.shape == x.shape
+    for img, src in zip(out, x, strict=True):
+        candidates = [src, src.flip(2)]
+        # every non-padding pixel of the crop comes from the (possibly flipped) source
+        assert any(set(img[img > 0].tolist()) <= set(c.flatten().tolist()) for c in candidates)
