@@ -21,10 +21,13 @@ def _train(argv: list[str]) -> int:
     # One tag per invocation, inherited by parallel workers, keeps run and sweep directories unique.
     os.environ.setdefault("BNLAB_RUN_ID", secrets.token_hex(3))
     from bnlab.errors import UserError
+    from bnlab.preflight import check_output_dir
     from bnlab.resume import resume_argv
 
     try:
         argv = resume_argv(argv)
+        if not any(a in ("--help", "-h", "--cfg", "-c", "--info", "--hydra-help") for a in argv):
+            check_output_dir(argv)
     except UserError as err:
         print(f"bnlab: error: {err}", file=sys.stderr)
         return 2

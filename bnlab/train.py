@@ -389,13 +389,13 @@ def main(cfg: DictConfig) -> None:
         status = run(cfg, run_dir)
     except UserError as err:
         print(f"bnlab: error: {err}", file=sys.stderr)
-        if multirun or cfg.resume is not None:
+        if cfg.resume is not None:
+            sys.exit(EXIT_USER_ERROR)  # the run's own files stay exactly as they were
+        if multirun:
             # Keep the directory: a sweep's report lists this run as failed, and why.
-            write_json_atomic(run_dir / SUMMARY_JSON, {"status": "failed", "error": str(err),
-                                                       "config": OmegaConf.to_container(cfg)})
-            if multirun:
-                return
-        elif run_dir.is_dir() and _looks_like_fresh_run(run_dir):
+            write_json_atomic(run_dir / SUMMARY_JSON, {"status": "failed", "error": str(err)})
+            return
+        if run_dir.is_dir() and _looks_like_fresh_run(run_dir):
             shutil.rmtree(run_dir, ignore_errors=True)
             with contextlib.suppress(OSError):  # the date folder Hydra made for it, if now empty
                 run_dir.parent.rmdir()
