@@ -16,6 +16,7 @@ import torch
 
 from bnlab.checkpoint import load_checkpoint, save_checkpoint
 from bnlab.record import truncate_scalars
+
 from conftest import bnlab, train_in_process
 
 LONG = ["data=digits", "norm=bn", "train.steps=2400", "train.log_every=20", "train.eval_every=200",
