@@ -88,6 +88,32 @@ class Recorder:
         if self.enabled:
             self.writer.add_custom_scalars(layout)
 
+    def hparams(self, hparams: Mapping[str, Any], metrics: Mapping[str, float]) -> None:
+        """TensorBoard HParams of this run: its config and the metrics to compare runs by.
+
+        Written into the run's own event file (``SummaryWriter.add_hparams`` would start a new
+        sub-run), so the HParams dashboard lists each run of a sweep under its own name. The
+        dashboard shows, for each metric tag, the last scalar the run logged under that tag:
+        name tags the run logs (``test/acc``, ``train/loss``). Numbers stay numbers; booleans
+        and lists are written as text ("True", "[100, 100]"); ``None`` values are left out.
+        """
+        if not self.enabled:
+            return
+        from torch.utils.tensorboard.summary import hparams as hparams_summaries
+
+        def plain(value: Any) -> int | float | str:
+            if hasattr(value, "item"):  # numpy and torch scalars
+                value = value.item()
+            # torch would store a bool as the number 0 or 1: text reads better in the dashboard.
+            is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            return value if is_number or isinstance(value, str) else str(value)
+
+        summaries = hparams_summaries(
+            {k: plain(v) for k, v in hparams.items() if v is not None},
+            {k: float(v) for k, v in metrics.items()})
+        for summary in summaries:  # experiment, session start info, session end info
+            self.writer.file_writer.add_summary(summary)
+
     def flush(self) -> None:
         if self.enabled:
             self.csv.flush()
