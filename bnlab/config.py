@@ -56,7 +56,8 @@ class BRNConfig(NormConfig):
     r_max: float = 3.0
     d_max: float = 5.0
     warmup_steps: int = 5000
-    ramp_steps: int = 35000
+    ramp_steps: int = 35000  # r_max reaches its value at warmup + ramp (paper: 40k steps)
+    d_ramp_steps: int = 20000  # d_max reaches its value at warmup + d_ramp (paper: 25k steps)
 
 
 @dataclass
@@ -78,7 +79,7 @@ class WhitenConfig(NormConfig):
 @dataclass
 class GNConfig(NormConfig):
     name: str = "gn"
-    groups: int = 4
+    groups: int = 2  # divides every default width (LeNet's 6 channels included)
     eps: float = 1e-5
 
 
@@ -102,6 +103,7 @@ class ActivationConfig:
 class MLPConfig:
     name: str = "mlp"
     widths: list[int] = field(default_factory=lambda: [100, 100, 100])
+    init: str = "default"  # default (torch's layer init) | glorot (Xavier uniform, zero biases)
 
 
 @dataclass
@@ -112,6 +114,7 @@ class CNNConfig:
     paddings: list[int] = field(default_factory=lambda: [2, 2])
     pool: str = "max"  # max | avg
     widths: list[int] = field(default_factory=lambda: [120, 84])
+    init: str = "default"  # default (torch's layer init) | glorot (Xavier uniform, zero biases)
 
 
 @dataclass
@@ -122,6 +125,7 @@ class VGGConfig:
         default_factory=lambda: [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"]
     )
     widths: list[int] = field(default_factory=list)
+    init: str = "default"  # default (torch's layer init) | glorot (Xavier uniform, zero biases)
 
 
 @dataclass
@@ -217,6 +221,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "norm.method": ("zca", "pca", "iter"),
     "activation.name": ("sigmoid", "tanh", "relu", "leaky_relu", "gelu", "identity"),
     "model.pool": ("max", "avg"),
+    "model.init": ("default", "glorot"),
     "optim.name": ("sgd", "adam"),
     "optim.schedule": ("constant", "cosine"),
     "train.progress": ("auto", "rich", "plain", "off"),
@@ -242,6 +247,11 @@ RANGES: list[Check] = [
     ("norm.d_max", lambda v: v >= 0, "a number >= 0"),
     ("norm.warmup_steps", lambda v: v >= 0, "an integer >= 0"),
     ("norm.ramp_steps", lambda v: v >= 0, "an integer >= 0"),
+    ("norm.d_ramp_steps", lambda v: v >= 0, "an integer >= 0"),
+    ("norm.mean_range", lambda v: v >= 0, "a number >= 0"),
+    ("norm.mean_jitter", lambda v: v >= 0, "a number >= 0"),
+    ("norm.std_jitter", lambda v: v >= 0, "a number >= 0"),
+    ("norm.std_low", lambda v: v > 0, "a number > 0"),
     ("norm.group_size", lambda v: v is None or v >= 1, "null (whole layer) or an integer >= 1"),
     ("norm.groups", lambda v: v >= 1, "an integer >= 1"),
     ("norm.iters", lambda v: v >= 1, "an integer >= 1"),
@@ -295,6 +305,21 @@ def validate(cfg: DictConfig) -> None:
         raise _fail("model.paddings", list(cfg.model.paddings),
                     f"one padding per conv layer ({len(cfg.model.channels)})")
     widths = hidden_widths(cfg)
+    if cfg.norm.name == "noisy_bn" and cfg.norm.std_high < cfg.norm.std_low:
+        raise _fail("norm.std_high", cfg.norm.std_high, f"a number >= norm.std_low ({cfg.norm.std_low})")
+    if cfg.norm.name == "gn" and any(w % cfg.norm.groups for w in widths):
+        raise _fail("norm.groups", cfg.norm.groups,
+                    f"a divisor of every hidden width ({', '.join(map(str, widths))})")
     if widths and cfg.probe.unit >= min(widths):
         raise _fail("probe.unit", cfg.probe.unit,
                     f"an integer below the narrowest hidden width ({min(widths)})")
+
+
+def compose(*overrides: str) -> DictConfig:
+    """The config `bnlab train <overrides>` would run, without running it (Hydra's compose API)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        return hydra_compose(config_name="train", overrides=list(overrides))

@@ -58,6 +58,14 @@ def held_noise(model: nn.Module):
 
 
 # Importing the families fills the registry.
-from bnlab.norms import batchnorm, identity  # noqa: E402,F401
+from bnlab.norms import (  # noqa: E402,F401
+    batchnorm,
+    batchrenorm,
+    groupnorm,
+    identity,
+    layernorm,
+    noisy,
+    whitening,
+)
 
 __all__ = ["NORMS", "Norm", "build_norm", "frozen_stats", "held_noise", "register_norm"]

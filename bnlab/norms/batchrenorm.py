@@ -1,0 +1,112 @@
+"""``brn``: batch renormalization (Ioffe 2017, Algorithm 1)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from bnlab.norms import register_norm
+from bnlab.norms.base import Norm
+from bnlab.norms.batchnorm import LOW_PRECISION
+
+
+class BatchRenorm(Norm):
+    """Batch renormalization, per feature (Ioffe 2017, Alg. 1).
+
+    Training, over the m values of a feature in the mini-batch:
+
+        mu_B = mean(x),  sigma_B = sqrt(mean((x - mu_B)^2) + eps)
+        r = stop_gradient(clip(sigma_B / sigma, 1 / r_max, r_max))
+        d = stop_gradient(clip((mu_B - mu) / sigma, -d_max, d_max))
+        y = gamma * ((x - mu_B) / sigma_B * r + d) + beta
+        mu += momentum * (mu_B - mu),  sigma += momentum * (sigma_B - sigma)
+
+    Inference: y = gamma * (x - mu) / sigma + beta, with the moving mu and sigma.
+
+    Schedule, over the layer's training steps t (``num_batches_tracked``, which frozen-statistics
+    passes do not advance): plain BN (r_max = 1, d_max = 0) while t < ``warmup_steps``, then
+    r_max rises linearly to ``r_max`` over ``ramp_steps`` and d_max to ``d_max`` over
+    ``d_ramp_steps`` (a ramp of 0 steps jumps to the final value right after warm-up).
+    """
+
+    def __init__(self, num_features: int, dims: int = 2, momentum: float = 0.01,
+                 eps: float = 1e-5, r_max: float = 3.0, d_max: float = 5.0,
+                 warmup_steps: int = 5000, ramp_steps: int = 35000,
+                 d_ramp_steps: int = 20000) -> None:
+        super().__init__()
+        if r_max < 1 or d_max < 0:
+            raise ValueError(f"brn: need r_max >= 1 and d_max >= 0, got r_max={r_max}, d_max={d_max}")
+        if min(warmup_steps, ramp_steps, d_ramp_steps) < 0:
+            raise ValueError("brn: warmup_steps, ramp_steps and d_ramp_steps must be >= 0")
+        self.num_features, self.dims, self.momentum, self.eps = num_features, dims, momentum, eps
+        self.r_max, self.d_max = r_max, d_max
+        self.warmup_steps, self.ramp_steps, self.d_ramp_steps = warmup_steps, ramp_steps, d_ramp_steps
+        self.weight = nn.Parameter(torch.ones(num_features))
+        self.bias = nn.Parameter(torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_std", torch.ones(num_features))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_features}, dims={self.dims}, momentum={self.momentum}, eps={self.eps}, "
+                f"r_max={self.r_max}, d_max={self.d_max}, warmup_steps={self.warmup_steps}, "
+                f"ramp_steps={self.ramp_steps}, d_ramp_steps={self.d_ramp_steps}")
+
+    def _ramp(self, step: Tensor, length: int) -> Tensor:
+        """0 during warm-up, then linear to 1 over ``length`` steps (1 at once when 0)."""
+        past = (step - self.warmup_steps).float()
+        if length == 0:
+            return (past >= 0).float()
+        return (past / length).clamp(0.0, 1.0)
+
+    def limits(self, step: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(r_max, d_max) in force at training step ``step`` (default: the next step).
+
+        Kept as tensors on the layer's device so that the schedule costs no host sync.
+        """
+        step = self.num_batches_tracked if step is None else step
+        r_max = 1.0 + (self.r_max - 1.0) * self._ramp(step, self.ramp_steps)
+        d_max = self.d_max * self._ramp(step, self.d_ramp_steps)
+        return r_max, d_max
+
+    def log_scalars(self) -> dict[str, float]:
+        """The limits used by the latest training step (those of step 0 before any)."""
+        r_max, d_max = self.limits((self.num_batches_tracked - 1).clamp(min=0))
+        return {"r_max": r_max.item(), "d_max": d_max.item()}
+
+    def _shape(self, v: Tensor, rank: int) -> Tensor:
+        return v if rank == 2 else v.view(-1, 1, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dtype in LOW_PRECISION:  # statistics in float32 under autocast, as torch's BN does
+            return self._renorm(x.float()).to(x.dtype)
+        return self._renorm(x)
+
+    def _renorm(self, x: Tensor) -> Tensor:
+        rank = x.dim()
+        if not self.training:
+            scale = self.weight / self.running_std
+            shift = self.bias - self.running_mean * scale
+            return x * self._shape(scale, rank) + self._shape(shift, rank)
+        dims = (0,) if rank == 2 else (0, 2, 3)
+        mean = x.mean(dims)
+        centered = x - self._shape(mean, rank)
+        std = (centered.square().mean(dims) + self.eps).sqrt()
+        with torch.no_grad():  # r and d are constants for backprop (stop_gradient)
+            r_max, d_max = self.limits()
+            r = torch.clamp(std / self.running_std, 1.0 / r_max, r_max)
+            d = torch.clamp((mean - self.running_mean) / self.running_std, -d_max, d_max)
+            if self.update_stats:
+                self.running_mean.lerp_(mean, self.momentum)
+                self.running_std.lerp_(std, self.momentum)
+                self.num_batches_tracked.add_(1)
+        x_hat = centered * self._shape(r / std, rank) + self._shape(d, rank)
+        return x_hat * self._shape(self.weight, rank) + self._shape(self.bias, rank)
+
+
+@register_norm("brn")
+def build_brn(num_features: int, dims: int = 2, momentum: float = 0.01, eps: float = 1e-5,
+              r_max: float = 3.0, d_max: float = 5.0, warmup_steps: int = 5000,
+              ramp_steps: int = 35000, d_ramp_steps: int = 20000) -> Norm:
+    return BatchRenorm(num_features, dims, momentum=momentum, eps=eps, r_max=r_max, d_max=d_max,
+                       warmup_steps=warmup_steps, ramp_steps=ramp_steps, d_ramp_steps=d_ramp_steps)

@@ -1,0 +1,52 @@
+"""``gn``: group normalization (Wu & He 2018)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from bnlab.norms import register_norm
+from bnlab.norms.base import Norm
+from bnlab.norms.batchnorm import LOW_PRECISION
+
+
+class GroupNorm(Norm):
+    """Statistics per sample over each group of C / G consecutive channels (Wu & He 2018, Eq. 1-3).
+
+        mu_{n,g} = mean(x_{n,c,h,w} : c in group g),  var_{n,g} likewise (biased)
+        y = gamma_c * (x - mu_{n,g}) / sqrt(var_{n,g} + eps) + beta_c
+
+    For (N, C) inputs each feature is a channel of size 1. ``groups=1`` is layer normalization
+    and ``groups=C`` instance normalization. Same in train and eval mode.
+    """
+
+    def __init__(self, num_features: int, dims: int = 2, groups: int = 2, eps: float = 1e-5) -> None:
+        super().__init__()
+        if groups < 1 or num_features % groups != 0:
+            raise ValueError(f"gn: num_features={num_features} is not divisible by groups={groups}; "
+                             f"choose norm.groups among the divisors of every normalized width")
+        self.num_features, self.dims, self.groups, self.eps = num_features, dims, groups, eps
+        self.weight = nn.Parameter(torch.ones(num_features))
+        self.bias = nn.Parameter(torch.zeros(num_features))
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, dims={self.dims}, groups={self.groups}, eps={self.eps}"
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dtype in LOW_PRECISION:  # statistics in float32 under autocast, as torch's does
+            return self._normalize(x.float()).to(x.dtype)
+        return self._normalize(x)
+
+    def _normalize(self, x: Tensor) -> Tensor:
+        grouped = x.reshape(x.shape[0], self.groups, -1)
+        mean = grouped.mean(2, keepdim=True)
+        centered = grouped - mean
+        x_hat = (centered * (centered.square().mean(2, keepdim=True) + self.eps).rsqrt()).view_as(x)
+        if x.dim() == 2:
+            return torch.addcmul(self.bias, x_hat, self.weight)
+        return torch.addcmul(self.bias.view(-1, 1, 1), x_hat, self.weight.view(-1, 1, 1))
+
+
+@register_norm("gn")
+def build_gn(num_features: int, dims: int = 2, groups: int = 2, eps: float = 1e-5) -> Norm:
+    return GroupNorm(num_features, dims, groups=groups, eps=eps)

@@ -1,0 +1,576 @@
+"""Normalization layers against torch's own layers or against their papers' equations."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.testing import assert_close
+
+from bnlab.norms import build_norm, frozen_stats, held_noise
+from bnlab.norms.batchnorm import BatchNorm, estimate_population_statistics
+from bnlab.norms.whitening import zca_whitening
+
+from conftest import train_in_process
+
+SHAPES = [(7, 13), (60, 100), (7, 13, 5, 5), (2, 3, 4, 6)]
+
+
+def _randomize_affine(*layers: nn.Module, seed: int = 0) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    c = layers[0].weight.shape[0]
+    weight, bias = torch.rand(c, generator=gen) + 0.5, torch.randn(c, generator=gen)
+    with torch.no_grad():
+        for layer in layers:
+            layer.weight.copy_(weight)
+            layer.bias.copy_(bias)
+
+
+def _forward_backward(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor):
+    x = x.clone().requires_grad_()
+    y = layer(x)
+    y.backward(grad)
+    return y.detach(), x.grad
+
+
+# ---------------------------------------------------------------- bn
+@pytest.mark.parametrize("shape", SHAPES)
+def test_bn_matches_torch_batchnorm(shape):
+    torch.manual_seed(0)
+    c, dims = shape[1], len(shape)
+    ours = build_norm("bn", c, dims, momentum=0.1)
+    ref = (nn.BatchNorm1d if dims == 2 else nn.BatchNorm2d)(c, eps=1e-5, momentum=0.1)
+    _randomize_affine(ours, ref)
+    for _ in range(4):
+        x = torch.randn(shape) * 3 + 2
+        grad = torch.randn(shape)
+        y, gx = _forward_backward(ours, x, grad)
+        y_ref, gx_ref = _forward_backward(ref, x, grad)
+        assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+        assert_close(gx, gx_ref, rtol=1e-4, atol=1e-5)
+        assert_close(ours.weight.grad, ref.weight.grad, rtol=1e-4, atol=1e-4)
+        assert_close(ours.bias.grad, ref.bias.grad, rtol=1e-5, atol=1e-5)
+        for layer in (ours, ref):
+            layer.weight.grad = layer.bias.grad = None
+    assert_close(ours.running_mean, ref.running_mean)
+    assert_close(ours.running_var, ref.running_var)
+    assert ours.num_batches_tracked.item() == ref.num_batches_tracked.item() == 4
+    ours.eval()
+    ref.eval()
+    x = torch.randn(shape)
+    assert_close(ours(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+def test_bn_cumulative_average_matches_torch():
+    torch.manual_seed(1)
+    ours, ref = BatchNorm(5, momentum=None), nn.BatchNorm1d(5, momentum=None)
+    for _ in range(3):
+        x = torch.randn(9, 5) + torch.arange(5.0)
+        ours(x)
+        ref(x)
+    assert_close(ours.running_mean, ref.running_mean)
+    assert_close(ours.running_var, ref.running_var)
+
+
+def test_bn_is_accurate_for_inputs_with_a_large_mean():
+    torch.manual_seed(2)
+    x = torch.randn(60, 10, dtype=torch.float64) * 0.1 + 1000.0
+    expected = (x - x.mean(0)) / (x.var(0, unbiased=False) + 1e-5).sqrt()
+    assert_close(BatchNorm(10)(x.float()).double(), expected, rtol=0, atol=2e-3)
+
+
+def test_bn_refuses_one_value_per_feature_like_torch():
+    with pytest.raises(ValueError, match="more than 1 value"):
+        nn.BatchNorm1d(4)(torch.randn(1, 4))
+    with pytest.raises(ValueError, match="more than 1 value"):
+        BatchNorm(4)(torch.randn(1, 4))
+
+
+def test_bn_impl_torch_is_the_native_layer():
+    layer = build_norm("bn", 6, 4, impl="torch", momentum=0.2, eps=1e-3)
+    assert isinstance(layer.bn, nn.BatchNorm2d)
+    assert (layer.bn.momentum, layer.bn.eps) == (0.2, 1e-3)
+
+
+# ---------------------------------------------------------------- frozen statistics mode
+STATEFUL = [
+    ("bn", {}), ("bn", {"impl": "torch"}), ("brn", {"warmup_steps": 0, "ramp_steps": 0}),
+    ("whiten", {"method": "zca", "group_size": 3}), ("whiten", {"method": "pca", "group_size": 3}),
+    ("whiten", {"method": "iter", "group_size": 3}), ("noisy_bn", {}),
+]
+
+
+@pytest.mark.parametrize("name,options", STATEFUL)
+@pytest.mark.parametrize("dims", [2, 4])
+def test_frozen_mode_uses_batch_statistics_and_leaves_buffers_alone(name, options, dims):
+    torch.manual_seed(3)
+    layer = build_norm(name, 8, dims, **options)
+    shape = (16, 8) if dims == 2 else (4, 8, 3, 3)
+    layer(torch.randn(shape) * 2 + 1)  # one real step: buffers differ from their initial values
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    x = torch.randn(shape) * 2 + 1
+    with frozen_stats(layer), held_noise(layer):
+        frozen = layer(x)
+    for key, value in layer.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    with held_noise(layer):
+        trained = layer(x)  # the same batch statistics, and now the buffers move
+    assert_close(frozen, trained)
+    assert any(not torch.equal(v, before[k]) for k, v in layer.state_dict().items())
+
+
+# ---------------------------------------------------------------- bn: population statistics (Alg. 2)
+def _small_net(norm: str = "bn", **options) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(2, 3, 3, bias=False), build_norm(norm, 3, 4, **options), nn.Tanh(), nn.Flatten(),
+        nn.Linear(12, 5, bias=False), build_norm(norm, 5, 2, **options), nn.Tanh(), nn.Linear(5, 2))
+
+
+def _alg2_by_hand(net: nn.Sequential, batches: list[torch.Tensor], eps: float = 1e-5):
+    """Ioffe & Szegedy's Alg. 2 written out for ``_small_net``: layer by layer, earlier ones frozen."""
+    conv, bn1, lin = net[0], net[1], net[4]
+
+    def stats(inputs, dims):
+        m = inputs[0].numel() // inputs[0].shape[1]
+        mean = torch.stack([h.mean(dims) for h in inputs]).mean(0)
+        var = torch.stack([h.var(dims, unbiased=False) for h in inputs]).mean(0) * m / (m - 1)
+        return mean, var
+
+    h1 = [conv(x) for x in batches]
+    mean1, var1 = stats(h1, (0, 2, 3))
+    shape = (1, -1, 1, 1)
+    a1 = [torch.tanh(bn1.weight.view(shape) * (h - mean1.view(shape)) / (var1.view(shape) + eps).sqrt()
+                     + bn1.bias.view(shape)) for h in h1]
+    h2 = [lin(a.flatten(1)) for a in a1]
+    mean2, var2 = stats(h2, (0,))
+    return [(mean1, var1), (mean2, var2)]
+
+
+@torch.no_grad()
+def test_population_statistics_follow_algorithm_2():
+    torch.manual_seed(4)
+    net = _small_net()
+    for _ in range(5):  # move weights and running statistics away from their start
+        net(torch.randn(10, 2, 4, 4))
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    batches = [(torch.randn(10, 2, 4, 4) * 2 + 1, torch.zeros(10)) for _ in range(6)]
+    expected = _alg2_by_hand(net, [x for x, _ in batches])
+    net.train()
+    used = estimate_population_statistics(net, iter(batches), num_batches=4)
+    assert used == 4
+    expected4 = _alg2_by_hand(net, [x for x, _ in batches[:4]])
+    assert not torch.allclose(expected[1][0], expected4[1][0])  # num_batches matters
+    for layer, (mean, var) in zip((net[1], net[5]), expected4, strict=True):
+        assert_close(layer.running_mean, mean, rtol=1e-5, atol=1e-6)
+        assert_close(layer.running_var, var, rtol=1e-5, atol=1e-6)
+    assert net.training  # the model's mode is restored
+
+
+@torch.no_grad()
+def test_population_statistics_are_the_same_for_the_torch_layer():
+    torch.manual_seed(5)
+    ours, native = _small_net(), _small_net(impl="torch")
+    for a, b in zip(ours.parameters(), native.parameters(), strict=True):
+        b.copy_(a)
+    batches = [torch.randn(8, 2, 4, 4) for _ in range(3)]
+    estimate_population_statistics(ours, batches)
+    estimate_population_statistics(native, batches)
+    assert_close(native[5].bn.running_var, ours[5].running_var)
+    assert_close(native[1].bn.running_mean, ours[1].running_mean)
+
+
+# ---------------------------------------------------------------- brn
+def _brn(**options):
+    defaults = {"momentum": 0.01, "r_max": 3.0, "d_max": 5.0, "warmup_steps": 0, "ramp_steps": 0,
+                "d_ramp_steps": 0}
+    return build_norm("brn", 6, 2, **{**defaults, **options})
+
+
+@pytest.mark.parametrize("options", [{"r_max": 1.0, "d_max": 0.0}, {"warmup_steps": 100}])
+def test_brn_without_renormalization_is_bn(options):
+    torch.manual_seed(6)
+    brn, bn = _brn(**options), BatchNorm(6)
+    _randomize_affine(brn, bn)
+    with torch.no_grad():  # moving statistics far from the batch's: r, d would matter if allowed
+        brn.running_mean.fill_(3.0)
+        brn.running_std.fill_(0.1)
+    x, grad = torch.randn(20, 6), torch.randn(20, 6)
+    y, gx = _forward_backward(brn, x, grad)
+    y_bn, gx_bn = _forward_backward(bn, x, grad)
+    assert_close(y, y_bn, rtol=1e-5, atol=1e-5)
+    assert_close(gx, gx_bn, rtol=1e-4, atol=1e-5)
+    assert_close(brn.weight.grad, bn.weight.grad, rtol=1e-4, atol=1e-5)
+    assert_close(brn.bias.grad, bn.bias.grad)
+
+
+def _brn_by_the_paper(x, gamma, beta, mu, sigma, r_max, d_max, eps, stop_gradient=True):
+    """Ioffe 2017, Alg. 1, for (N, C) inputs."""
+    mu_b = x.mean(0)
+    sigma_b = ((x - mu_b).square().mean(0) + eps).sqrt()
+    r = torch.clamp(sigma_b / sigma, 1 / r_max, r_max)
+    d = torch.clamp((mu_b - mu) / sigma, -d_max, d_max)
+    if stop_gradient:
+        r, d = r.detach(), d.detach()
+    return gamma * ((x - mu_b) / sigma_b * r + d) + beta, mu_b, sigma_b
+
+
+def test_brn_follows_the_paper():
+    torch.manual_seed(7)
+    layer = _brn(r_max=1.5, d_max=0.5, momentum=0.05).double()
+    _randomize_affine(layer)
+    mu = torch.linspace(-1, 1, 6, dtype=torch.float64)
+    sigma = torch.linspace(0.3, 3, 6, dtype=torch.float64)
+    with torch.no_grad():
+        layer.running_mean.copy_(mu)
+        layer.running_std.copy_(sigma)
+    x = torch.randn(30, 6, dtype=torch.float64) * 1.2 + 0.2
+    grad = torch.randn(30, 6, dtype=torch.float64)
+    y, gx = _forward_backward(layer, x, grad)
+
+    xr = x.clone().requires_grad_()
+    gamma = layer.weight.detach().clone().requires_grad_()
+    beta = layer.bias.detach().clone().requires_grad_()
+    y_ref, mu_b, sigma_b = _brn_by_the_paper(xr, gamma, beta, mu, sigma, 1.5, 0.5, 1e-5)
+    ratio = sigma_b / sigma
+    assert (ratio > 1.5).any() and (ratio < 1 / 1.5).any()  # both clips are active
+    y_ref.backward(grad)
+    assert_close(y, y_ref.detach())
+    assert_close(gx, xr.grad)
+    assert_close(layer.weight.grad, gamma.grad)
+    assert_close(layer.bias.grad, beta.grad)
+
+    xg = x.clone().requires_grad_()  # with gradients through r and d the result would differ
+    _brn_by_the_paper(xg, gamma, beta, mu, sigma, 1.5, 0.5, 1e-5, stop_gradient=False)[0].backward(grad)
+    assert not torch.allclose(xg.grad, gx)
+
+    assert_close(layer.running_mean, mu + 0.05 * (mu_b.detach() - mu))
+    assert_close(layer.running_std, sigma + 0.05 * (sigma_b.detach() - sigma))
+    layer.eval()
+    x_eval = torch.randn(5, 6, dtype=torch.float64)
+    expected = gamma.detach() * (x_eval - layer.running_mean) / layer.running_std + beta.detach()
+    assert_close(layer(x_eval), expected)
+
+
+def test_brn_schedule():
+    layer = _brn(r_max=3.0, d_max=5.0, warmup_steps=100, ramp_steps=200, d_ramp_steps=100)
+
+    def expected(t):
+        r_frac = min(max((t - 100) / 200, 0.0), 1.0)
+        d_frac = min(max((t - 100) / 100, 0.0), 1.0)
+        return 1 + 2 * r_frac, 5 * d_frac
+
+    for t in (0, 99, 100, 150, 200, 299, 300, 1000):
+        r_max, d_max = layer.limits(torch.tensor(t))
+        assert (r_max.item(), d_max.item()) == pytest.approx(expected(t)), t
+    assert expected(150) == (1.5, 2.5)  # the ramps differ: d is halfway while r is a quarter in
+    jump = _brn(r_max=3.0, d_max=5.0, warmup_steps=10, ramp_steps=0, d_ramp_steps=0)
+    assert [jump.limits(torch.tensor(t))[0].item() for t in (9, 10)] == [1.0, 3.0]
+
+
+def test_brn_schedule_counts_training_steps_only():
+    layer = _brn(warmup_steps=2, ramp_steps=4, d_ramp_steps=2)
+    x = torch.randn(8, 6)
+    for _ in range(4):
+        layer(x)
+    with frozen_stats(layer):
+        layer(x)
+    layer.eval()
+    layer(x)
+    assert layer.num_batches_tracked.item() == 4
+    # the 4th training step was t=3: r_max = 1 + 2 * 1/4, d_max = 5 * 1/2
+    assert layer.log_scalars() == pytest.approx({"r_max": 1.5, "d_max": 2.5})
+
+
+def test_brn_defaults_follow_the_paper_schedule():
+    layer = build_norm("brn", 4, 2)
+    r_max, d_max = layer.limits(torch.tensor(40_000))
+    assert (r_max.item(), d_max.item()) == (3.0, 5.0)
+    r_max, d_max = layer.limits(torch.tensor(25_000))
+    assert d_max.item() == 5.0 and r_max.item() < 3.0
+    assert layer.limits(torch.tensor(4_999))[0].item() == 1.0
+
+
+# ---------------------------------------------------------------- ln, gn
+@pytest.mark.parametrize("shape", [(7, 13), (4, 6, 5, 5)])
+def test_ln_matches_torch_layer_norm(shape):
+    torch.manual_seed(8)
+    layer = build_norm("ln", shape[1], len(shape))
+    _randomize_affine(layer)
+    x = torch.randn(shape) * 2 + 1
+    affine_shape = (-1,) if len(shape) == 2 else (-1, 1, 1)
+    expected = (F.layer_norm(x, shape[1:], eps=1e-5) * layer.weight.view(affine_shape)
+                + layer.bias.view(affine_shape))
+    assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+    if len(shape) == 2:  # per feature = torch's elementwise affine
+        assert_close(layer(x), F.layer_norm(x, shape[1:], layer.weight, layer.bias, 1e-5),
+                     rtol=1e-5, atol=1e-5)
+    layer.eval()
+    assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape,groups", [((7, 12), 3), ((4, 6, 5, 5), 2), ((3, 8, 2, 3), 8)])
+def test_gn_matches_torch_group_norm(shape, groups):
+    torch.manual_seed(9)
+    layer = build_norm("gn", shape[1], len(shape), groups=groups)
+    _randomize_affine(layer)
+    x, grad = torch.randn(shape) * 2 + 1, torch.randn(shape)
+    y, gx = _forward_backward(layer, x, grad)
+    xr = x.clone().requires_grad_()
+    F.group_norm(xr, groups, layer.weight, layer.bias, 1e-5).backward(grad)
+    assert_close(y, F.group_norm(x, groups, layer.weight, layer.bias, 1e-5), rtol=1e-5, atol=1e-5)
+    assert_close(gx, xr.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_gn_refuses_groups_that_do_not_divide_the_features():
+    with pytest.raises(ValueError, match="num_features=6 is not divisible by groups=4"):
+        build_norm("gn", 6, 4, groups=4)
+
+
+# ---------------------------------------------------------------- whiten
+def _correlated(n: int, c: int, seed: int = 10, dtype=torch.float32) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    mixing = torch.randn(c, c, generator=gen, dtype=dtype)
+    return torch.randn(n, c, generator=gen, dtype=dtype) @ mixing + 2.0
+
+
+def _covariance(y: torch.Tensor) -> torch.Tensor:
+    yc = y - y.mean(0)
+    return yc.mT @ yc / y.shape[0]
+
+
+@pytest.mark.parametrize("method", ["zca", "pca"])
+def test_whiten_gives_identity_covariance_per_group(method):
+    x = _correlated(256, 10)
+    layer = build_norm("whiten", 10, 2, method=method, group_size=4)
+    cov = _covariance(layer(x).detach())
+    for group in (slice(0, 4), slice(4, 8), slice(8, 10)):
+        assert_close(cov[group, group], torch.eye(group.stop - group.start), atol=1e-3, rtol=0)
+    assert cov[0:4, 4:8].abs().max() > 0.05  # groups are whitened separately, not jointly
+
+
+def test_whiten_whole_layer_and_conv_channels():
+    x = _correlated(256, 10)
+    cov = _covariance(build_norm("whiten", 10, 2, group_size=None)(x).detach())
+    assert_close(cov, torch.eye(10), atol=1e-3, rtol=0)
+    images = _correlated(64 * 9, 5).view(64, 3, 3, 5).permute(0, 3, 1, 2)  # channels correlated
+    y = build_norm("whiten", 5, 4, group_size=None)(images).detach()
+    assert_close(_covariance(y.permute(0, 2, 3, 1).reshape(-1, 5)), torch.eye(5), atol=1e-3, rtol=0)
+
+
+def test_whiten_remainder_group_is_whitened_on_its_own():
+    x = _correlated(128, 10)
+    layer = build_norm("whiten", 10, 2, group_size=4)
+    assert layer.running_whitening.shape == (2, 4, 4)
+    assert layer.running_whitening_rest.shape == (1, 2, 2)
+    y = layer(x)
+    for group in (slice(0, 4), slice(4, 8), slice(8, 10)):
+        alone = build_norm("whiten", group.stop - group.start, 2, group_size=None)
+        assert_close(y[:, group], alone(x[:, group]), rtol=1e-4, atol=1e-4)
+    even = build_norm("whiten", 8, 2, group_size=4)
+    assert even.running_whitening_rest.numel() == 0
+
+
+def test_zca_output_is_the_whitened_output_closest_to_its_input():
+    x = _correlated(256, 6)
+    centered = x - x.mean(0)
+    y_zca = build_norm("whiten", 6, 2, method="zca", group_size=None)(x).detach()
+    y_pca = build_norm("whiten", 6, 2, method="pca", group_size=None)(x).detach()
+    distance = (y_zca - centered).norm()
+    assert distance < (y_pca - centered).norm()
+    gen = torch.Generator().manual_seed(11)
+    for _ in range(5):  # every other whitened output is a rotation of the ZCA one
+        rotation, _ = torch.linalg.qr(torch.randn(6, 6, generator=gen))
+        assert distance < (y_zca @ rotation - centered).norm()
+
+
+def test_iter_norm_is_newtons_iteration_on_the_spectrum():
+    """IterNorm with T steps maps each eigenvalue l of Sigma_N to l * p_T(l)^2 <= 1, not to 1."""
+    x = _correlated(200, 5, dtype=torch.float64)
+    layer = build_norm("whiten", 5, 2, method="iter", iters=5, group_size=None).double()
+    y = layer(x).detach()
+    centered = x - x.mean(0)
+    sigma = centered.mT @ centered / 200 + 1e-5 * torch.eye(5, dtype=torch.float64)
+    lam, u = torch.linalg.eigh(sigma)
+    lam_n = lam / lam.sum()
+    p = torch.ones_like(lam_n)
+    for _ in range(5):
+        p = 0.5 * (3 * p - p**3 * lam_n)
+    w = u @ torch.diag(p / lam.sum().sqrt()) @ u.mT
+    assert_close(y, centered @ w.mT)
+    out = torch.linalg.eigvalsh(_covariance(y))
+    assert (out <= 1 + 1e-6).all() and (out >= lam_n - 1e-9).all()
+    assert out.min() < 0.9  # five iterations do not whiten this input completely
+    converged = build_norm("whiten", 5, 2, method="iter", iters=60, group_size=None).double()
+    assert_close(_covariance(converged(x).detach()), torch.eye(5, dtype=torch.float64),
+                 atol=1e-3, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["zca", "pca", "iter"])
+def test_whiten_eval_uses_running_estimates(method):
+    x = _correlated(64, 7)
+    layer = build_norm("whiten", 7, 2, method=method, group_size=3, momentum=1.0)
+    _randomize_affine(layer)
+    y_train = layer(x).detach()
+    layer.eval()
+    assert_close(layer(x), y_train, rtol=1e-4, atol=1e-4)
+    assert_close(layer(x[:5]), y_train[:5], rtol=1e-4, atol=1e-4)  # no batch statistics in eval
+
+
+def test_whiten_running_estimates_are_moving_averages():
+    x = _correlated(64, 5)
+    layer = build_norm("whiten", 5, 2, method="zca", group_size=3, momentum=0.1)
+    layer(x)
+    centered = (x - x.mean(0)).double()
+    assert_close(layer.running_mean, 0.1 * x.mean(0))
+    for buffer, group in ((layer.running_whitening[0], slice(0, 3)),
+                          (layer.running_whitening_rest[0], slice(3, 5))):
+        g = centered[:, group]
+        sigma = g.mT @ g / 64 + 1e-5 * torch.eye(g.shape[1], dtype=torch.float64)
+        lam, u = torch.linalg.eigh(sigma)
+        inv_sqrt = u @ torch.diag(lam.rsqrt()) @ u.mT
+        expected = 0.9 * torch.eye(g.shape[1]) + 0.1 * inv_sqrt.float()
+        assert_close(buffer, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["zca", "pca", "iter"])
+def test_whiten_gradients_match_finite_differences(method):
+    x = _correlated(8, 5, dtype=torch.float64).requires_grad_()
+    layer = build_norm("whiten", 5, 2, method=method, group_size=3).double()
+    _randomize_affine(layer)
+    layer.double()
+    with frozen_stats(layer):
+        assert torch.autograd.gradcheck(layer, (x,))
+
+
+def _hadamard_features() -> torch.Tensor:
+    """8 samples of 7 features with a covariance exactly the identity: all eigenvalues equal."""
+    h = torch.ones(1, 1, dtype=torch.float64)
+    for _ in range(3):
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)])
+    return h[:, 1:]
+
+
+def test_zca_gradient_is_exact_at_repeated_eigenvalues():
+    x = _hadamard_features().requires_grad_()
+    assert_close(_covariance(x.detach()), torch.eye(7, dtype=torch.float64))
+    layer = build_norm("whiten", 7, 2, method="zca", group_size=None).double()
+    with frozen_stats(layer):
+        assert torch.autograd.gradcheck(layer, (x,))
+    identity = torch.eye(4, dtype=torch.float64).requires_grad_()
+    assert torch.autograd.gradcheck(lambda a: zca_whitening(a @ a.mT, 1e-5), (identity,))
+
+
+@pytest.mark.parametrize("method", ["zca", "pca", "iter"])
+@pytest.mark.parametrize("case", ["duplicated", "triplicated", "equal_eigenvalues", "near_equal"])
+def test_whiten_backward_is_finite_at_degenerate_covariances(method, case):
+    gen = torch.Generator().manual_seed(12)
+    if case == "equal_eigenvalues":
+        x = _hadamard_features().float()
+    elif case == "near_equal":
+        x = _hadamard_features().float() + 1e-4 * torch.randn(8, 7, generator=gen)
+    else:
+        x = torch.randn(16, 7, generator=gen)
+        x[:, 1] = x[:, 0]
+        if case == "triplicated":
+            x[:, 2] = x[:, 0]
+    x.requires_grad_()
+    layer = build_norm("whiten", 7, 2, method=method, group_size=None)
+    y = layer(x)
+    y.backward(torch.randn(y.shape, generator=gen))
+    assert torch.isfinite(y).all()
+    assert torch.isfinite(x.grad).all() and torch.isfinite(layer.weight.grad).all()
+
+
+# ---------------------------------------------------------------- noisy_bn
+NOISE = {"mean_range": 0.5, "std_low": 1.0, "std_high": 1.25, "mean_jitter": 0.1, "std_jitter": 0.1}
+
+
+def test_noisy_bn_is_bn_then_noise_in_training_only():
+    torch.manual_seed(13)
+    layer, bn = build_norm("noisy_bn", 8, 2, **NOISE), BatchNorm(8)
+    x = torch.randn(500, 8) * 3 + 1
+    y = layer(x)
+    s, m = layer.noise
+    assert_close(y, s * bn(x) + m)
+    assert m.max() - m.min() <= 2 * 0.1 + 1e-6  # one step: m ~ U(mu - 0.1, mu + 0.1), one mu
+    mu = (m.max() + m.min()) / 2
+    assert mu.abs() <= 0.5 + 0.1 / 100
+    assert abs(m.mean() - mu) < 0.01
+    assert 1.0 - 0.01 < s.mean() < 1.25 + 0.01
+    assert s.std().item() == pytest.approx(0.1, rel=0.1)
+    layer.eval()
+    bn.eval()
+    assert_close(layer(x), bn(x))
+
+
+def test_noisy_bn_step_parameters_are_uniform():
+    torch.manual_seed(14)
+    layer = build_norm("noisy_bn", 4, 2, **NOISE)
+    like = torch.empty(4000)
+    draws = [layer.draw_noise(like) for _ in range(300)]
+    mus = torch.stack([m.mean() for _, m in draws])
+    sigmas = torch.stack([s.mean() for s, _ in draws])
+    assert mus.min() > -0.51 and mus.max() < 0.51
+    assert mus.min() < -0.4 and mus.max() > 0.4
+    assert mus.var().item() == pytest.approx(0.5**2 / 3, rel=0.2)  # U(-a, a) has variance a^2/3
+    assert sigmas.min() > 0.99 and sigmas.max() < 1.26
+    assert sigmas.var().item() == pytest.approx(0.25**2 / 12, rel=0.2)
+
+
+def test_noisy_bn_hold_noise_reuses_the_sample_and_spares_the_rng():
+    torch.manual_seed(15)
+    layer = build_norm("noisy_bn", 6, 4, **NOISE)
+    x, smaller = torch.randn(4, 6, 3, 3), torch.randn(2, 6, 3, 3)
+    first = layer(x)
+    assert not torch.equal(layer(x), first)  # a new draw every training step
+    noise = layer.noise
+    rng = torch.get_rng_state()
+    with held_noise(layer), frozen_stats(layer):
+        held = layer(x)
+        assert torch.equal(layer(x), held)
+        assert layer.noise[0] is noise[0]
+        other = layer(smaller)  # another shape: a new sample, held from now on
+        assert torch.equal(layer(smaller), other)
+    with frozen_stats(layer):
+        layer(x)  # a measurement's own draw
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+# ---------------------------------------------------------------- end to end
+END_TO_END = [
+    ("bn", []), ("bn", ["norm.impl=torch"]), ("bn", ["norm.inference=population"]),
+    ("brn", ["norm.momentum=0.1", "norm.warmup_steps=10", "norm.ramp_steps=10",
+             "norm.d_ramp_steps=5"]),
+    ("ln", []), ("gn", ["norm.groups=2"]), ("whiten", []), ("whiten", ["norm.method=iter"]),
+    ("whiten", ["norm.method=pca", "norm.group_size=4"]), ("noisy_bn", []),
+]
+
+
+@pytest.mark.parametrize("model", ["mlp", "cnn"])
+@pytest.mark.parametrize("name,extra", END_TO_END)
+def test_every_variant_trains_on_digits(tmp_path, name, extra, model):
+    status = train_in_process(tmp_path, f"norm={name}", f"model={model}", "data=digits",
+                              "train.steps=40", "probe=off", "activation=relu", *extra)
+    assert status == "completed"
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["final"]["test/acc"] > 0.3  # chance is 0.1
+
+
+def test_brn_schedule_is_logged_by_the_trainer(tmp_path):
+    import csv
+
+    status = train_in_process(tmp_path, "norm=brn", "data=digits", "train.steps=30", "probe=off",
+                              "train.log_every=10", "norm.warmup_steps=10", "norm.ramp_steps=10",
+                              "norm.d_ramp_steps=5")
+    assert status == "completed"
+    rows = list(csv.DictReader((tmp_path / "scalars.csv").open()))
+    logged = {(int(r["step"]), r["tag"]): float(r["value"]) for r in rows if r["tag"].startswith("norm/")}
+    # step s used the limits of t = s - 1 completed steps: warm-up for t < 10, then the ramps
+    assert logged[(10, "norm/r_max")] == 1.0 and logged[(10, "norm/d_max")] == 0.0
+    assert logged[(20, "norm/r_max")] == pytest.approx(1 + 2 * 9 / 10)
+    assert logged[(20, "norm/d_max")] == 5.0
+    assert logged[(30, "norm/r_max")] == 3.0
