@@ -36,6 +36,19 @@ def _train(argv: list[str]) -> int:
 
     from bnlab.config import config_dir, register_configs
 
+    if any(a in ("-m", "--multirun") for a in argv):
+        argv = _name_runs_by_swept_keys(argv, config_dir() / "train.yaml")
+    if "LOCAL_RANK" in os.environ:  # started by torchrun: all ranks must share one run directory
+        from bnlab.distributed import agree_on_run_dir, launched_by_torchrun
+
+        try:
+            if launched_by_torchrun():
+                pattern = _configured(config_dir() / "train.yaml", "hydra.run.dir")
+                argv = agree_on_run_dir(argv, pattern)
+        except UserError as err:
+            print(f"bnlab: error: {err}", file=sys.stderr)
+            return 2
+
     register_configs()
     sys.argv = ["bnlab train", *argv]
 
@@ -44,8 +57,51 @@ def _train(argv: list[str]) -> int:
 
         train_main(cfg)
 
-    hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")(task)()
+    try:
+        hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")(task)()
+    finally:
+        if "torch" in sys.modules:  # only a run that trained can have joined a process group
+            from bnlab.distributed import shutdown
+
+            shutdown()
     return 0
+
+
+def _configured(train_yaml, key: str):
+    """``key`` of train.yaml as written (interpolations unresolved), or None."""
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.to_container(OmegaConf.load(train_yaml), resolve=False)
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def _name_runs_by_swept_keys(argv: list[str], train_yaml) -> list[str]:
+    """Name a sweep's run directories after what varies: ``norm=bn,seed=0``.
+
+    Hydra names them after all overrides (``data=digits,norm=bn,seed=0,train.steps=50``); the
+    keys every run shares are in the sweep's ``multirun.yaml`` and each run's ``.hydra/``, so
+    they are added to ``hydra.job.config.override_dirname.exclude_keys`` (unless the user sets
+    that list). Sweeps from a preset's ``hydra.sweeper.params`` still name their runs.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    exclude_key = "hydra.job.config.override_dirname.exclude_keys"
+    candidates = [a for a in argv if "=" in a and not a.startswith("-")]
+    if any(a.split("=", 1)[0].lstrip("+~") == exclude_key for a in candidates):
+        return argv
+    try:
+        overrides = OverridesParser.create().parse_overrides(candidates)
+    except HydraException:
+        return argv  # Hydra reports the bad override itself
+    fixed = [o.key_or_group for o in overrides
+             if not o.is_hydra_override() and not o.is_sweep_override()]
+    if not fixed:
+        return argv
+    excluded = list(_configured(train_yaml, exclude_key) or []) + fixed
+    return [*argv, f"{exclude_key}=[{','.join(dict.fromkeys(excluded))}]"]
 
 
 def _report(argv: list[str]) -> int:

@@ -36,7 +36,7 @@ OFFLINE_HINT = ("data=digits always works offline; data=fashion_mnist works offl
 @dataclass
 class Split:
     x: Tensor  # float32 (N, C, H, W) on the device
-    y: Tensor  # int64 (N,) on the device
+    y: Tensor  # int64 (N,) class labels, or float32 (N, K) regression targets, on the device
 
     def __len__(self) -> int:
         return self.y.shape[0]
@@ -47,11 +47,17 @@ class Dataset:
     name: str
     train: Split
     test: Split
-    num_classes: int
+    num_classes: int  # 0 for a regression task
+    task: str = "classification"  # classification (cross-entropy) | regression (MSE)
 
     @property
     def shape(self) -> tuple[int, int, int]:
         return tuple(self.train.x.shape[1:])  # type: ignore[return-value]
+
+    @property
+    def num_outputs(self) -> int:
+        """Width of the network's last layer: one logit per class, or one unit per target."""
+        return self.num_classes if self.task == "classification" else self.train.y.shape[1]
 
 
 @dataclass
@@ -63,6 +69,7 @@ class RawSplits:
     test_x: Tensor
     test_y: Tensor
     max_value: float  # 255 for 8-bit images, 16 for the UCI digits
+    task: str = "classification"  # regression: y are float targets, not labels
 
 
 # ---------------------------------------------------------------- reachability and download
@@ -220,11 +227,31 @@ def _digits(root: Path, download: bool) -> RawSplits:
     return RawSplits(images[tr], labels[tr], images[te], labels[te], 16.0)
 
 
+# ---------------------------------------------------------------- a linear regression (synthetic)
+LINEAR_DIM, LINEAR_TRAIN, LINEAR_TEST = 10, 1000, 1000
+
+
+def _linear(root: Path, download: bool) -> RawSplits:
+    """y = A x with x ~ N(0, I_10) and one fixed A, A_ij ~ N(0, 1) (Santurkar et al. 2018's DLN task).
+
+    Seeded (seed 0), so every machine and every run sees the same A and the same splits.
+    Shaped (N, 10, 1, 1) like a 10-channel 1x1 image, so the models' inputs stay (C, H, W).
+    """
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(LINEAR_DIM, LINEAR_DIM, generator=g)
+    x = torch.randn(LINEAR_TRAIN + LINEAR_TEST, LINEAR_DIM, generator=g)
+    y = x @ a.T
+    x = x.view(-1, LINEAR_DIM, 1, 1)
+    return RawSplits(x[:LINEAR_TRAIN], y[:LINEAR_TRAIN], x[LINEAR_TRAIN:], y[LINEAR_TRAIN:], 1.0,
+                     task="regression")
+
+
 LOADERS: dict[str, Callable[[Path, bool], RawSplits]] = {
     "mnist": lambda root, dl: _idx_dataset("mnist", "MNIST", root, dl),
     "fashion_mnist": lambda root, dl: _idx_dataset("fashion_mnist", "FashionMNIST", root, dl),
     "cifar10": _cifar10,
     "digits": _digits,
+    "linear": _linear,
 }
 
 
@@ -240,9 +267,12 @@ def load_dataset(cfg, device: torch.device) -> Dataset:
         std = train_x.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
         train_x.sub_(mean).div_(std)
         test_x.sub_(mean).div_(std)
-    num_classes = int(max(raw.train_y.max(), raw.test_y.max())) + 1
+    if raw.task == "regression":
+        num_classes = 0
+    else:
+        num_classes = int(max(raw.train_y.max(), raw.test_y.max())) + 1
     return Dataset(cfg.name, Split(train_x, raw.train_y.to(device)),
-                   Split(test_x, raw.test_y.to(device)), num_classes)
+                   Split(test_x, raw.test_y.to(device)), num_classes, raw.task)
 
 
 # ---------------------------------------------------------------- batches

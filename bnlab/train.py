@@ -20,10 +20,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
-from bnlab import __version__
+from bnlab import __version__, distributed
 from bnlab.checkpoint import load_checkpoint, rng_states, save_checkpoint, set_rng_states
 from bnlab.config import validate
 from bnlab.data import BatchStream, Dataset, Split, load_dataset
@@ -54,18 +54,61 @@ def parallel_jobs() -> int:
     return jobs
 
 
+def launcher_cpus() -> int | None:
+    """CPUs a cluster launcher reserved for each job (submitit's ``cpus_per_task``), if set."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        cpus = HydraConfig.get().launcher.get("cpus_per_task", None)
+    except (ValueError, AttributeError):
+        return None
+    return int(cpus) if cpus else None
+
+
+def auto_threads(cfg: DictConfig) -> int:
+    """``train.threads``, or the CPUs a cluster launcher reserved, or this process's share of
+    the cores: more threads than free cores collapse throughput (DESIGN.md, CPU facts)."""
+    if cfg.train.threads:
+        return int(cfg.train.threads)
+    if launcher_cpus():
+        return launcher_cpus()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cores or 1) // parallel_jobs())
+
+
 def setup_process(cfg: DictConfig) -> torch.device:
     """Flush subnormals, pick threads and device: without these, CPU timings are random."""
     # Saturated sigmoids under BN produce subnormal floats that slow the CPU 20-30x.
     torch.set_flush_denormal(True)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    threads = cfg.train.threads or max(1, (cores or 1) // parallel_jobs())
-    torch.set_num_threads(threads)
+    torch.set_num_threads(auto_threads(cfg))
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise UserError("device=cuda but no CUDA device is available; use device=cpu or device=auto")
     if cfg.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(cfg.device)
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(cfg.device)
+    return distributed.device_for(device)
+
+
+def progress_setting(requested: str) -> tuple[str, str]:
+    """(mode, label) of the progress display.
+
+    Jobs of a parallel launcher (and torchrun's processes) share one terminal, where live bars
+    would overwrite each other: there ``auto`` means plain lines labelled with the job's overrides.
+    """
+    if requested != "auto" or parallel_jobs() == 1:
+        return requested, "train"
+    label = "train"
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hydra_cfg = HydraConfig.get()
+        if hydra_cfg.mode == RunMode.MULTIRUN:
+            label = hydra_cfg.job.override_dirname or f"job {hydra_cfg.job.num}"
+    except ValueError:  # no Hydra context (tests calling run() directly)
+        pass
+    return "plain", label
 
 
 def seed_everything(seed: int) -> None:
@@ -101,9 +144,18 @@ def build_optimizer(cfg_optim: DictConfig, model: Net, total_steps: int):
     return opt, sched
 
 
+def loss_function(task: str):
+    """The training loss of a data set's task: cross-entropy (classification), MSE (regression)."""
+    return F.cross_entropy if task == "classification" else F.mse_loss
+
+
 @torch.no_grad()
-def evaluate(model: Net, split: Split, batch_size: int, train_mode: bool = False) -> tuple[float, float]:
-    """Mean loss and accuracy on the whole split, in eval mode (or train-mode batch statistics)."""
+def evaluate(model: Net, split: Split, batch_size: int, train_mode: bool = False,
+             task: str = "classification") -> tuple[float, float]:
+    """Mean loss and accuracy on the whole split, in eval mode (or train-mode batch statistics).
+
+    A regression task has no accuracy: it is NaN, and the trainer does not log it.
+    """
     from bnlab.norms import frozen_stats
 
     was_training = model.training
@@ -113,12 +165,15 @@ def evaluate(model: Net, split: Split, batch_size: int, train_mode: bool = False
     with frozen_stats(model):
         for start in range(0, len(split), batch_size):
             x, y = split.x[start:start + batch_size], split.y[start:start + batch_size]
-            logits = model(x).float()
-            loss_sum += F.cross_entropy(logits, y, reduction="sum")
-            correct += (logits.argmax(1) == y).sum()
+            out = model(x).float()
+            if task == "classification":
+                loss_sum += F.cross_entropy(out, y, reduction="sum")
+                correct += (out.argmax(1) == y).sum()
+            else:  # mean over the outputs of each example, as F.mse_loss averages them in training
+                loss_sum += F.mse_loss(out, y, reduction="sum") / out[0].numel()
     model.train(was_training)
     n = len(split)
-    return loss_sum.item() / n, correct.item() / n
+    return loss_sum.item() / n, correct.item() / n if task == "classification" else math.nan
 
 
 # ---------------------------------------------------------------- the run
@@ -138,7 +193,17 @@ class Trainer:
         per_epoch = len(data.train) // tcfg.batch_size
         self.total_steps = tcfg.epochs * per_epoch if tcfg.epochs else tcfg.steps
 
-        self.model = build_model(cfg, data.shape, data.num_classes).to(device)
+        self.model = build_model(cfg, data.shape, data.num_outputs).to(device)
+        # One loss for step, evaluation and probes (ICS reads it from here).
+        self.task = data.task
+        self.loss_fn = loss_function(data.task)
+        self.distributed = distributed.is_distributed()
+        if self.distributed and cfg.norm.get("sync", False):
+            from bnlab.norms.sync import convert_sync
+
+            convert_sync(self.model)
+        # DDP only for the training step: evaluation, probes and checkpoints use the module itself.
+        self.train_model = distributed.wrap(self.model, device)
         self.optimizer, self.scheduler = build_optimizer(cfg.optim, self.model, self.total_steps)
         self.stream = BatchStream(data.train, tcfg.batch_size, cfg.seed,
                                   augment=bool(cfg.data.get("augment", False)),
@@ -158,16 +223,18 @@ class Trainer:
         self.diverged_step: int | None = None
         self.wall_before = 0.0  # wall time of earlier attempts of a resumed run
         self.stop_signal: int | None = None
+        self.stop_agreed = False  # under torchrun: some replica was asked to stop
 
     # -- one optimization step, compiled when asked
     def _make_step(self):
-        model, opt, sched = self.model, self.optimizer, self.scheduler
+        model, opt, sched = self.train_model, self.optimizer, self.scheduler
         amp = bool(self.cfg.train.amp) and self.device.type == "cuda"
+        loss_fn, classification = self.loss_fn, self.task == "classification"
 
         def forward_loss(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
                 logits = model(x)
-            return F.cross_entropy(logits.float(), y), logits
+            return loss_fn(logits.float(), y), logits
 
         if self.cfg.train.compile:
             forward_loss = torch.compile(forward_loss)
@@ -178,6 +245,8 @@ class Trainer:
             loss.backward()
             opt.step()
             sched.step()
+            if not classification:
+                return loss.detach(), torch.zeros((), device=y.device, dtype=torch.long)
             return loss.detach(), (logits.detach().argmax(1) == y).sum()
 
         return step
@@ -237,12 +306,25 @@ class Trainer:
         write_json_atomic(self.run_dir / SUMMARY_JSON, data)
 
     def _log_train(self, recorder: Recorder, train_time: float, steps: int) -> float:
-        """Read the device-side sums (the only host sync), log them; returns the mean loss."""
-        loss = self.loss_sum.item() / max(self.seen, 1)
-        acc = self.correct_sum.item() / max(self.seen * self.stream.batch_size, 1)
-        values = {"train/loss": loss, "train/acc": acc,
-                  "train/lr": self.optimizer.param_groups[0]["lr"],
-                  "perf/steps_per_s": steps / train_time if train_time > 0 else float("nan")}
+        """Read the device-side sums (the only host sync), log them; returns the mean loss.
+
+        Under torchrun the sums of all replicas are added first (each holds its shard's loss and
+        correct count), so every rank gets the same mean loss and agrees on divergence; the
+        replicas also agree here on whether any of them was asked to stop.
+        """
+        loss_sum, correct_sum = self.loss_sum.item(), self.correct_sum.item()
+        if self.distributed:
+            sums = torch.tensor([loss_sum, correct_sum, float(self.stop_signal is not None)],
+                                dtype=torch.float64)
+            loss_sum, correct_sum, stops = distributed.all_reduce_sum(sums).tolist()
+            loss_sum /= self.world_size
+            self.stop_agreed = stops > 0
+        loss = loss_sum / max(self.seen, 1)
+        values = {"train/loss": loss}
+        if self.task == "classification":
+            values["train/acc"] = correct_sum / max(self.seen * self.stream.batch_size, 1)
+        values.update({"train/lr": self.optimizer.param_groups[0]["lr"],
+                       "perf/steps_per_s": steps / train_time if train_time > 0 else float("nan")})
         for layer in self.model.modules():
             if isinstance(layer, Norm) and layer.log_scalars():
                 values.update({f"norm/{k}": v for k, v in layer.log_scalars().items()})
@@ -255,14 +337,17 @@ class Trainer:
         return loss
 
     def _evaluate(self, recorder: Recorder) -> dict[str, float]:
-        loss, acc = evaluate(self.model, self.data.test, self.cfg.train.eval_batch_size)
-        values = {"test/loss": loss, "test/acc": acc}
+        loss, acc = evaluate(self.model, self.data.test, self.cfg.train.eval_batch_size,
+                             task=self.task)
+        values = {"test/loss": loss}
+        if self.task == "classification":
+            values["test/acc"] = acc
         if self.prober is not None:
             values.update(self.prober.eval_extras(self.model, self.data.test,
                                                   self.cfg.train.eval_batch_size))
         recorder.scalars(self.step, values)
         self.final.update(values)
-        if acc > self.best.get("test/acc", -1.0):
+        if self.task == "classification" and acc > self.best.get("test/acc", -1.0):
             self.best.update({"test/acc": acc, "test/acc_step": self.step})
         if loss < self.best.get("test/loss", math.inf):
             self.best["test/loss"] = loss
@@ -274,7 +359,8 @@ class Trainer:
         self.t_start = time.perf_counter()
         recorder = Recorder(self.run_dir, purge_step=self.step + 1 if resumed else None,
                             enabled=self.is_writer)
-        progress = Progress(self.total_steps, self.step, tcfg.progress if self.is_writer else "off")
+        mode, label = progress_setting(tcfg.progress) if self.is_writer else ("off", "train")
+        progress = Progress(self.total_steps, self.step, mode, label=label)
         self.summary("running")
         if self.prober is not None and self.step == 0:
             self.prober.probe(0, recorder)
@@ -283,7 +369,8 @@ class Trainer:
         t_mark = time.perf_counter()
         try:
             while self.step < self.total_steps:
-                if self.stop_signal is not None:
+                # Replicas stop together, at a log step where they agreed to (see _log_train).
+                if (self.stop_signal is not None and not self.distributed) or self.stop_agreed:
                     raise Interrupted
                 x, y = next(self.stream)
                 if self.prober is not None and self.prober.wants_ics(self.step + 1):
@@ -308,8 +395,10 @@ class Trainer:
                         if tcfg.stop_on_divergence:
                             status = "diverged"
                             break
-                    progress.update(step, {"loss": mean_loss, "acc": self.final["train/acc"],
-                                           "steps/s": self.final["perf/steps_per_s"]})
+                    shown = {"loss": mean_loss, "acc": self.final.get("train/acc", math.nan),
+                             "steps/s": self.final["perf/steps_per_s"]}
+                    progress.update(step, shown if self.task == "classification"
+                                    else {k: v for k, v in shown.items() if k != "acc"})
                     t_mark = time.perf_counter()
                 if step % tcfg.eval_every == 0 or last:
                     self._finish_population_stats(last)
@@ -324,6 +413,7 @@ class Trainer:
                 status = "diverged"
                 self._evaluate(recorder)
             self.save()
+            self._write_hparams(recorder)
         except Interrupted:
             self.save()
             status = "interrupted"
@@ -332,6 +422,15 @@ class Trainer:
             recorder.close()
         self.summary(status)
         return status
+
+    def _write_hparams(self, recorder: Recorder) -> None:
+        """The run's config and final metrics for TensorBoard's HParams dashboard."""
+        from bnlab.runs import flatten
+
+        config = flatten(OmegaConf.to_container(self.cfg, resolve=True))
+        skip = ("resume", "train.progress", "train.threads", "data.root")
+        recorder.hparams({k: v for k, v in config.items() if k not in skip},
+                         {k: v for k, v in self.final.items() if k.startswith(("test/", "train/"))})
 
     def _finish_population_stats(self, last: bool) -> None:
         """BN's ``inference=population`` (Ioffe & Szegedy, Alg. 2) replaces the moving averages."""
@@ -360,6 +459,14 @@ def _install_signal_handlers(trainer: Trainer) -> None:
 def run(cfg: DictConfig, run_dir: Path) -> str:
     """Train ``cfg`` in ``run_dir`` (resuming from its checkpoint when ``cfg.resume`` is set)."""
     validate(cfg)
+    replica = distributed.init_process_group()  # a no-op outside torchrun
+    if cfg.train.batch_size % replica.world_size:
+        raise UserError(f"train.batch_size={cfg.train.batch_size} is not valid with "
+                        f"{replica.world_size} processes: expected a multiple of {replica.world_size} "
+                        "(each process takes an equal share of the global batch)")
+    if cfg.norm.get("sync", False) and cfg.norm.name != "bn":
+        raise UserError(f"norm.sync=true is not valid with norm={cfg.norm.name}: cross-replica "
+                        "statistics exist for norm=bn only")
     device = setup_process(cfg)
     seed_everything(cfg.seed)
     data = load_dataset(cfg.data, device)
@@ -369,7 +476,7 @@ def run(cfg: DictConfig, run_dir: Path) -> str:
     if cfg.probe.enabled and cfg.probe.batch_size > len(data.train):
         raise UserError(f"probe.batch_size={cfg.probe.batch_size} is not valid: the {data.name} "
                         f"training split has only {len(data.train)} examples")
-    trainer = Trainer(cfg, run_dir, device, data)
+    trainer = Trainer(cfg, run_dir, device, data, rank=replica.rank, world_size=replica.world_size)
     resumed = cfg.resume is not None
     if resumed:
         trainer.load_state_dict(load_checkpoint(run_dir / CHECKPOINT, device))
@@ -389,6 +496,8 @@ def main(cfg: DictConfig) -> None:
         status = run(cfg, run_dir)
     except UserError as err:
         print(f"bnlab: error: {err}", file=sys.stderr)
+        if not distributed.replica().is_writer:
+            sys.exit(EXIT_USER_ERROR)  # rank 0 decides what happens to the shared directory
         if cfg.resume is not None:
             sys.exit(EXIT_USER_ERROR)  # the run's own files stay exactly as they were
         if multirun:
@@ -401,5 +510,6 @@ def main(cfg: DictConfig) -> None:
                 run_dir.parent.rmdir()
         sys.exit(EXIT_USER_ERROR)
     if status == "interrupted":
-        print(f"bnlab: interrupted; resume with: bnlab train resume={run_dir}", file=sys.stderr)
+        if distributed.replica().is_writer:
+            print(f"bnlab: interrupted; resume with: bnlab train resume={run_dir}", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)

@@ -13,16 +13,7 @@ REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 
-def compose(*overrides: str):
-    """The config `bnlab train <overrides>` would see (Hydra's compose API, same config tree)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    from bnlab.config import config_dir, register_configs
-
-    register_configs()
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        return hydra_compose(config_name="train", overrides=list(overrides))
+from bnlab.config import compose  # noqa: E402  (re-exported for the tests)
 
 
 def train_in_process(run_dir: Path, *overrides: str) -> str:

@@ -1,0 +1,428 @@
+"""Probes (bnlab.probes) and gradient-based ICS (bnlab.ics): formulas, and that measuring never
+changes training."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import re
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bnlab.data import load_dataset
+from bnlab.ics import gradient_ics
+from bnlab.models import ACTIVATIONS, Block, Net, build_model
+from bnlab.norms import Norm, build_norm
+from bnlab.probes import (
+    Prober,
+    drift,
+    feature_moments,
+    saturated_fraction,
+    saturation_bounds,
+    unit_percentiles,
+)
+
+from conftest import compose, train_in_process
+
+CPU = torch.device("cpu")
+
+
+class Recorder:
+    """Stands in for bnlab.record.Recorder: keeps what the prober logs."""
+
+    def __init__(self) -> None:
+        self.values: dict[int, dict[str, float]] = defaultdict(dict)
+        self.calls: list[int] = []
+        self.histograms: list[tuple[str, int]] = []
+        self.layouts: list[dict] = []
+
+    def scalars(self, step, values):
+        self.calls.append(step)
+        self.values[step].update(values)
+
+    def histogram(self, tag, values, step):
+        self.histograms.append((tag, step))
+
+    def layout(self, layout):
+        self.layouts.append(layout)
+
+
+def read_scalars(run: Path) -> dict[str, dict[int, float]]:
+    table: dict[str, dict[int, float]] = defaultdict(dict)
+    with open(run / "scalars.csv") as f:
+        for row in csv.DictReader(f):
+            table[row["tag"]][int(row["step"])] = float(row["value"])
+    return table
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset(compose("data=digits").data, CPU)
+
+
+def make_prober(digits, *overrides: str) -> tuple[Prober, Net]:
+    cfg = compose("data=digits", "probe.batch_size=200", *overrides)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg, digits.shape, digits.num_classes)
+    return Prober(cfg, model, digits, CPU), model
+
+
+# ---------------------------------------------------------------- pure statistics
+@pytest.mark.parametrize("shape", [(50, 7), (6, 5, 4, 3)])
+def test_feature_moments_are_per_feature_mean_and_biased_variance(shape):
+    x = torch.randn(*shape) * 3 + 10
+    mean, var = feature_moments(x)
+    dims = (0,) if x.dim() == 2 else (0, 2, 3)
+    torch.testing.assert_close(mean, x.double().mean(dims))
+    torch.testing.assert_close(var, x.double().var(dims, unbiased=False))
+
+
+def test_drift_matches_the_definition():
+    mean, var = torch.tensor([1.0, -2.0, 0.5]), torch.tensor([4.0, 0.25, 1.0])
+    ref_mean, ref_var = torch.tensor([0.0, -1.0, 0.5]), torch.tensor([1.0, 1.0, 0.0])
+    eps = 1e-5
+    shifts = [(m - r) / math.sqrt(rv + eps) for m, r, rv in zip(mean, ref_mean, ref_var, strict=True)]
+    scales = [0.5 * math.log((v + eps) / (rv + eps)) for v, rv in zip(var, ref_var, strict=True)]
+    expected_mean = math.sqrt(sum(s * s for s in shifts) / 3)
+    expected_var = math.sqrt(sum(s * s for s in scales) / 3)
+    mean_drift, var_drift = drift(mean, var, ref_mean, ref_var)
+    assert mean_drift.item() == pytest.approx(expected_mean, rel=1e-6)
+    assert var_drift.item() == pytest.approx(expected_var, rel=1e-6)
+    # Against itself (drift0 at the first probe) both are exactly 0.
+    assert drift(mean, var, mean, var)[0].item() == 0.0
+    assert drift(mean, var, mean, var)[1].item() == 0.0
+
+
+def test_drift_broadcasts_over_references_and_points():
+    mean, var = torch.randn(3, 8), torch.rand(3, 8) + 0.1
+    refs_mean, refs_var = torch.randn(2, 3, 8), torch.rand(2, 3, 8) + 0.1
+    mean_drift, var_drift = drift(mean, var, refs_mean, refs_var)
+    assert mean_drift.shape == (2, 3)
+    for r in range(2):
+        for p in range(3):
+            one = drift(mean[p], var[p], refs_mean[r, p], refs_var[r, p])
+            torch.testing.assert_close(mean_drift[r, p], one[0])
+            torch.testing.assert_close(var_drift[r, p], one[1])
+
+
+@pytest.mark.parametrize("shape", [(101, 4), (9, 4, 5, 5)])
+def test_unit_percentiles_match_numpy(shape):
+    x = torch.randn(*shape)
+    unit = 2
+    values = x[:, unit].reshape(-1).numpy()  # a conv channel: all of N, H, W
+    expected = np.percentile(values, [15, 50, 85])
+    np.testing.assert_allclose(unit_percentiles(x, unit).numpy(), expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(ACTIVATIONS))
+def test_saturation_is_where_the_derivative_is_below_a_tenth_of_its_maximum(name):
+    x = torch.linspace(-8, 8, 160_001, dtype=torch.float64, requires_grad=True)
+    ACTIVATIONS[name]()(x).sum().backward()
+    derivative = x.grad
+    expected = (derivative < 0.1 * derivative.max()).double().mean().item()
+    got = saturated_fraction(x.detach(), saturation_bounds(name)).item()
+    assert got == pytest.approx(expected, abs=3 / x.numel())  # a grid point at each boundary
+    if name in ("relu", "leaky_relu"):
+        assert got == pytest.approx(0.5, abs=1e-4)
+    if name == "identity":
+        assert got == 0.0
+
+
+# ---------------------------------------------------------------- probes in a run
+def test_bn_standardizes_the_norm_point_at_the_first_probe(tmp_path, digits_overrides):
+    tables = {}
+    for norm in ("bn", "none"):
+        run = tmp_path / norm
+        assert train_in_process(run, *digits_overrides, f"norm={norm}", "train.steps=20") == "completed"
+        tables[norm] = read_scalars(run)
+    bn, none = tables["bn"], tables["none"]
+    for k in (1, 2, 3):
+        # Batch statistics of the probe batch itself: mean 0, variance var / (var + eps).
+        assert abs(bn[f"act/layer{k}/norm/mean"][0]) < 1e-6
+        assert bn[f"act/layer{k}/norm/var"][0] == pytest.approx(1.0, abs=2e-3)
+        # Without a norm the point is the raw layer output, far from unit variance.
+        assert abs(none[f"act/layer{k}/norm/var"][0] - 1.0) > 0.3
+        assert none[f"act/layer{k}/norm/var"][0] == none[f"act/layer{k}/pre/var"][0]
+        assert bn[f"drift0/layer{k}/norm/mean"][0] == 0.0
+        assert f"drift/layer{k}/norm/mean" not in bn or 0 not in bn[f"drift/layer{k}/norm/mean"]
+        assert 20 in bn[f"drift/layer{k}/norm/mean"]
+    # Train-mode test accuracy only where train and eval mode differ.
+    assert 20 in bn["test/acc_train_mode"] and "test/acc_train_mode" not in none
+
+
+def test_probe_logs_the_direct_computation_on_its_batch(digits):
+    prober, model = make_prober(digits, "norm=bn", "activation=tanh", "probe.unit=3")
+    recorder = Recorder()
+    prober.probe(0, recorder)
+    with torch.no_grad():
+        model.train()
+        h = prober.x.flatten(1)
+        logged = recorder.values[0]
+        for k, block in enumerate(model.blocks, start=1):
+            pre = block.layer(h)
+            normed = F.batch_norm(pre, None, None, block.norm.weight, block.norm.bias, True, 0.0, 1e-5)
+            h = torch.tanh(normed)
+            for point, t in (("pre", pre), ("norm", normed), ("act", h)):
+                assert logged[f"act/layer{k}/{point}/mean"] == pytest.approx(
+                    t.mean(0).mean().item(), abs=1e-6)
+                assert logged[f"act/layer{k}/{point}/var"] == pytest.approx(
+                    t.var(0, unbiased=False).mean().item(), rel=1e-5)
+            p = np.percentile(normed[:, 3].numpy(), [15, 50, 85])
+            assert [logged[f"pct/layer{k}/p{q}"] for q in (15, 50, 85)] == pytest.approx(p, rel=1e-5)
+            t = math.atanh(math.sqrt(0.9))
+            assert logged[f"sat/layer{k}"] == pytest.approx((normed.abs() > t).float().mean().item())
+    assert recorder.calls == [0]  # one call per probe
+
+
+def test_probe_changes_no_running_statistics_rng_or_mode(digits):
+    prober, model = make_prober(digits, "norm=bn")
+    model.eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    prober.probe(0, Recorder())
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert not model.training
+    assert all(block.taps is None for block in model.blocks)
+
+
+def test_drift_and_drift0_against_first_and_previous_probe(digits):
+    prober, model = make_prober(digits, "norm=none", "activation=relu")
+    recorder = Recorder()
+    stats = []
+    for step in range(3):
+        prober.probe(step, recorder)
+        with torch.no_grad():
+            taps = {}
+            model.blocks[1].taps = taps
+            model(prober.x)
+            model.blocks[1].taps = None
+            stats.append(feature_moments(taps["act"]))
+            for p in model.parameters():  # a stand-in for training
+                p.add_(0.05 * torch.randn_like(p))
+    assert "drift/layer2/act/mean" not in recorder.values[0]
+    for step, ref, kind in ((1, 0, "drift"), (2, 1, "drift"), (2, 0, "drift0"), (1, 0, "drift0")):
+        mean_drift, var_drift = drift(*stats[step], *stats[ref])
+        assert recorder.values[step][f"{kind}/layer2/act/mean"] == pytest.approx(mean_drift.item())
+        assert recorder.values[step][f"{kind}/layer2/act/var"] == pytest.approx(var_drift.item())
+
+
+def test_histograms_and_layout(digits):
+    prober, model = make_prober(digits, "probe.every=20", "probe.hist_every=50", "norm.position=after_act")
+    recorder = Recorder()
+    for step in range(0, 201, 20):
+        prober.probe(step, recorder)
+    # The first probe at or after each multiple of hist_every; the nonlinearity input is `pre`.
+    assert {s for _, s in recorder.histograms} == {0, 60, 100, 160, 200}
+    assert {t for t, _ in recorder.histograms} == {f"hist/layer{k}/pre" for k in (1, 2, 3)}
+    assert len(recorder.layouts) == 1
+    charts = {c: spec for category in recorder.layouts[0].values() for c, spec in category.items()}
+    for tag in recorder.values[20]:
+        assert any(re.match(rx, tag) for spec in charts.values() for rx in spec[1]), tag
+
+
+def test_resumed_prober_continues_drift_exactly(digits, tmp_path):
+    recorders = [Recorder(), Recorder()]
+    prober, model = make_prober(digits, "norm=bn")
+    prober.probe(0, recorders[0])
+    with torch.no_grad():
+        model.blocks[0].layer.weight.mul_(1.5)
+    prober.probe(1, recorders[0])
+    torch.save(prober.state_dict(), tmp_path / "probe.pt")
+    with torch.no_grad():
+        model.blocks[1].norm.bias.add_(0.3)
+    prober.probe(2, recorders[0])
+
+    resumed, resumed_model = make_prober(digits, "norm=bn")
+    resumed_model.load_state_dict(model.state_dict())
+    resumed.load_state_dict(torch.load(tmp_path / "probe.pt", weights_only=True))
+    resumed.probe(2, recorders[1])
+    assert recorders[1].values[2] == recorders[0].values[2]
+    assert recorders[0].values[2]["drift/layer2/norm/mean"] > 0.1
+
+
+# ---------------------------------------------------------------- probing never changes training
+@pytest.mark.parametrize("data,norm", [("digits", "bn"), ("digits", "noisy_bn"), ("linear", "bn")])
+def test_training_is_identical_with_and_without_probes(tmp_path, data, norm):
+    base = [f"data={data}", f"norm={norm}", "train.steps=30", "train.batch_size=32",
+            "train.log_every=1", "train.eval_every=15", "train.checkpoint_every=100",
+            "probe.batch_size=200"]
+    variants = {
+        "off": ["probe=off"],
+        "every_step": ["probe.every=1"],
+        "full": ["probe=full", "probe.every=1", "probe.ics_every=1", "probe.hist_every=10"],
+    }
+    tables = {}
+    for name, extra in variants.items():
+        assert train_in_process(tmp_path / name, *base, *extra) == "completed"
+        tables[name] = read_scalars(tmp_path / name)
+    assert len(tables["off"]["train/loss"]) == 30
+    for name in ("every_step", "full"):
+        assert tables[name]["train/loss"] == tables["off"]["train/loss"], name
+        assert tables[name]["test/loss"] == tables["off"]["test/loss"], name
+    full = tables["full"]
+    assert set(full["ics/layer3/l2"]) == set(range(1, 31))
+    assert 30 in tables["every_step"]["drift/layer3/act/mean"]
+    # Layer 1 has no earlier layer: G' is G exactly, noise included (held, not redrawn).
+    assert set(full["ics/layer1/l2"].values()) == {0.0}
+    assert min(full["ics/layer2/l2"].values()) > 0
+
+
+def test_resumed_run_logs_the_same_drift(tmp_path, digits_overrides):
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    common = [*digits_overrides, "train.steps=60", "probe.every=10"]
+    train_in_process(whole, *common)
+    train_in_process(parts, *common, "train.steps=30")
+    train_in_process(parts, *common, f"resume={parts}")
+    a, b = read_scalars(whole), read_scalars(parts)
+    for tag, first in (("drift/layer3/norm/mean", 10), ("drift0/layer2/act/var", 0),
+                       ("pct/layer1/p85", 0)):
+        assert set(a[tag]) == set(b[tag]) == set(range(first, 61, 10))
+        assert b[tag] == pytest.approx(a[tag], rel=1e-6, abs=1e-9)
+
+
+# ---------------------------------------------------------------- gradient-based ICS
+def tiny_linear_net() -> Net:
+    """Two hidden linear blocks without norm or nonlinearity, then a classifier."""
+    def block(n_in, n_out):
+        return Block(nn.Linear(n_in, n_out), build_norm("none", n_out), nn.Identity(), True)
+
+    torch.manual_seed(0)
+    return Net(nn.Sequential(nn.Flatten(), block(4, 3), block(3, 3)), nn.Linear(3, 2))
+
+
+def test_ics_matches_a_hand_computation_with_sgd_momentum():
+    model = tiny_linear_net()
+    lr, momentum, wd = 0.3, 0.9, 0.01
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=wd)
+    x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
+    F.cross_entropy(model(torch.randn(8, 4)), y).backward()  # one real step: momentum buffers
+    optimizer.step()
+
+    b1, b2, c = model.blocks[0].layer, model.blocks[1].layer, model.classifier
+    w1, v1, w2, v2 = (t.detach().clone() for t in (b1.weight, b1.bias, b2.weight, b2.bias))
+
+    def loss(w1, v1, w2, v2):
+        return F.cross_entropy(c((x @ w1.T + v1) @ w2.T + v2), y)
+
+    leaves = [t.clone().requires_grad_() for t in (w1, v1, w2, v2)]
+    g_w1, g_v1, g_w2, _ = torch.autograd.grad(loss(*leaves), leaves)
+    # SGD with momentum and weight decay, by hand: buf = m buf + (g + wd p); p' = p - lr buf.
+    buf_w1 = optimizer.state[b1.weight]["momentum_buffer"]
+    buf_v1 = optimizer.state[b1.bias]["momentum_buffer"]
+    w1_new = w1 - lr * (momentum * buf_w1 + g_w1 + wd * w1)
+    v1_new = v1 - lr * (momentum * buf_v1 + g_v1 + wd * v1)
+    w2_leaf = w2.clone().requires_grad_()
+    g_w2_after = torch.autograd.grad(loss(w1_new, v1_new, w2_leaf, v2), w2_leaf)[0]
+
+    state_before = {k: v.clone() for k, v in model.state_dict().items()}
+    buffers_before = [optimizer.state[p]["momentum_buffer"].clone() for p in model.parameters()]
+    l2, cos = gradient_ics(model, optimizer, x, y)
+
+    assert l2[0].item() == 0.0 and cos[0].item() == pytest.approx(1.0, abs=1e-12)
+    assert l2[1].item() == pytest.approx((g_w2 - g_w2_after).norm().item(), rel=1e-5)
+    assert cos[1].item() == pytest.approx(
+        F.cosine_similarity(g_w2.flatten(), g_w2_after.flatten(), dim=0).item(), rel=1e-6)
+    assert l2[1].item() > 1e-4  # the earlier layer's update does shift layer 2's gradient
+    # Model, optimizer state and gradients untouched.
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state_before[key])
+    for p, buf in zip(model.parameters(), buffers_before, strict=True):
+        assert torch.equal(optimizer.state[p]["momentum_buffer"], buf)
+
+
+def test_ics_updates_only_the_earlier_layers(digits):
+    cfg = compose("data=digits", "norm=bn", "model.widths=[16,16,16]")
+    torch.manual_seed(0)
+    model = build_model(cfg, digits.shape, digits.num_classes)
+    first = set(model.blocks[0].parameters())
+    # Layer 1 (weight, gamma, beta) frozen by lr=0: layer 2's gradient cannot move; layer 3's can.
+    optimizer = torch.optim.SGD([
+        {"params": [p for p in model.parameters() if p in first], "lr": 0.0},
+        {"params": [p for p in model.parameters() if p not in first], "lr": 0.5},
+    ])
+    running = model.blocks[0].norm.running_mean.clone()
+    l2, cos = gradient_ics(model, optimizer, digits.train.x[:64], digits.train.y[:64])
+    assert l2[0].item() == 0.0 and l2[1].item() == 0.0
+    assert cos[1].item() == pytest.approx(1.0, abs=1e-12)
+    assert l2[2].item() > 0 and cos[2].item() < 1
+    assert torch.equal(model.blocks[0].norm.running_mean, running)  # frozen statistics
+    assert model.blocks[0].norm.num_batches_tracked.item() == 0
+
+
+class NoisyScale(Norm):
+    """A stochastic layer like noisy BN: multiplicative noise from the global RNG, holdable."""
+
+    def __init__(self, num_features: int) -> None:
+        super().__init__()
+        self.noise: torch.Tensor | None = None
+
+    def forward(self, x):
+        if self.training and not (self.hold_noise and self.noise is not None):
+            self.noise = 1 + 0.5 * torch.randn(x.shape[1])
+        return x * self.noise if self.training else x
+
+
+def test_stochastic_layers_see_held_noise_and_training_is_unchanged(digits):
+    cfg = compose("data=digits", "norm=none", "model.widths=[16,16]", "probe.batch_size=100",
+                  "probe.ics_every=1")
+    runs = []
+    for measured in (False, True):
+        torch.manual_seed(0)
+        model = build_model(cfg, digits.shape, digits.num_classes)
+        for block in model.blocks:
+            block.norm = NoisyScale(16)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        prober, recorder = Prober(cfg, model, digits, CPU), Recorder()
+        for step in range(1, 6):
+            x, y = digits.train.x[step * 32:(step + 1) * 32], digits.train.y[step * 32:(step + 1) * 32]
+            if measured:
+                prober.ics(step, model, optimizer, x, y, recorder)
+            loss = F.cross_entropy(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            if measured:
+                prober.probe(step, recorder)
+                # Layer 1 has no earlier layer: with the noise held, G' is G exactly.
+                assert recorder.values[step]["ics/layer1/l2"] == 0.0
+                assert recorder.values[step]["ics/layer2/l2"] > 0.0
+        runs.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert torch.equal(runs[0], runs[1])
+
+
+def test_eval_extras_is_train_mode_accuracy_for_batch_statistic_norms(digits):
+    from bnlab.train import evaluate
+
+    prober, model = make_prober(digits, "norm=bn")
+    with torch.no_grad():
+        model.blocks[0].norm.running_mean.fill_(3.0)  # eval mode and train mode now disagree
+    expected = evaluate(model, digits.test, 100, train_mode=True)[1]
+    assert prober.eval_extras(model, digits.test, 100) == {"test/acc_train_mode": expected}
+    assert expected != evaluate(model, digits.test, 100)[1]
+    assert make_prober(digits, "norm=none")[0].eval_extras(model, digits.test, 100) == {}
+
+
+def test_state_dict_loads_with_weights_only(digits, tmp_path):
+    prober, _ = make_prober(digits)
+    buffer = io.BytesIO()
+    torch.save(prober.state_dict(), buffer)  # before any probe: nothing to carry
+    buffer.seek(0)
+    assert torch.load(buffer, weights_only=True) == {"first": None, "prev": None}
+
+
+def test_a_model_without_hidden_layers_logs_nothing(digits):
+    prober, model = make_prober(digits, "model.widths=[]", "probe.ics_every=1")
+    recorder = Recorder()
+    prober.probe(0, recorder)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    prober.ics(1, model, optimizer, digits.train.x[:8], digits.train.y[:8], recorder)
+    assert recorder.calls == []
