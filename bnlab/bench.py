@@ -1,0 +1,259 @@
+"""`bnlab bench` (also `python scripts/bench.py`): bnlab's speed as ratios against baselines.
+
+This machine is noisy and absolute times are not comparable between runs, so every row is a
+ratio of two figures measured side by side in this process: the trainer against the textbook
+PyTorch loop and against the ceiling (one resident batch, no data movement), probes against
+none, each norm against torch's native BatchNorm, and the report and start-up against their
+own baselines. Run it with nothing else busy on the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+MLP = ["model=mlp", "train.batch_size=60"]
+CNN = ["model=cnn", "train.batch_size=256"]
+
+
+def _best_time(fn: Callable[[], object], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+class Bench:
+    def __init__(self, data: str, steps: int, repeats: int) -> None:
+        import torch
+
+        from bnlab.config import compose
+        from bnlab.data import load_dataset
+
+        torch.set_flush_denormal(True)
+        self.torch = torch
+        self.compose = compose
+        self.data_name, self.steps, self.repeats = data, steps, repeats
+        self.data = load_dataset(compose(f"data={data}").data, torch.device("cpu"))
+        self.rows: list[dict] = []
+
+    def cfg(self, *overrides: str):
+        return self.compose(f"data={self.data_name}", "train.progress=off", "train.eval_every=1000000",
+                            "train.checkpoint_every=1000000", *overrides)
+
+    def add(self, group: str, name: str, value: float, baseline: float, unit: str, note: str = "",
+            higher_is_better: bool = True) -> None:
+        ratio = value / baseline if higher_is_better else baseline / value
+        self.rows.append({"group": group, "name": name, "value": value, "baseline": baseline,
+                          "unit": unit, "ratio": ratio, "note": note})
+
+    # -- the three loops on one model: bnlab's trainer, the textbook loop, the ceiling
+    def trainer_steps_per_s(self, overrides: list[str], threads: int) -> float:
+        from bnlab.train import Trainer
+
+        torch = self.torch
+        cfg = self.cfg(*overrides, f"train.steps={self.steps}", f"train.threads={threads}")
+        torch.set_num_threads(threads)
+        with tempfile.TemporaryDirectory() as tmp:
+            def once() -> None:
+                trainer = Trainer(cfg, Path(tmp), torch.device("cpu"), self.data)
+                trainer.run(resumed=False)
+            return self.steps / _best_time(once, self.repeats)
+
+    def _model_and_step(self, overrides: list[str]):
+        import torch.nn.functional as F
+
+        from bnlab.models import build_model
+        from bnlab.train import build_optimizer
+
+        cfg = self.cfg(*overrides)
+        model = build_model(cfg, self.data.shape, self.data.num_classes)
+        opt, _ = build_optimizer(cfg.optim, model, self.steps)
+
+        def step(x, y) -> None:
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        return cfg, step
+
+    def ceiling_steps_per_s(self, overrides: list[str], threads: int, steps: int | None = None) -> float:
+        """The same model and optimizer stepping on one resident batch: no data movement at all."""
+        self.torch.set_num_threads(threads)
+        cfg, step = self._model_and_step(overrides)
+        batch = cfg.train.batch_size
+        x, y = self.data.train.x[:batch].clone(), self.data.train.y[:batch].clone()
+        steps = steps or self.steps
+        for _ in range(20):
+            step(x, y)
+
+        def once() -> None:
+            for _ in range(steps):
+                step(x, y)
+        return steps / _best_time(once, self.repeats)
+
+    def textbook_steps_per_s(self, overrides: list[str], threads: int) -> float:
+        """torchvision dataset + ToTensor/Normalize + DataLoader: how most tutorials train."""
+        import torchvision.datasets as tvd
+        import torchvision.transforms as T
+        from torch.utils.data import DataLoader
+
+        self.torch.set_num_threads(threads)
+        cfg, step = self._model_and_step(overrides)
+        root = os.path.expanduser(str(cfg.data.root))
+        classes = {"fashion_mnist": tvd.FashionMNIST, "mnist": tvd.MNIST}
+        transform = T.Compose([T.ToTensor(), T.Normalize((0.2860,), (0.3530,))])
+        dataset = classes[self.data_name](root, train=True, download=False, transform=transform)
+        loader = DataLoader(dataset, batch_size=cfg.train.batch_size, shuffle=True, drop_last=True)
+        steps = min(self.steps, len(loader))
+
+        def once() -> None:
+            for i, (x, y) in enumerate(loader):
+                step(x, y)
+                if i + 1 == steps:
+                    break
+        return steps / _best_time(once, self.repeats)
+
+    def loops(self, name: str, overrides: list[str]) -> None:
+        trainer = {t: self.trainer_steps_per_s(overrides, t) for t in (1, 2)}
+        ceiling = {t: self.ceiling_steps_per_s(overrides, t) for t in (1, 2)}
+        textbook = {t: self.textbook_steps_per_s(overrides, t) for t in (1, 2)}
+        auto = self._auto_threads()
+        best_ceiling = max(ceiling.values())
+        self.add("trainer", f"{name}: trainer vs ceiling", trainer[auto], best_ceiling, "steps/s",
+                 f"trainer at its default {auto} thread(s); ceiling best of 1/2 threads "
+                 f"({ceiling[1]:.0f} / {ceiling[2]:.0f})")
+        self.add("trainer", f"{name}: trainer vs textbook loop", trainer[auto], max(textbook.values()),
+                 "steps/s", f"textbook best of 1/2 threads ({textbook[1]:.0f} / {textbook[2]:.0f}); "
+                 f"trainer 1/2 threads {trainer[1]:.0f} / {trainer[2]:.0f}")
+
+    def _auto_threads(self) -> int:
+        from bnlab.train import auto_threads
+
+        return auto_threads(self.cfg(*MLP))
+
+    # -- probes
+    def probes(self) -> None:
+        auto = self._auto_threads()
+        off = self.trainer_steps_per_s([*MLP, "probe=off"], auto)
+        default = self.trainer_steps_per_s([*MLP, "probe=default"], auto)
+        full = self.trainer_steps_per_s([*MLP, "probe=full"], auto)
+        self.add("probes", "MLP: probe=default vs probe=off (time)", 1 / default, 1 / off, "s/step",
+                 "ratio = time with probes / time without; <= 1.10 is the target", higher_is_better=False)
+        self.rows[-1]["ratio"] = off / default
+        self.add("probes", "MLP: probe=full vs probe=off (time)", 1 / full, 1 / off, "s/step",
+                 "ICS every 100 steps, probes every 50, histograms every 500", higher_is_better=False)
+        self.rows[-1]["ratio"] = off / full
+
+    # -- normalization layers, per training step of the default MLP
+    def norms(self) -> None:
+        threads = self._auto_threads()
+        steps = max(200, self.steps // 2)
+        native = self.ceiling_steps_per_s([*MLP, "norm=bn", "norm.impl=torch"], threads, steps)
+        variants = [("bn (bnlab)", ["norm=bn"]), ("brn", ["norm=brn"]), ("ln", ["norm=ln"]),
+                    ("gn", ["norm=gn"]), ("noisy_bn", ["norm=noisy_bn"])]
+        for method in ("zca", "pca", "iter"):
+            for group in (16, 100):
+                variants.append((f"whiten {method} g{group}",
+                                 ["norm=whiten", f"norm.method={method}", f"norm.group_size={group}"]))
+        for name, overrides in variants:
+            sps = self.ceiling_steps_per_s([*MLP, *overrides], threads, steps)
+            self.add("norms", f"{name} vs native BN (time per step)", 1 / sps, 1 / native, "s/step",
+                     "MLP 784-100-100-100-10, batch 60; ratio = step time / native BN's",
+                     higher_is_better=False)
+            self.rows[-1]["ratio"] = native / sps
+
+    # -- report
+    def report(self, runs: int, steps: int) -> None:
+        from bnlab.report_bench import bench_report
+
+        seconds = bench_report(runs, steps)
+        self.add("report", f"report of {runs} runs x {steps} steps", seconds, 10.0, "s",
+                 "ratio = 10 s target / measured", higher_is_better=False)
+
+    # -- start-up
+    def startup(self) -> None:
+        def run(*args: str) -> Callable[[], object]:
+            return lambda: subprocess.run([sys.executable, *args], check=True, capture_output=True)
+
+        bare = _best_time(run("-c", "pass"), 5)
+        help_ = _best_time(run("-m", "bnlab", "--help"), 5)
+        self.add("startup", "bnlab --help vs python -c pass", help_, bare, "s",
+                 "ratio = python's bare start / bnlab --help; < 1 s is the target",
+                 higher_is_better=False)
+
+
+def print_table(rows: list[dict]) -> None:
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:  # pragma: no cover
+        for r in rows:
+            print(r)
+        return
+    table = Table(title="bnlab bench: ratios measured side by side in one run")
+    for col in ("group", "measurement", "value", "baseline", "ratio", "note"):
+        table.add_column(col, overflow="fold")
+    def fmt(value: float, unit: str) -> str:
+        return f"{value * 1e3:.3f} ms" if unit == "s/step" else f"{value:.4g} {unit}"
+
+    for r in rows:
+        table.add_row(r["group"], r["name"], fmt(r["value"], r["unit"]), fmt(r["baseline"], r["unit"]),
+                      f"{r['ratio']:.2f}", r["note"])
+    Console(width=160).print(table)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bnlab bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default="fashion_mnist",
+                        help="data set of the loops: fashion_mnist or mnist (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=1500, help="steps per measurement")
+    parser.add_argument("--repeats", type=int, default=2, help="best of this many repeats")
+    parser.add_argument("--only", default="trainer,probes,norms,report,startup",
+                        help="comma-separated groups to run")
+    parser.add_argument("--report-runs", type=int, default=100)
+    parser.add_argument("--report-steps", type=int, default=10_000)
+    parser.add_argument("--out", default="bench.json", help="where to write the rows as JSON")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    groups = set(args.only.split(","))
+
+    from bnlab.errors import UserError
+
+    try:
+        bench = Bench(args.data, args.steps, args.repeats)
+    except UserError as err:
+        print(f"bnlab: error: {err}", file=sys.stderr)
+        return 2
+    t0 = time.perf_counter()
+    if "trainer" in groups:
+        bench.loops("MLP batch 60", MLP)
+        bench.loops("CNN batch 256", CNN)
+    if "probes" in groups:
+        bench.probes()
+    if "norms" in groups:
+        bench.norms()
+    if "report" in groups:
+        bench.report(args.report_runs, args.report_steps)
+    if "startup" in groups:
+        bench.startup()
+    print_table(bench.rows)
+    meta = {"python": platform.python_version(), "torch": bench.torch.__version__,
+            "machine": platform.machine(), "cores": os.cpu_count(), "data": args.data,
+            "steps": args.steps, "seconds": round(time.perf_counter() - t0, 1),
+            "load": statistics.mean(os.getloadavg()) if hasattr(os, "getloadavg") else None}
+    Path(args.out).write_text(json.dumps({"meta": meta, "rows": bench.rows}, indent=2) + "\n")
+    print(f"wrote {args.out} ({meta['seconds']} s)")
+    return 0
