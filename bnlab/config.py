@@ -161,7 +161,7 @@ class ProbeConfig:
 
 @dataclass
 class TrainLoopConfig:
-    steps: int = 5000
+    steps: int = 8000
     epochs: int | None = None  # when set, overrides steps
     batch_size: int = 60
     eval_every: int = 1000

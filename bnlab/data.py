@@ -294,20 +294,38 @@ def augment_batch(x: Tensor, generator: torch.Generator, pad: int = 4) -> Tensor
 class BatchStream:
     """Shuffled batches of a resident split: an epoch is one seeded ``randperm``.
 
+    The rows of the next few batches are gathered with one ``index_select`` (``chunk_rows``
+    at most) and handed out as views: one large gather costs far less than many small ones.
+    What a batch holds depends only on the permutation and the position, so a stream restored
+    from ``state_dict`` continues with exactly the batches the original would have given.
+
     Under torch.distributed each rank takes its contiguous share of the same global batch,
     so the union of the ranks' batches is exactly the one-process batch.
     """
 
     def __init__(self, split: Split, batch_size: int, seed: int, augment: bool = False,
-                 rank: int = 0, world_size: int = 1) -> None:
+                 rank: int = 0, world_size: int = 1, chunk_rows: int = 4096) -> None:
         self.split, self.batch_size, self.augment = split, batch_size, augment
         self.rank, self.world_size = rank, world_size
+        self.chunk_batches = max(1, chunk_rows // batch_size)
         self.generator = torch.Generator().manual_seed(seed)
         device = split.x.device
         self.aug_generator = torch.Generator(device=device).manual_seed(seed + 1)
         self.perm: Tensor | None = None
-        self.pos = 0
+        self.pos = 0  # index in perm of the next batch's first row
         self.epoch = 0
+        self._chunk: tuple[Tensor, Tensor] | None = None
+        self._chunk_start = self._chunk_end = 0  # the perm positions the chunk covers
+
+    def _gather(self) -> None:
+        """Gather the rows of the next whole batches of this epoch (this rank's share of each)."""
+        n_batches = min(self.chunk_batches, (len(self.split) - self.pos) // self.batch_size)
+        end = self.pos + n_batches * self.batch_size
+        idx = self.perm[self.pos: end]
+        if self.world_size > 1:
+            idx = idx.view(n_batches, self.world_size, -1)[:, self.rank].reshape(-1)
+        self._chunk = (self.split.x.index_select(0, idx), self.split.y.index_select(0, idx))
+        self._chunk_start, self._chunk_end = self.pos, end
 
     def __next__(self) -> tuple[Tensor, Tensor]:
         n = len(self.split)
@@ -315,14 +333,16 @@ class BatchStream:
             self.perm = torch.randperm(n, generator=self.generator).to(self.split.x.device)
             self.pos = 0
             self.epoch += 1
-        idx = self.perm[self.pos: self.pos + self.batch_size]
+            self._chunk = None
+        if self._chunk is None or not self._chunk_start <= self.pos < self._chunk_end:
+            self._gather()
+        share = self.batch_size // self.world_size
+        offset = (self.pos - self._chunk_start) // self.world_size
+        x, y = (t[offset: offset + share] for t in self._chunk)
         self.pos += self.batch_size
-        if self.world_size > 1:
-            idx = idx.tensor_split(self.world_size)[self.rank]
-        x = self.split.x[idx]
         if self.augment:
             x = augment_batch(x, self.aug_generator)
-        return x, self.split.y[idx]
+        return x, y
 
     def __iter__(self) -> BatchStream:
         return self
@@ -338,3 +358,4 @@ class BatchStream:
         perm = state["perm"]
         self.perm = None if perm is None else perm.to(self.split.x.device)
         self.pos, self.epoch = state["pos"], state["epoch"]
+        self._chunk = None

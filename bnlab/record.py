@@ -71,12 +71,14 @@ class Recorder:
         """Record ``{tag: value}`` at ``step`` in both sinks; the CSV is flushed at once."""
         if not self.enabled or not values:
             return
-        lines = []
-        for tag, value in values.items():
-            value = float(value)
-            self.writer.add_scalar(tag, value, step)
-            lines.append(f"{step},{tag},{value!r}\n" if math.isfinite(value) else f"{step},{tag},{value}\n")
-        self.csv.write("".join(lines))
+        from tensorboard.compat.proto.summary_pb2 import Summary
+
+        floats = {tag: float(value) for tag, value in values.items()}
+        # One event holding every value of the step: add_scalar per tag costs ~55 us each.
+        summary = Summary(value=[Summary.Value(tag=tag, simple_value=value) for tag, value in floats.items()])
+        self.writer.file_writer.add_summary(summary, step)
+        self.csv.write("".join(f"{step},{tag},{value!r}\n" if math.isfinite(value)
+                               else f"{step},{tag},{value}\n" for tag, value in floats.items()))
         self.csv.flush()
 
     def histogram(self, tag: str, values, step: int) -> None:

@@ -129,19 +129,28 @@ def versions() -> dict[str, str]:
             "hydra": hydra.__version__, "python": platform.python_version()}
 
 
-def build_optimizer(cfg_optim: DictConfig, model: Net, total_steps: int):
+def build_optimizer(cfg_optim: DictConfig, model: Net) -> torch.optim.Optimizer:
     params = list(model.parameters())
     if cfg_optim.name == "sgd":
+        # fused: one kernel for all parameters instead of a loop of small ops (~5% of a CPU step)
         opt = torch.optim.SGD(params, lr=cfg_optim.lr, momentum=cfg_optim.momentum,
-                              weight_decay=cfg_optim.weight_decay, nesterov=cfg_optim.nesterov)
+                              weight_decay=cfg_optim.weight_decay, nesterov=cfg_optim.nesterov,
+                              fused=True)
     else:
         opt = torch.optim.AdamW(params, lr=cfg_optim.lr, betas=tuple(cfg_optim.betas),
                                 weight_decay=cfg_optim.weight_decay)
+    return opt
+
+
+def learning_rate(cfg_optim: DictConfig, step: int, total_steps: int) -> float:
+    """The rate of update number ``step`` (0-based): constant, or cosine from lr to 0.
+
+    A closed form of the step, not an LR-scheduler object: nothing to checkpoint, and no
+    wrapper around ``optimizer.step`` (torch's schedulers cost ~4% of a small CPU step).
+    """
     if cfg_optim.schedule == "cosine":
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps)
-    else:
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
-    return opt, sched
+        return cfg_optim.lr * 0.5 * (1 + math.cos(math.pi * step / total_steps))
+    return cfg_optim.lr
 
 
 def loss_function(task: str):
@@ -204,7 +213,7 @@ class Trainer:
             convert_sync(self.model)
         # DDP only for the training step: evaluation, probes and checkpoints use the module itself.
         self.train_model = distributed.wrap(self.model, device)
-        self.optimizer, self.scheduler = build_optimizer(cfg.optim, self.model, self.total_steps)
+        self.optimizer = build_optimizer(cfg.optim, self.model)
         self.stream = BatchStream(data.train, tcfg.batch_size, cfg.seed,
                                   augment=bool(cfg.data.get("augment", False)),
                                   rank=rank, world_size=world_size)
@@ -227,7 +236,7 @@ class Trainer:
 
     # -- one optimization step, compiled when asked
     def _make_step(self):
-        model, opt, sched = self.train_model, self.optimizer, self.scheduler
+        model, opt = self.train_model, self.optimizer
         amp = bool(self.cfg.train.amp) and self.device.type == "cuda"
         loss_fn, classification = self.loss_fn, self.task == "classification"
 
@@ -244,7 +253,6 @@ class Trainer:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            sched.step()
             if not classification:
                 return loss.detach(), torch.zeros((), device=y.device, dtype=torch.long)
             return loss.detach(), (logits.detach().argmax(1) == y).sum()
@@ -256,7 +264,7 @@ class Trainer:
         return {
             "step": self.step, "total_steps": self.total_steps,
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(), "stream": self.stream.state_dict(),
+            "stream": self.stream.state_dict(),
             "rng": rng_states(), "loss_sum": self.loss_sum.cpu(), "correct_sum": self.correct_sum.cpu(),
             "seen": self.seen, "best": self.best, "final": self.final, "wall_s": self.wall(),
             "probe": self.prober.state_dict() if self.prober else {},
@@ -269,7 +277,6 @@ class Trainer:
         except (RuntimeError, ValueError, KeyError) as err:
             first = str(err).strip().splitlines()[0]
             raise UserError(f"checkpoint does not match this run's model ({first})") from err
-        self.scheduler.load_state_dict(state["scheduler"])
         self.stream.load_state_dict(state["stream"])
         set_rng_states(state["rng"])
         self.step, self.seen = state["step"], state["seen"]
@@ -365,6 +372,7 @@ class Trainer:
         if self.prober is not None and self.step == 0:
             self.prober.probe(0, recorder)
         status = "completed"
+        cosine = cfg.optim.schedule == "cosine"
         steps_since_log, train_time = 0, 0.0
         t_mark = time.perf_counter()
         try:
@@ -373,6 +381,9 @@ class Trainer:
                 if (self.stop_signal is not None and not self.distributed) or self.stop_agreed:
                     raise Interrupted
                 x, y = next(self.stream)
+                if cosine:
+                    for group in self.optimizer.param_groups:
+                        group["lr"] = learning_rate(cfg.optim, self.step, self.total_steps)
                 if self.prober is not None and self.prober.wants_ics(self.step + 1):
                     self.prober.ics(self.step + 1, self.model, self.optimizer, x, y, recorder)
                 loss, correct = self.step_fn(x, y)

@@ -178,3 +178,12 @@ def test_augment_flips_and_shifts_within_padding():
         candidates = [src, src.flip(2)]
         # every non-padding pixel of the crop comes from the (possibly flipped) source
         assert any(set(img[img > 0].tolist()) <= set(c.flatten().tolist()) for c in candidates)
+
+
+def test_chunked_gathers_hand_out_the_same_batches_as_one_gather_per_batch():
+    split = Split(torch.randn(50, 1, 2, 2), torch.arange(50))
+    chunked = BatchStream(split, batch_size=7, seed=4, chunk_rows=30)
+    single = BatchStream(split, batch_size=7, seed=4, chunk_rows=1)
+    for _ in range(20):  # almost three epochs, across chunk and epoch boundaries
+        (xa, ya), (xb, yb) = next(chunked), next(single)
+        assert torch.equal(ya, yb) and torch.equal(xa, xb)

@@ -554,7 +554,7 @@ END_TO_END = [
 @pytest.mark.parametrize("name,extra", END_TO_END)
 def test_every_variant_trains_on_digits(tmp_path, name, extra, model):
     status = train_in_process(tmp_path, f"norm={name}", f"model={model}", "data=digits",
-                              "train.steps=40", "probe=off", "activation=relu", *extra)
+                              "train.steps=60", "probe=off", "activation=relu", *extra)
     assert status == "completed"
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["final"]["test/acc"] > 0.3  # chance is 0.1

@@ -175,7 +175,8 @@ def test_probe_logs_the_direct_computation_on_its_batch(digits):
                 assert logged[f"act/layer{k}/{point}/var"] == pytest.approx(
                     t.var(0, unbiased=False).mean().item(), rel=1e-5)
             p = np.percentile(normed[:, 3].numpy(), [15, 50, 85])
-            assert [logged[f"pct/layer{k}/p{q}"] for q in (15, 50, 85)] == pytest.approx(p, rel=1e-5)
+            # float32: this BN and F.batch_norm round differently, ~1e-6 per layer
+            assert [logged[f"pct/layer{k}/p{q}"] for q in (15, 50, 85)] == pytest.approx(p, rel=1e-4)
             t = math.atanh(math.sqrt(0.9))
             assert logged[f"sat/layer{k}"] == pytest.approx((normed.abs() > t).float().mean().item())
     assert recorder.calls == [0]  # one call per probe
