@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     if "probes" in groups:
         bench.probes(args.steps, rounds)
     if "norms" in groups:
-        bench.norms(max(100, args.steps // 6), max(1, rounds - 1))
+        bench.norms(max(100, args.steps // 10), max(1, rounds - 1))
     if "report" in groups:
         bench.report(args.report_runs, args.report_steps)
     if "startup" in groups:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
+
+import pytest
 
 from conftest import train_in_process
 
@@ -47,3 +50,14 @@ def test_train_metrics_are_means_since_the_previous_log_step(tmp_path):
     for step, value in coarse.items():
         window = [every[s] for s in range(step - 9, step + 1)]
         assert abs(value - sum(window) / 10) < 1e-5
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").exists(),
+                    reason="Debian's dataset-fashion-mnist is not installed")
+def test_default_budget_on_fashion_mnist_reaches_086(tmp_path):
+    """The README's main command: the default budget and optimizer, BN before each sigmoid."""
+    status = train_in_process(tmp_path, "data=fashion_mnist", "norm=bn", "activation=sigmoid",
+                              f"data.root={tmp_path / 'data'}", "train.threads=0")
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert status == "completed" and summary["final"]["test/acc"] >= 0.86
