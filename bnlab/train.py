@@ -287,8 +287,10 @@ class Trainer:
             self.prober.load_state_dict(state["probe"])
 
     def save(self) -> None:
+        """Checkpoint, and say so in summary.json: a killed run then shows how far it got."""
         if self.is_writer:
             save_checkpoint(self.run_dir / CHECKPOINT, self.state_dict())
+            self.summary("running")
 
     # -- bookkeeping
     def wall(self) -> float:
