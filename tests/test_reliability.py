@@ -165,3 +165,41 @@ def test_partial_last_csv_row_is_never_data(tmp_path):
     assert path.read_text() == "step,tag,value\n10,train/loss,0.5\n20,train/loss,0.4\n"
     truncate_scalars(path, after_step=10)
     assert path.read_text() == "step,tag,value\n10,train/loss,0.5\n"
+
+
+@pytest.mark.slow
+def test_a_sweep_survives_a_diverging_and_a_killed_job_and_the_report_lists_all(tmp_path):
+    """8 jobs in their own processes (submitit_local): two diverge, one is SIGKILLed mid-run."""
+    sweep = tmp_path / "sweep"
+    env = {**os.environ, "BNLAB_DATA": str(tmp_path / "data"), "OPENBLAS_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bnlab", "train", "-m", "norm=none,bn", "optim.lr=0.05,0.1,0.2,1e5",
+         "activation=relu", "data=digits", "train.steps=6000", "train.checkpoint_every=500",
+         "hydra/launcher=submitit_local", "hydra.launcher.cpus_per_task=1", f"hydra.sweep.dir={sweep}"],
+        cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    victim = sweep / "norm=none,optim.lr=0.2"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (victim / "checkpoints" / "last.pt").is_file():
+        time.sleep(0.2)
+    jobs = subprocess.run(["pgrep", "-f", "submitit.core._submit"], capture_output=True, text=True)
+    for pid in map(int, jobs.stdout.split()):
+        if _runs(pid, victim):
+            os.kill(pid, signal.SIGKILL)
+    proc.wait(timeout=600)
+    statuses = {run.name: json.loads((run / "summary.json").read_text())["status"]
+                for run in sweep.glob("norm=*")}
+    assert len(statuses) == 8
+    assert statuses.pop(victim.name) == "running"
+    assert sorted(statuses.values()) == ["completed"] * 5 + ["diverged"] * 2
+    result = bnlab("report", str(sweep), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "8 runs in 8 group(s)" in result.stdout
+    assert result.stdout.count("diverged") >= 2 and "running" in result.stdout
+
+
+def _runs(pid: int, run: Path) -> bool:
+    """Whether process ``pid`` holds ``run``'s files open (its TensorBoard or CSV writer)."""
+    try:
+        return any(str(run) in os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return False
