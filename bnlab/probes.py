@@ -27,6 +27,7 @@ from omegaconf import DictConfig
 from torch import Tensor
 
 from bnlab.data import Dataset, Split
+from bnlab.evaluation import evaluate, loss_function
 from bnlab.ics import gradient_ics, preserved_rng
 from bnlab.models import Net
 from bnlab.norms import frozen_stats
@@ -259,8 +260,6 @@ class Prober:
         """Log ``ics/layerK/l2`` and ``ics/layerK/cos`` for the update about to be made on (x, y)."""
         if not model.blocks:
             return
-        from bnlab.train import loss_function  # the trainer's own loss; train imports this module
-
         l2, cos = gradient_ics(model, optimizer, x, y, loss_function(self.task))
         numbers = torch.cat([l2, cos]).tolist()
         n = len(l2)
@@ -279,8 +278,6 @@ class Prober:
         """
         if self.norm_name not in BATCH_STATISTIC_NORMS:
             return {}
-        from bnlab.train import evaluate  # train imports this module: import at call time
-
         with preserved_rng(self.device):  # noisy layers draw noise in train mode
             loss, acc = evaluate(model, split, batch_size, train_mode=True, task=self.task)
         if self.task == "classification":

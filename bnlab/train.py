@@ -19,15 +19,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from bnlab import __version__, distributed
 from bnlab.checkpoint import load_checkpoint, rng_states, save_checkpoint, set_rng_states
 from bnlab.config import validate
-from bnlab.data import BatchStream, Dataset, Split, load_dataset
+from bnlab.data import BatchStream, Dataset, load_dataset
 from bnlab.errors import UserError
+from bnlab.evaluation import evaluate, loss_function
 from bnlab.models import Net, build_model
 from bnlab.norms import Norm
 from bnlab.progress import Progress
@@ -70,8 +70,9 @@ def auto_threads(cfg: DictConfig) -> int:
     the cores: more threads than free cores collapse throughput (DESIGN.md, CPU facts)."""
     if cfg.train.threads:
         return int(cfg.train.threads)
-    if launcher_cpus():
-        return launcher_cpus()
+    reserved = launcher_cpus()
+    if reserved:
+        return reserved
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return max(1, (cores or 1) // parallel_jobs())
 
@@ -151,38 +152,6 @@ def learning_rate(cfg_optim, step: int, total_steps: int) -> float:
     if cfg_optim.schedule == "cosine":
         return cfg_optim.lr * 0.5 * (1 + math.cos(math.pi * step / total_steps))
     return cfg_optim.lr
-
-
-def loss_function(task: str):
-    """The training loss of a data set's task: cross-entropy (classification), MSE (regression)."""
-    return F.cross_entropy if task == "classification" else F.mse_loss
-
-
-@torch.no_grad()
-def evaluate(model: Net, split: Split, batch_size: int, train_mode: bool = False,
-             task: str = "classification") -> tuple[float, float]:
-    """Mean loss and accuracy on the whole split, in eval mode (or train-mode batch statistics).
-
-    A regression task has no accuracy: it is NaN, and the trainer does not log it.
-    """
-    from bnlab.norms import frozen_stats
-
-    was_training = model.training
-    model.train(train_mode)
-    loss_sum = torch.zeros((), device=split.x.device)
-    correct = torch.zeros((), device=split.x.device, dtype=torch.long)
-    with frozen_stats(model):
-        for start in range(0, len(split), batch_size):
-            x, y = split.x[start:start + batch_size], split.y[start:start + batch_size]
-            out = model(x).float()
-            if task == "classification":
-                loss_sum += F.cross_entropy(out, y, reduction="sum")
-                correct += (out.argmax(1) == y).sum()
-            else:  # mean over the outputs of each example, as F.mse_loss averages them in training
-                loss_sum += F.mse_loss(out, y, reduction="sum") / out[0].numel()
-    model.train(was_training)
-    n = len(split)
-    return loss_sum.item() / n, correct.item() / n if task == "classification" else math.nan
 
 
 # ---------------------------------------------------------------- the run
