@@ -8,8 +8,9 @@ value costs nothing and leaves nothing behind.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +27,54 @@ def config_dir() -> Path:
     return shipped if shipped.is_dir() else PACKAGE_DIR.parent / "configs"
 
 
+# ---------------------------------------------------------------- declaring a value's bounds
+# Every choice and bound lives on its schema field, as metadata: validate() walks the schema.
+Check = Callable[[Any], bool]
+
+
+def choice(default: Any, *options: str) -> Any:
+    """A field whose value must be one of ``options`` (the default is one of them)."""
+    return field(default=default, metadata={"check": lambda v: v in options,
+                                            "accepted": "one of " + ", ".join(options)})
+
+
+def bounded(default: Any, check: Check, accepted: str, factory: bool = False) -> Any:
+    """A field whose value must satisfy ``check``; ``accepted`` says so in an error message."""
+    meta = {"check": check, "accepted": accepted}
+    if factory:
+        return field(default_factory=default, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def at_least(default: Any, low: float, what: str = "an integer") -> Any:
+    return bounded(default, lambda v: v >= low, f"{what} >= {low:g}")
+
+
+def optional_at_least(default: Any, low: int, none_means: str) -> Any:
+    return bounded(default, lambda v: v is None or v >= low, f"null ({none_means}) or an integer >= {low}")
+
+
+def unit_interval(default: float) -> Any:
+    return bounded(default, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+
+
+def positive(default: float) -> Any:
+    return bounded(default, lambda v: math.isfinite(v) and v > 0, "a number > 0")
+
+
+def non_negative(default: float) -> Any:
+    return bounded(default, lambda v: v >= 0, "a number >= 0")
+
+
+def every_or_never(default: int) -> Any:
+    return bounded(default, lambda v: v >= 0, "0 (never) or an integer >= 1")
+
+
 # ---------------------------------------------------------------- norm (one schema per variant)
 @dataclass
 class NormConfig:
     name: str = MISSING
-    position: str = "before_act"  # before_act | after_act
+    position: str = choice("before_act", "before_act", "after_act")
     sync: bool = False  # cross-replica statistics under torch.distributed
 
 
@@ -42,90 +86,98 @@ class NoNormConfig(NormConfig):
 @dataclass
 class BNConfig(NormConfig):
     name: str = "bn"
-    momentum: float = 0.1
-    eps: float = 1e-5
-    impl: str = "scratch"  # scratch | torch
-    inference: str = "moving"  # moving | population
+    momentum: float = unit_interval(0.1)
+    eps: float = positive(1e-5)
+    impl: str = choice("scratch", "scratch", "torch")
+    inference: str = choice("moving", "moving", "population")
 
 
 @dataclass
 class BRNConfig(NormConfig):
     name: str = "brn"
-    momentum: float = 0.01
-    eps: float = 1e-5
-    r_max: float = 3.0
-    d_max: float = 5.0
-    warmup_steps: int = 5000
-    ramp_steps: int = 35000  # r_max reaches its value at warmup + ramp (paper: 40k steps)
-    d_ramp_steps: int = 20000  # d_max reaches its value at warmup + d_ramp (paper: 25k steps)
+    momentum: float = unit_interval(0.01)
+    eps: float = positive(1e-5)
+    r_max: float = at_least(3.0, 1, "a number")
+    d_max: float = non_negative(5.0)
+    warmup_steps: int = at_least(5000, 0)
+    ramp_steps: int = at_least(35000, 0)  # r_max reaches its value at warmup + ramp (paper: 40k steps)
+    d_ramp_steps: int = at_least(20000, 0)  # d_max reaches its value at warmup + d_ramp (paper: 25k)
 
 
 @dataclass
 class LNConfig(NormConfig):
     name: str = "ln"
-    eps: float = 1e-5
+    eps: float = positive(1e-5)
 
 
 @dataclass
 class WhitenConfig(NormConfig):
     name: str = "whiten"
-    method: str = "zca"  # zca | pca | iter
-    group_size: int | None = 16
-    iters: int = 5
-    momentum: float = 0.1
-    eps: float = 1e-5
+    method: str = choice("zca", "zca", "pca", "iter")
+    group_size: int | None = optional_at_least(16, 1, "the whole layer")
+    iters: int = at_least(5, 1)
+    momentum: float = unit_interval(0.1)
+    eps: float = positive(1e-5)
 
 
 @dataclass
 class GNConfig(NormConfig):
     name: str = "gn"
-    groups: int = 2  # divides every default width (LeNet's 6 channels included)
-    eps: float = 1e-5
+    groups: int = at_least(2, 1)  # divides every default width (LeNet's 6 channels included)
+    eps: float = positive(1e-5)
 
 
 @dataclass
 class NoisyBNConfig(BNConfig):
     name: str = "noisy_bn"
-    mean_range: float = 0.5
-    std_low: float = 1.0
+    mean_range: float = non_negative(0.5)
+    std_low: float = positive(1.0)
     std_high: float = 1.25
-    mean_jitter: float = 0.1
-    std_jitter: float = 0.1
+    mean_jitter: float = non_negative(0.1)
+    std_jitter: float = non_negative(0.1)
 
 
 # ---------------------------------------------------------------- other groups
 @dataclass
 class ActivationConfig:
-    name: str = "sigmoid"  # sigmoid | tanh | relu | leaky_relu | gelu | identity
+    name: str = "sigmoid"  # one of bnlab.models.ACTIVATIONS (checked in validate)
+
+
+INITS = ("default", "glorot")  # torch's layer init | Xavier uniform, zero biases
 
 
 @dataclass
 class MLPConfig:
     name: str = "mlp"
-    widths: list[int] = field(default_factory=lambda: [100, 100, 100])
-    init: str = "default"  # default (torch's layer init) | glorot (Xavier uniform, zero biases)
+    widths: list[int] = bounded(lambda: [100, 100, 100], lambda v: all(w >= 1 for w in v),
+                                "a list of integers >= 1", factory=True)
+    init: str = choice("default", *INITS)
 
 
 @dataclass
 class CNNConfig:
     name: str = "cnn"
-    channels: list[int] = field(default_factory=lambda: [6, 16])
-    kernel_size: int = 5
+    channels: list[int] = bounded(lambda: [6, 16], lambda v: len(v) >= 1 and all(c >= 1 for c in v),
+                                  "integers >= 1", factory=True)
+    kernel_size: int = at_least(5, 1)
     paddings: list[int] = field(default_factory=lambda: [2, 2])
-    pool: str = "max"  # max | avg
-    widths: list[int] = field(default_factory=lambda: [120, 84])
-    init: str = "default"  # default (torch's layer init) | glorot (Xavier uniform, zero biases)
+    pool: str = choice("max", "max", "avg")
+    widths: list[int] = bounded(lambda: [120, 84], lambda v: all(w >= 1 for w in v),
+                                "a list of integers >= 1", factory=True)
+    init: str = choice("default", *INITS)
 
 
 @dataclass
 class VGGConfig:
     name: str = "vgg"
     # channels per conv layer, "M" for a 2x2 max-pool (VGG-11 by default)
-    layers: list[Any] = field(
-        default_factory=lambda: [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"]
-    )
-    widths: list[int] = field(default_factory=list)
-    init: str = "default"  # default (torch's layer init) | glorot (Xavier uniform, zero biases)
+    layers: list[Any] = bounded(
+        lambda: [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
+        lambda v: all(c == "M" or (isinstance(c, int) and c >= 1) for c in v),
+        'integers >= 1 (channels) and "M" (a 2x2 max-pool)', factory=True)
+    widths: list[int] = bounded(list, lambda v: all(w >= 1 for w in v), "a list of integers >= 1",
+                                factory=True)
+    init: str = choice("default", *INITS)
 
 
 @dataclass
@@ -135,50 +187,62 @@ class DataConfig:
     normalize: bool = True
     download: bool = True
     augment: bool = False  # random crop + flip on the batch (CIFAR-10)
+    binarize: bool = False  # pixels > half of the maximum become 1, the rest 0 (before normalize)
+    sampler: str = choice("iid", "iid", "grouped")  # grouped: Ioffe 2017, Sec. 4.3 (non-i.i.d.)
+    labels_per_batch: int | None = optional_at_least(None, 1, "sampler=iid")
 
 
 @dataclass
 class OptimConfig:
-    name: str = MISSING
-    lr: float = 0.1
-    momentum: float = 0.0
-    weight_decay: float = 0.0
+    name: str = choice(MISSING, "sgd", "adam")
+    lr: float = positive(0.1)
+    momentum: float = unit_interval(0.0)
+    weight_decay: float = non_negative(0.0)
     nesterov: bool = False
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    schedule: str = "constant"  # constant | cosine
+    betas: list[float] = bounded(lambda: [0.9, 0.999], lambda v: len(v) == 2 and all(0 <= b < 1 for b in v),
+                                 "two numbers in [0, 1)", factory=True)
+    schedule: str = choice("constant", "constant", "cosine")
 
 
 @dataclass
 class ProbeConfig:
     name: str = "default"
     enabled: bool = True
-    every: int = 100
-    batch_size: int = 1000
-    unit: int = 0
-    hist_every: int = 0  # 0 = never
-    ics_every: int = 0  # 0 = never
+    every: int = at_least(100, 1)
+    batch_size: int = at_least(1000, 2)
+    unit: int = at_least(0, 0)  # and below the narrowest hidden width (checked in validate)
+    hist_every: int = every_or_never(0)
+    ics_every: int = every_or_never(0)
+    mode: str = choice("train", "train", "eval", "both")  # which network the probes measure
+    landscape_every: int = every_or_never(0)  # Santurkar et al. 2018, Sec. 3 (loss landscape)
+
+
+EVAL_AUTO = "auto"
 
 
 @dataclass
 class TrainLoopConfig:
-    steps: int = 8000
-    epochs: int | None = None  # when set, overrides steps
-    batch_size: int = 60
-    eval_every: int = 1000
-    eval_batch_size: int = 10000
-    log_every: int = 50
-    checkpoint_every: int = 1000
+    steps: int = at_least(8000, 1)
+    epochs: int | None = optional_at_least(None, 1, "use train.steps")  # when set, replaces steps
+    batch_size: int = at_least(60, 1)
+    # An integer, or "auto": a fixed number of evaluations per run (see evaluation_steps).
+    eval_every: Any = bounded(1000, lambda v: v == EVAL_AUTO or (isinstance(v, int) and v >= 1),
+                              f"an integer >= 1 or {EVAL_AUTO}")
+    eval_batch_size: int = at_least(10000, 1)
+    log_every: int = at_least(50, 1)
+    checkpoint_every: int = at_least(1000, 1)
     stop_on_divergence: bool = True
-    threads: int = 0  # torch intra-op threads; 0 = one per free core (cores / parallel jobs)
-    progress: str = "auto"  # auto | rich | plain | off
+    threads: int = bounded(0, lambda v: v >= 0, "0 (automatic) or an integer >= 1")
+    progress: str = choice("auto", "auto", "rich", "plain", "off")
     compile: bool = False
     amp: bool = False  # CUDA autocast (bfloat16)
+    cuda_graph: bool = False  # capture the training step once and replay it (CUDA only)
 
 
 @dataclass
 class Config:
     seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda
+    device: str = choice("auto", "auto", "cpu", "cuda")
     resume: str | None = None
     train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
     norm: Any = MISSING
@@ -194,6 +258,8 @@ NORM_SCHEMAS: dict[str, type] = {
     "whiten": WhitenConfig, "gn": GNConfig, "noisy_bn": NoisyBNConfig,
 }
 MODEL_SCHEMAS: dict[str, type] = {"mlp": MLPConfig, "cnn": CNNConfig, "vgg": VGGConfig}
+GROUP_SCHEMAS: dict[str, type] = {"activation": ActivationConfig, "data": DataConfig,
+                                  "optim": OptimConfig, "probe": ProbeConfig}
 
 
 def register_configs() -> None:
@@ -206,79 +272,43 @@ def register_configs() -> None:
         cs.store(group="schema/norm", name=name, node=schema)
     for name, schema in MODEL_SCHEMAS.items():
         cs.store(group="schema/model", name=name, node=schema)
-    cs.store(group="schema", name="activation", node=ActivationConfig)
-    cs.store(group="schema", name="data", node=DataConfig)
-    cs.store(group="schema", name="optim", node=OptimConfig)
-    cs.store(group="schema", name="probe", node=ProbeConfig)
+    for group, schema in GROUP_SCHEMAS.items():
+        cs.store(group="schema", name=group, node=schema)
 
 
-# ---------------------------------------------------------------- range checks
-CHOICES: dict[str, tuple[str, ...]] = {
-    "device": ("auto", "cpu", "cuda"),
-    "norm.position": ("before_act", "after_act"),
-    "norm.impl": ("scratch", "torch"),
-    "norm.inference": ("moving", "population"),
-    "norm.method": ("zca", "pca", "iter"),
-    "activation.name": ("sigmoid", "tanh", "relu", "leaky_relu", "gelu", "identity"),
-    "model.pool": ("max", "avg"),
-    "model.init": ("default", "glorot"),
-    "optim.name": ("sgd", "adam"),
-    "optim.schedule": ("constant", "cosine"),
-    "train.progress": ("auto", "rich", "plain", "off"),
-}
-
-Check = tuple[str, Callable[[Any], bool], str]
-RANGES: list[Check] = [
-    ("train.steps", lambda v: v >= 1, "an integer >= 1"),
-    ("train.epochs", lambda v: v is None or v >= 1, "null or an integer >= 1"),
-    ("train.batch_size", lambda v: v >= 1, "an integer >= 1"),
-    ("train.eval_every", lambda v: v >= 1, "an integer >= 1"),
-    ("train.eval_batch_size", lambda v: v >= 1, "an integer >= 1"),
-    ("train.log_every", lambda v: v >= 1, "an integer >= 1"),
-    ("train.checkpoint_every", lambda v: v >= 1, "an integer >= 1"),
-    ("train.threads", lambda v: v >= 0, "0 (automatic) or an integer >= 1"),
-    ("optim.lr", lambda v: math.isfinite(v) and v > 0, "a number > 0"),
-    ("optim.momentum", lambda v: 0 <= v <= 1, "a number in [0, 1]"),
-    ("optim.weight_decay", lambda v: v >= 0, "a number >= 0"),
-    ("optim.betas", lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "two numbers in [0, 1)"),
-    ("norm.momentum", lambda v: 0 <= v <= 1, "a number in [0, 1]"),
-    ("norm.eps", lambda v: v > 0, "a number > 0"),
-    ("norm.r_max", lambda v: v >= 1, "a number >= 1"),
-    ("norm.d_max", lambda v: v >= 0, "a number >= 0"),
-    ("norm.warmup_steps", lambda v: v >= 0, "an integer >= 0"),
-    ("norm.ramp_steps", lambda v: v >= 0, "an integer >= 0"),
-    ("norm.d_ramp_steps", lambda v: v >= 0, "an integer >= 0"),
-    ("norm.mean_range", lambda v: v >= 0, "a number >= 0"),
-    ("norm.mean_jitter", lambda v: v >= 0, "a number >= 0"),
-    ("norm.std_jitter", lambda v: v >= 0, "a number >= 0"),
-    ("norm.std_low", lambda v: v > 0, "a number > 0"),
-    ("norm.group_size", lambda v: v is None or v >= 1, "null (whole layer) or an integer >= 1"),
-    ("norm.groups", lambda v: v >= 1, "an integer >= 1"),
-    ("norm.iters", lambda v: v >= 1, "an integer >= 1"),
-    ("model.widths", lambda v: all(w >= 1 for w in v), "a list of integers >= 1"),
-    ("model.channels", lambda v: len(v) >= 1 and all(c >= 1 for c in v), "integers >= 1"),
-    ("model.kernel_size", lambda v: v >= 1, "an integer >= 1"),
-    ("probe.every", lambda v: v >= 1, "an integer >= 1"),
-    ("probe.batch_size", lambda v: v >= 2, "an integer >= 2"),
-    ("probe.unit", lambda v: v >= 0, "an integer >= 0"),
-    ("probe.hist_every", lambda v: v >= 0, "0 (never) or an integer >= 1"),
-    ("probe.ics_every", lambda v: v >= 0, "0 (never) or an integer >= 1"),
-]
-
-
-def _get(cfg: DictConfig, key: str) -> tuple[bool, Any]:
-    node: Any = cfg
-    for part in key.split("."):
-        if not isinstance(node, DictConfig) or part not in node:
-            return False, None
-        node = node[part]
-    if isinstance(node, (DictConfig, ListConfig)):
-        node = OmegaConf.to_container(node, resolve=True)
-    return True, node
+# ---------------------------------------------------------------- validation
+def _plain(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, (DictConfig, ListConfig)) else node
 
 
 def _fail(key: str, value: Any, accepted: str) -> UserError:
     return UserError(f"{key}={value!r} is not valid: expected {accepted}")
+
+
+def _check_schema(node: DictConfig, schema: type, prefix: str) -> None:
+    """Check every field of ``schema`` that declares a bound (``choice``, ``bounded``...)."""
+    for f in fields(schema):
+        if "check" not in f.metadata or f.name not in node:
+            continue
+        value = _plain(node[f.name])
+        if not f.metadata["check"](value):
+            raise _fail(prefix + f.name, value, f.metadata["accepted"])
+
+
+def schemas_of(cfg: DictConfig) -> list[tuple[str, type]]:
+    """(key prefix, schema) of every node of ``cfg``: the top level, the loop, each group's option."""
+    found: list[tuple[str, type]] = [("", Config), ("train.", TrainLoopConfig)]
+    norm = NORM_SCHEMAS.get(str(cfg.norm.name)) if "norm" in cfg else None
+    model = MODEL_SCHEMAS.get(str(cfg.model.name)) if "model" in cfg else None
+    for prefix, schema in (("norm.", norm), ("model.", model)):
+        if schema is not None:
+            found.append((prefix, schema))
+    found += [(f"{group}.", schema) for group, schema in GROUP_SCHEMAS.items() if group in cfg]
+    return found
+
+
+def _node(cfg: DictConfig, prefix: str) -> DictConfig:
+    return cfg if not prefix else cfg[prefix[:-1]]
 
 
 def hidden_widths(cfg: DictConfig) -> list[int]:
@@ -291,28 +321,47 @@ def hidden_widths(cfg: DictConfig) -> list[int]:
     return list(model.widths)
 
 
+def world_size() -> int:
+    """Processes of this run: torchrun's WORLD_SIZE, else 1 (readable before any process group)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def validate(cfg: DictConfig) -> None:
-    """Raise UserError naming the first key whose value is out of range."""
-    for key, accepted in CHOICES.items():
-        present, value = _get(cfg, key)
-        if present and value not in accepted:
-            raise _fail(key, value, "one of " + ", ".join(accepted))
-    for key, ok, accepted in RANGES:
-        present, value = _get(cfg, key)
-        if present and not ok(value):
-            raise _fail(key, value, accepted)
+    """Raise UserError naming the first key whose value is out of range.
+
+    Bounds declared on the schema fields come first; then the checks that relate two keys.
+    Checks that need the data set's shape are in :mod:`bnlab.preflight`.
+    """
+    for prefix, schema in schemas_of(cfg):
+        _check_schema(_node(cfg, prefix), schema, prefix)
+    from bnlab.models import ACTIVATIONS  # torch is loaded by now: validate runs inside training
+
+    if cfg.activation.name not in ACTIVATIONS:
+        raise _fail("activation.name", cfg.activation.name, "one of " + ", ".join(ACTIVATIONS))
     if cfg.model.name == "cnn" and len(cfg.model.paddings) != len(cfg.model.channels):
         raise _fail("model.paddings", list(cfg.model.paddings),
                     f"one padding per conv layer ({len(cfg.model.channels)})")
     widths = hidden_widths(cfg)
-    if cfg.norm.name == "noisy_bn" and cfg.norm.std_high < cfg.norm.std_low:
-        raise _fail("norm.std_high", cfg.norm.std_high, f"a number >= norm.std_low ({cfg.norm.std_low})")
-    if cfg.norm.name == "gn" and any(w % cfg.norm.groups for w in widths):
-        raise _fail("norm.groups", cfg.norm.groups,
+    norm = cfg.norm
+    if norm.name == "noisy_bn" and norm.std_high < norm.std_low:
+        raise _fail("norm.std_high", norm.std_high, f"a number >= norm.std_low ({norm.std_low})")
+    if norm.name == "gn" and any(w % norm.groups for w in widths):
+        raise _fail("norm.groups", norm.groups,
                     f"a divisor of every hidden width ({', '.join(map(str, widths))})")
     if widths and cfg.probe.unit >= min(widths):
         raise _fail("probe.unit", cfg.probe.unit,
                     f"an integer below the narrowest hidden width ({min(widths)})")
+    replicas = world_size()
+    if cfg.train.batch_size % replicas:
+        raise _fail("train.batch_size", cfg.train.batch_size,
+                    f"a multiple of {replicas} with {replicas} processes "
+                    "(each process takes an equal share of the global batch)")
+    data = cfg.data
+    if data.sampler == "grouped":
+        k = data.labels_per_batch
+        if k is None or cfg.train.batch_size % k:
+            raise _fail("data.labels_per_batch", k, f"a divisor of train.batch_size "
+                        f"({cfg.train.batch_size}) with data.sampler=grouped")
 
 
 def compose(*overrides: str) -> DictConfig:

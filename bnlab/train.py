@@ -447,10 +447,6 @@ def run(cfg: DictConfig, run_dir: Path) -> str:
     """Train ``cfg`` in ``run_dir`` (resuming from its checkpoint when ``cfg.resume`` is set)."""
     validate(cfg)
     replica = distributed.init_process_group()  # a no-op outside torchrun
-    if cfg.train.batch_size % replica.world_size:
-        raise UserError(f"train.batch_size={cfg.train.batch_size} is not valid with "
-                        f"{replica.world_size} processes: expected a multiple of {replica.world_size} "
-                        "(each process takes an equal share of the global batch)")
     if cfg.norm.get("sync", False) and cfg.norm.name != "bn":
         raise UserError(f"norm.sync=true is not valid with norm={cfg.norm.name}: cross-replica "
                         "statistics exist for norm=bn only")
