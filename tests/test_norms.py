@@ -2,19 +2,36 @@
 
 from __future__ import annotations
 
+import ast
+import inspect
 import json
+import re
+from dataclasses import fields
 
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
+from omegaconf import OmegaConf
 from torch import nn
 from torch.testing import assert_close
 
-from bnlab.norms import build_norm, frozen_stats, held_noise
-from bnlab.norms.batchnorm import BatchNorm, estimate_population_statistics
+from bnlab.errors import UserError
+from bnlab.norms import (
+    NORM_SCHEMAS,
+    NORMS,
+    Norm,
+    build_norm,
+    finish_training,
+    frozen_stats,
+    held_noise,
+    norm_class,
+    uses_batch_statistics,
+)
+from bnlab.norms.batchnorm import BatchNorm, TorchBatchNorm, estimate_population_statistics
 from bnlab.norms.whitening import zca_whitening
 
-from conftest import train_in_process
+from conftest import REPO, compose, train_in_process
 
 SHAPES = [(7, 13), (60, 100), (7, 13, 5, 5), (2, 3, 4, 6)]
 
@@ -34,6 +51,132 @@ def _forward_backward(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor):
     y = layer(x)
     y.backward(grad)
     return y.detach(), x.grad
+
+
+# ---------------------------------------------------------------- the registry
+def _layer_defaults(cls: type) -> dict:
+    """Every keyword default of the layer's constructor, through ``**options`` into its base's."""
+    defaults = {}
+    for klass in reversed(cls.__mro__):
+        for method in (getattr(klass, "__init__", None), getattr(klass, "_init_noise", None)):
+            if method is None or getattr(method, "__qualname__", "").split(".")[0] != klass.__name__:
+                continue
+            for p in inspect.signature(method).parameters.values():
+                if p.default is not inspect.Parameter.empty and p.name != "dims":
+                    defaults[p.name] = p.default
+    return defaults
+
+
+@pytest.mark.parametrize("name", sorted(NORMS))
+def test_the_schema_is_the_one_place_of_a_norms_defaults(name):
+    """Config defaults, constructor defaults and the config file's comments all say the same."""
+    schema = {f.name: f.default for f in fields(NORM_SCHEMAS[name])}
+    composed = OmegaConf.to_container(compose(f"norm={name}").norm)
+    assert composed == {**schema, "name": name}  # the YAML sets no value of its own
+    constructor = _layer_defaults(norm_class(name))
+    options = {k: v for k, v in schema.items() if k not in ("name", "position", "sync", "impl")}
+    assert {k: constructor[k] for k in options} == options
+    if "impl" in schema:
+        assert inspect.signature(norm_class(name).build).parameters["impl"].default == schema["impl"]
+    # The YAML documents each option in a comment "#   key: value": the schema's value.
+    text = (REPO / "configs" / "norm" / f"{name}.yaml").read_text()
+    documented = dict(re.findall(r"^#   (\w+): (\S+)", text, re.MULTILINE))
+    assert set(documented) == set(schema) - {"name"}
+    for key, value in documented.items():
+        assert yaml.safe_load(value) == schema[key], key
+
+
+def test_the_norm_modules_import_the_registry_not_the_package():
+    """No import cycle: ``bnlab.norms`` imports its modules, they import ``registry``/``base``."""
+    for path in (REPO / "bnlab" / "norms").glob("*.py"):
+        if path.name == "__init__.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                assert node.module != "bnlab.norms", path.name
+            if isinstance(node, ast.Import):
+                assert all(a.name != "bnlab.norms" for a in node.names), path.name
+
+
+def _moved(layer: Norm, shape) -> torch.Tensor:
+    """Train the layer's running statistics on a few batches, then return a test batch."""
+    for _ in range(3):
+        layer(torch.randn(shape) * 2 + 1)
+    return torch.randn(shape) * 2 + 1
+
+
+@pytest.mark.parametrize("name", sorted(NORMS))
+def test_uses_batch_statistics_says_whether_train_and_eval_mode_differ(name):
+    torch.manual_seed(30)
+    options = {"group_size": 4} if "group_size" in NORM_SCHEMAS[name].__dataclass_fields__ else {}
+    options |= {"mean_range": 0.0, "mean_jitter": 0.0, "std_low": 1.0, "std_high": 1.0,
+                "std_jitter": 0.0} if name == "noisy_bn" else {}  # noise aside: the statistics only
+    layer = build_norm(name, 8, 2, **options)
+    x = _moved(layer, (32, 8))
+    with frozen_stats(layer):
+        train_mode = layer(x)
+    layer.eval()
+    differ = not torch.allclose(train_mode, layer(x), atol=1e-4)
+    assert differ == type(layer).uses_batch_statistics
+    assert uses_batch_statistics(nn.Sequential(nn.Linear(8, 8), layer)) == differ
+
+
+@pytest.mark.parametrize("name", sorted(NORMS))
+def test_a_norm_with_a_shift_replaces_the_bias_before_it(name):
+    """The model drops a linear layer's bias exactly when the norm after it has its own beta."""
+    from bnlab.models import build_model
+
+    cls = norm_class(name)
+    layer = build_norm(name, 8, 2, **({"group_size": 4} if name in ("whiten",) else {}))
+    has_beta = any(n.endswith("bias") for n, _ in layer.named_parameters())
+    assert cls.replaces_bias == has_beta
+    model = build_model(compose(f"norm={name}", "model.widths=[8]", "data=digits"), (1, 8, 8), 10)
+    assert (model.blocks[0].layer.bias is None) == has_beta
+
+
+def test_sync_is_an_option_of_the_norms_that_support_it():
+    from bnlab.config import validate
+
+    for name, cls in NORMS.items():
+        assert ("sync" in NORM_SCHEMAS[name].__dataclass_fields__) == cls.supports_sync, name
+    assert [n for n, c in NORMS.items() if c.supports_sync] == ["bn"]
+    assert TorchBatchNorm.supports_sync and not type(build_norm("noisy_bn", 4, impl="torch")).supports_sync
+    cfg = compose("norm=ln", "+norm.sync=true", "data=digits")
+    with pytest.raises(UserError, match="norm.sync=true is not valid with norm=ln"):
+        validate(cfg)
+    validate(compose("norm=bn", "norm.sync=true", "data=digits"))
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["norm=gn", "norm.groups=3"], "norm.groups=3 is not valid: expected a divisor of every hidden"),
+    (["norm=noisy_bn", "norm.std_low=2.0"], "norm.std_high=1.25 is not valid: expected a number >= "),
+    (["norm=bn", "norm.momentum=2"], "norm.momentum=2.0 is not valid: expected a number in"),
+    (["norm=whiten", "norm.method=svd"], "norm.method='svd' is not valid: expected one of zca, pca"),
+])
+def test_a_norms_own_checks_run_in_validate(overrides, message):
+    from bnlab.config import validate
+
+    with pytest.raises(UserError, match=re.escape(message)):
+        validate(compose(*overrides, "data=digits"))
+
+
+@torch.no_grad()
+def test_finish_training_runs_population_statistics_only_where_asked():
+    torch.manual_seed(31)
+    batches = [torch.randn(8, 2, 4, 4) * 2 + 1 for _ in range(3)]
+    moving, population, reference = (_small_net(inference=i) for i in ("moving", "population", "moving"))
+    for net in (population, reference):
+        net.load_state_dict(moving.state_dict())
+    stream = iter(batches)
+    assert finish_training(moving, stream) == 0
+    assert next(stream) is batches[0]  # nothing read when no layer asks
+    assert finish_training(population, batches) == 3
+    estimate_population_statistics(reference, batches)
+    for ours, theirs in zip(population.modules(), reference.modules(), strict=True):
+        if isinstance(ours, BatchNorm):
+            assert_close(ours.running_var, theirs.running_var)
+            assert_close(ours.running_mean, theirs.running_mean)
+    assert not torch.equal(population[5].running_var, moving[5].running_var)
 
 
 # ---------------------------------------------------------------- bn

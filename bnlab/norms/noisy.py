@@ -2,12 +2,31 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+from omegaconf import DictConfig
 from torch import Tensor
 
-from bnlab.norms import register_norm
-from bnlab.norms.base import Norm
-from bnlab.norms.batchnorm import BatchNorm, TorchBatchNorm
+from bnlab.bounds import invalid, non_negative, positive
+from bnlab.norms.batchnorm import BatchNorm, BNOptions, TorchBatchNorm
+from bnlab.norms.registry import register_norm
+
+
+@dataclass
+class NoisyBNOptions(BNOptions):
+    """``norm=noisy_bn``: BN's options and the noise's (Santurkar et al. 2018, Sec. 2)."""
+
+    mean_range: float = non_negative(0.5)
+    std_low: float = positive(1.0)
+    std_high: float = 1.25  # >= std_low (checked below)
+    mean_jitter: float = non_negative(0.1)
+    std_jitter: float = non_negative(0.1)
+
+    @classmethod
+    def check(cls, norm: DictConfig, widths: list[int]) -> None:
+        if norm.std_high < norm.std_low:
+            raise invalid("norm.std_high", norm.std_high, f"a number >= norm.std_low ({norm.std_low})")
 
 
 class NoiseInjection:
@@ -33,8 +52,10 @@ class NoiseInjection:
     mean_jitter: float
     std_jitter: float
 
-    def _init_noise(self, mean_range: float, std_low: float, std_high: float,
-                    mean_jitter: float, std_jitter: float) -> None:
+    def _init_noise(self, mean_range: float = NoisyBNOptions.mean_range,
+                    std_low: float = NoisyBNOptions.std_low, std_high: float = NoisyBNOptions.std_high,
+                    mean_jitter: float = NoisyBNOptions.mean_jitter,
+                    std_jitter: float = NoisyBNOptions.std_jitter) -> None:
         if mean_range < 0 or mean_jitter < 0 or std_jitter < 0 or std_low > std_high:
             raise ValueError(
                 f"noisy_bn: need mean_range, mean_jitter, std_jitter >= 0 and std_low <= std_high, "
@@ -67,45 +88,36 @@ class NoiseInjection:
         return torch.addcmul(m, s, a)
 
 
-class NoisyBatchNorm(NoiseInjection, BatchNorm):
-    """:class:`BatchNorm`, then :class:`NoiseInjection` in training mode."""
-
-    def __init__(self, num_features: int, dims: int = 2, momentum: float | None = 0.1,
-                 eps: float = 1e-5, inference: str = "moving", mean_range: float = 0.5,
-                 std_low: float = 1.0, std_high: float = 1.25, mean_jitter: float = 0.1,
-                 std_jitter: float = 0.1) -> None:
-        BatchNorm.__init__(self, num_features, dims, momentum=momentum, eps=eps, inference=inference)
-        self._init_noise(mean_range, std_low, std_high, mean_jitter, std_jitter)
-
-    def forward(self, x: Tensor) -> Tensor:
-        y = BatchNorm.forward(self, x)
-        return self.add_noise(y, self.update_stats) if self.training else y
-
-
 class NoisyTorchBatchNorm(NoiseInjection, TorchBatchNorm):
     """:class:`TorchBatchNorm` (``impl=torch``), then :class:`NoiseInjection` in training mode."""
 
-    def __init__(self, num_features: int, dims: int = 2, momentum: float | None = 0.1,
-                 eps: float = 1e-5, mean_range: float = 0.5, std_low: float = 1.0,
-                 std_high: float = 1.25, mean_jitter: float = 0.1, std_jitter: float = 0.1) -> None:
-        TorchBatchNorm.__init__(self, num_features, dims, momentum=momentum, eps=eps)
-        self._init_noise(mean_range, std_low, std_high, mean_jitter, std_jitter)
+    supports_sync = False  # a cross-replica copy would lose the noise
+
+    def __init__(self, num_features: int, dims: int = 2, momentum: float | None = BNOptions.momentum,
+                 eps: float = BNOptions.eps, inference: str = BNOptions.inference,
+                 **noise: float) -> None:
+        TorchBatchNorm.__init__(self, num_features, dims, momentum=momentum, eps=eps, inference=inference)
+        self._init_noise(**noise)
 
     def forward(self, x: Tensor) -> Tensor:
         y = TorchBatchNorm.forward(self, x)
         return self.add_noise(y, self.update_stats) if self.training else y
 
 
-@register_norm("noisy_bn")
-def build_noisy_bn(num_features: int, dims: int = 2, impl: str = "scratch", momentum: float = 0.1,
-                   eps: float = 1e-5, inference: str = "moving", mean_range: float = 0.5,
-                   std_low: float = 1.0, std_high: float = 1.25, mean_jitter: float = 0.1,
-                   std_jitter: float = 0.1) -> Norm:
-    noise = {"mean_range": mean_range, "std_low": std_low, "std_high": std_high,
-             "mean_jitter": mean_jitter, "std_jitter": std_jitter}
-    if impl == "torch":
-        return NoisyTorchBatchNorm(num_features, dims, momentum=momentum, eps=eps, **noise)
-    if impl != "scratch":
-        raise ValueError(f"noisy_bn: impl={impl!r} is not valid: expected scratch or torch")
-    return NoisyBatchNorm(num_features, dims, momentum=momentum, eps=eps, inference=inference,
-                          **noise)
+@register_norm("noisy_bn", NoisyBNOptions)
+class NoisyBatchNorm(NoiseInjection, BatchNorm):
+    """:class:`BatchNorm`, then :class:`NoiseInjection` in training mode (``impl=torch``:
+    :class:`NoisyTorchBatchNorm`)."""
+
+    supports_sync = False  # a cross-replica copy would lose the noise
+    native = NoisyTorchBatchNorm
+
+    def __init__(self, num_features: int, dims: int = 2, momentum: float | None = BNOptions.momentum,
+                 eps: float = BNOptions.eps, inference: str = BNOptions.inference,
+                 **noise: float) -> None:
+        BatchNorm.__init__(self, num_features, dims, momentum=momentum, eps=eps, inference=inference)
+        self._init_noise(**noise)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = BatchNorm.forward(self, x)
+        return self.add_noise(y, self.update_stats) if self.training else y

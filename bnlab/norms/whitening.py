@@ -29,13 +29,39 @@ ones. Eigendecompositions run in float64 and have hand-written backward passes:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
 
-from bnlab.norms import register_norm
-from bnlab.norms.base import Norm
+from bnlab.bounds import at_least, choice, optional_at_least, positive, unit_interval
+from bnlab.norms.base import LOW_PRECISION, Norm
+from bnlab.norms.registry import NormOptions, register_norm
 
 METHODS = ("zca", "pca", "iter")
+
+
+@dataclass
+class WhiteningOptions(NormOptions):
+    """``norm=zca`` and ``norm=pca``; the others extend it."""
+
+    group_size: int | None = optional_at_least(16, 1, "the whole layer")
+    momentum: float = unit_interval(0.1)
+    eps: float = positive(1e-5)
+
+
+@dataclass
+class IterNormOptions(WhiteningOptions):
+    """``norm=iternorm``."""
+
+    iters: int = at_least(5, 1)
+
+
+@dataclass
+class WhitenOptions(IterNormOptions):
+    """``norm=whiten``: any of the three, by ``method``."""
+
+    method: str = choice("zca", *METHODS)
 
 
 class _InverseSqrtSPD(torch.autograd.Function):
@@ -118,6 +144,7 @@ def iterative_whitening(sigma0: Tensor, eps: float, iters: int) -> Tensor:
     return z * trace.rsqrt()
 
 
+@register_norm("whiten", WhitenOptions)
 class BatchWhitening(Norm):
     """Batch whitening over groups of ``group_size`` consecutive features (see module docstring).
 
@@ -128,9 +155,11 @@ class BatchWhitening(Norm):
     running + momentum * batch``), as DBN and IterNorm do.
     """
 
-    def __init__(self, num_features: int, dims: int = 2, method: str = "zca",
-                 group_size: int | None = 16, iters: int = 5, momentum: float = 0.1,
-                 eps: float = 1e-5) -> None:
+    uses_batch_statistics = True
+
+    def __init__(self, num_features: int, dims: int = 2, method: str = WhitenOptions.method,
+                 group_size: int | None = WhitenOptions.group_size, iters: int = WhitenOptions.iters,
+                 momentum: float = WhitenOptions.momentum, eps: float = WhitenOptions.eps) -> None:
         super().__init__()
         if method not in METHODS:
             raise ValueError(f"whiten: method={method!r} is not valid: expected one of {METHODS}")
@@ -172,7 +201,7 @@ class BatchWhitening(Norm):
     def _whiten(self, x: Tensor) -> Tensor:
         c = self.num_features
         features = x.t() if x.dim() == 2 else x.transpose(0, 1).reshape(c, -1)  # (C, m)
-        if features.dtype in (torch.float16, torch.bfloat16):
+        if features.dtype in LOW_PRECISION:
             features = features.float()
         if self.training:
             mean = features.mean(1)
@@ -203,11 +232,3 @@ class BatchWhitening(Norm):
             return y.t()
         n, _, h, w_ = x.shape
         return y.view(c, n, h, w_).transpose(0, 1)
-
-
-@register_norm("whiten")
-def build_whiten(num_features: int, dims: int = 2, method: str = "zca",
-                 group_size: int | None = 16, iters: int = 5, momentum: float = 0.1,
-                 eps: float = 1e-5) -> Norm:
-    return BatchWhitening(num_features, dims, method=method, group_size=group_size, iters=iters,
-                          momentum=momentum, eps=eps)
