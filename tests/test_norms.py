@@ -628,6 +628,29 @@ def test_whiten_backward_is_finite_at_degenerate_covariances(method, case):
     assert torch.isfinite(x.grad).all() and torch.isfinite(layer.weight.grad).all()
 
 
+@pytest.mark.parametrize("name,method", [("zca", "zca"), ("pca", "pca"), ("iternorm", "iter")])
+@pytest.mark.parametrize("dims", [2, 4])
+def test_each_whitening_option_is_whiten_with_that_method(name, method, dims):
+    torch.manual_seed(40)
+    ours, whiten = build_norm(name, 7, dims, group_size=3), build_norm("whiten", 7, dims, method=method,
+                                                                       group_size=3)
+    _randomize_affine(ours, whiten)
+    shape = (40, 7) if dims == 2 else (6, 7, 3, 3)
+    for _ in range(2):  # two training steps: outputs, gradients and running estimates agree
+        x, grad = torch.randn(shape) * 2 + 1, torch.randn(shape)
+        (y1, g1), (y2, g2) = _forward_backward(ours, x, grad), _forward_backward(whiten, x, grad)
+        assert torch.equal(y1, y2) and torch.equal(g1, g2)
+    for (key, a), (_, b) in zip(ours.state_dict().items(), whiten.state_dict().items(), strict=True):
+        assert torch.equal(a, b), key
+    ours.eval()
+    whiten.eval()
+    assert torch.equal(ours(x), whiten(x))
+    # The config: whiten's keys less `method` (and `iters`, which only iter uses).
+    composed, reference = compose(f"norm={name}").norm, compose("norm=whiten", f"norm.method={method}").norm
+    expected = {k: v for k, v in reference.items() if k != "method" and (k != "iters" or method == "iter")}
+    assert dict(composed) == {**expected, "name": name}
+
+
 # ---------------------------------------------------------------- noisy_bn
 NOISE = {"mean_range": 0.5, "std_low": 1.0, "std_high": 1.25, "mean_jitter": 0.1, "std_jitter": 0.1}
 
@@ -689,7 +712,7 @@ END_TO_END = [
     ("brn", ["norm.momentum=0.1", "norm.warmup_steps=10", "norm.ramp_steps=10",
              "norm.d_ramp_steps=5"]),
     ("ln", []), ("gn", ["norm.groups=2"]), ("whiten", []), ("whiten", ["norm.method=iter"]),
-    ("whiten", ["norm.method=pca", "norm.group_size=4"]), ("noisy_bn", []),
+    ("whiten", ["norm.method=pca", "norm.group_size=4"]), ("zca", []), ("noisy_bn", []),
 ]
 
 

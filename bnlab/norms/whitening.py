@@ -232,3 +232,28 @@ class BatchWhitening(Norm):
             return y.t()
         n, _, h, w_ = x.shape
         return y.view(c, n, h, w_).transpose(0, 1)
+
+
+# One option of its own per method, so that `-m norm=bn,zca,pca,iternorm` is one sweep.
+@register_norm("zca", WhiteningOptions)
+class ZCAWhitening(BatchWhitening):
+    """``norm=zca``: :class:`BatchWhitening` with ``method=zca`` (decorrelated BN, Huang et al. 2018)."""
+
+    def __init__(self, num_features: int, dims: int = 2, **options) -> None:
+        super().__init__(num_features, dims, method="zca", **options)
+
+
+@register_norm("pca", WhiteningOptions)
+class PCAWhitening(BatchWhitening):
+    """``norm=pca``: :class:`BatchWhitening` with ``method=pca``."""
+
+    def __init__(self, num_features: int, dims: int = 2, **options) -> None:
+        super().__init__(num_features, dims, method="pca", **options)
+
+
+@register_norm("iternorm", IterNormOptions)
+class IterNorm(BatchWhitening):
+    """``norm=iternorm``: :class:`BatchWhitening` with ``method=iter`` (Huang et al. 2019)."""
+
+    def __init__(self, num_features: int, dims: int = 2, **options) -> None:
+        super().__init__(num_features, dims, method="iter", **options)
