@@ -10,10 +10,12 @@
 from __future__ import annotations
 
 import importlib
+import itertools
 import pkgutil
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
+import torch
 from torch import nn
 
 from bnlab.norms.base import LOW_PRECISION, Norm, in_forward_order, per_feature
@@ -33,9 +35,19 @@ def _set_flag(model: nn.Module, flag: str, value: bool) -> Iterator[None]:
             setattr(m, flag, old)
 
 
-def frozen_stats(model: nn.Module):
-    """Train-mode batch statistics without touching running statistics or step counters."""
-    return _set_flag(model, "update_stats", False)
+@contextmanager
+def frozen_stats(model: nn.Module) -> Iterator[None]:
+    """A measurement pass: train-mode batch statistics that leave no trace in ``model`` or in torch.
+
+    Running statistics and step counters stay as they are, and torch's global RNG (CPU, and the
+    CUDA devices of ``model``) is restored on exit. Inside, stochastic layers (noisy BN) draw
+    from it one after another as in a training step, so the pass sees in every layer the noise
+    the next training step will draw there (for inputs of the same shape).
+    """
+    tensors = itertools.chain(model.parameters(), model.buffers())
+    cuda = sorted({t.device for t in tensors if t.device.type == "cuda"}, key=str)
+    with torch.random.fork_rng(devices=cuda, device_type="cuda"), _set_flag(model, "update_stats", False):
+        yield
 
 
 def held_noise(model: nn.Module):

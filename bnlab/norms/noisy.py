@@ -41,9 +41,11 @@ class NoiseInjection:
         m ~ U(mu - mean_jitter, mu + mean_jitter),  s ~ N(sigma, std_jitter^2),  a <- s * a + m
 
     Noise only in training mode. Draws come from torch's global RNG, which the trainer seeds and
-    checkpoints. ``hold_noise=True`` reuses the last sample (drawing one only if none of the
-    input's shape is held). A draw outside a real training step (``update_stats=False`` or
-    ``hold_noise=True``) leaves the global RNG as it found it, so measuring never shifts training.
+    checkpoints, one layer after another in the order of the forward pass, in a training step
+    and in a measurement pass alike: a measurement (:func:`bnlab.norms.frozen_stats`) restores
+    the RNG when it ends, so each of its layers sees the noise that layer will draw in the next
+    training step (for an input of the same shape) and training is not shifted. ``hold_noise=True``
+    reuses the last sample (drawing one only if none of the input's shape is held).
     """
 
     mean_range: float
@@ -73,18 +75,13 @@ class NoiseInjection:
         s = sigma + torch.randn(like.shape, **opts) * self.std_jitter
         return s, m
 
-    def add_noise(self, a: Tensor, training_step: bool) -> Tensor:
+    def add_noise(self, a: Tensor) -> Tensor:
         held = self.noise
-        if (self.hold_noise and held is not None and held[0].shape == a.shape
+        if not (self.hold_noise and held is not None and held[0].shape == a.shape
                 and held[0].device == a.device):
-            s, m = held
-        elif training_step and not self.hold_noise:
-            s, m = self.draw_noise(a)
-        else:
-            devices = [a.device] if a.device.type == "cuda" else []
-            with torch.random.fork_rng(devices=devices):
-                s, m = self.draw_noise(a)
-        self.noise = (s, m)
+            held = self.draw_noise(a)
+        self.noise = held
+        s, m = held
         return torch.addcmul(m, s, a)
 
 
@@ -101,7 +98,7 @@ class NoisyTorchBatchNorm(NoiseInjection, TorchBatchNorm):
 
     def forward(self, x: Tensor) -> Tensor:
         y = TorchBatchNorm.forward(self, x)
-        return self.add_noise(y, self.update_stats) if self.training else y
+        return self.add_noise(y) if self.training else y
 
 
 @register_norm("noisy_bn", NoisyBNOptions)
@@ -120,4 +117,4 @@ class NoisyBatchNorm(NoiseInjection, BatchNorm):
 
     def forward(self, x: Tensor) -> Tensor:
         y = BatchNorm.forward(self, x)
-        return self.add_noise(y, self.update_stats) if self.training else y
+        return self.add_noise(y) if self.training else y
