@@ -29,7 +29,12 @@ from bnlab.norms import (
     norm_class,
     uses_batch_statistics,
 )
-from bnlab.norms.batchnorm import BatchNorm, TorchBatchNorm, estimate_population_statistics
+from bnlab.norms.batchnorm import (
+    BatchNorm,
+    TorchBatchNorm,
+    _BatchNormTrain,
+    estimate_population_statistics,
+)
 from bnlab.norms.whitening import zca_whitening
 
 from conftest import REPO, compose, train_in_process
@@ -264,6 +269,109 @@ def test_frozen_mode_uses_batch_statistics_and_leaves_buffers_alone(name, option
         trained = layer(x)  # the same batch statistics, and now the buffers move
     assert_close(frozen, trained)
     assert any(not torch.equal(v, before[k]) for k, v in layer.state_dict().items())
+
+
+# ---------------------------------------------------------------- double backward (Hessians)
+@pytest.mark.parametrize("shape", [(6, 4), (3, 2, 2, 3)])
+def test_bn_supports_double_backward(shape):
+    torch.manual_seed(20)
+    x = (torch.randn(shape, dtype=torch.float64) * 2 + 1).requires_grad_()
+    w = (torch.rand(shape[1], dtype=torch.float64) + 0.5).requires_grad_()
+    b = torch.randn(shape[1], dtype=torch.float64).requires_grad_()
+
+    def bn(x, w, b):
+        return _BatchNormTrain.apply(x, w, b, 1e-5)[0]
+
+    assert torch.autograd.gradcheck(bn, (x, w, b))
+    assert torch.autograd.gradgradcheck(bn, (x, w, b))
+
+
+def _mlp(norm: nn.Module, norm2: nn.Module) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(5, 4, bias=False), norm, nn.Tanh(), nn.Linear(4, 3, bias=False),
+                         norm2, nn.Tanh(), nn.Linear(3, 2)).double()
+
+
+def _hvp(model: nn.Module, x: torch.Tensor, y: torch.Tensor, v: list[torch.Tensor]) -> list[torch.Tensor]:
+    """H v for the loss's Hessian H with respect to all parameters, by double backward."""
+    params = list(model.parameters())
+    grads = torch.autograd.grad(F.cross_entropy(model(x), y), params, create_graph=True)
+    return list(torch.autograd.grad(sum((g * u).sum() for g, u in zip(grads, v, strict=True)), params))
+
+
+def test_bn_hessian_vector_products_equal_torchs():
+    torch.manual_seed(21)
+    ours, native = _mlp(BatchNorm(4), BatchNorm(3)), _mlp(nn.BatchNorm1d(4), nn.BatchNorm1d(3))
+    native.load_state_dict(ours.state_dict())
+    for m in (ours, native):
+        _randomize_affine(m[1], seed=1)
+        _randomize_affine(m[4], seed=2)
+    x, y = torch.randn(16, 5, dtype=torch.float64) * 3 + 1, torch.randint(0, 2, (16,))
+    v = [torch.randn_like(p) for p in ours.parameters()]
+    expected = _hvp(native, x, y, v)
+    for got, want in zip(_hvp(ours, x, y, v), expected, strict=True):
+        assert_close(got, want, rtol=1e-9, atol=1e-12)
+    assert max(h.abs().max() for h in expected) > 1e-3  # a Hessian worth comparing
+
+
+def test_iternorm_supports_double_backward():
+    torch.manual_seed(22)
+    layer = build_norm("iternorm", 4, 2, group_size=None).double()
+    x = (torch.randn(12, 4, dtype=torch.float64) @ torch.randn(4, 4, dtype=torch.float64)).requires_grad_()
+    assert torch.autograd.gradgradcheck(layer, (x,))
+
+
+@pytest.mark.parametrize("name", ["zca", "pca"])
+def test_eigendecomposition_whitening_refuses_double_backward(name):
+    layer = build_norm(name, 4, 2, group_size=None).double()
+    x = torch.randn(12, 4, dtype=torch.float64, requires_grad=True)
+    loss = layer(x).square().mul(torch.arange(4.0, dtype=torch.float64)).sum()
+    torch.autograd.grad(loss, x, retain_graph=True)  # first order works
+    with pytest.raises(RuntimeError, match=f"{name}: norm={name} .* double backward .* norm=iternorm"):
+        torch.autograd.grad(loss, x, create_graph=True)
+
+
+WORLD = 2
+
+
+def _sync_hvp_worker(rank: int, init_file: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    from bnlab.norms.sync import SyncBatchNorm
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        model, x, y, v = _sync_case(SyncBatchNorm(4), SyncBatchNorm(3))
+        x, y = x.chunk(WORLD)[rank], y.chunk(WORLD)[rank]
+        params = list(model.parameters())
+        loss = F.cross_entropy(model(x), y, reduction="sum")  # the replicas' losses add up
+        grads = torch.autograd.grad(loss, params, create_graph=True)
+        hvp = torch.autograd.grad(sum((g * u).sum() for g, u in zip(grads, v, strict=True)), params)
+        torch.save({"grads": [g.detach() for g in grads], "hvp": list(hvp)}, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _sync_case(norm: nn.Module, norm2: nn.Module):
+    torch.manual_seed(23)
+    model = _mlp(norm, norm2)
+    _randomize_affine(model[1], seed=1)
+    x, y = torch.randn(16, 5, dtype=torch.float64) * 3 + 1, torch.randint(0, 2, (16,))
+    return model, x, y, [torch.randn_like(p) for p in model.parameters()]
+
+
+def test_sync_bn_hessian_vector_products_equal_bn_on_the_full_batch(tmp_path):
+    """Summed over the replicas, as data parallelism sums gradients: BN's HVP on the whole batch."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_sync_hvp_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    model, x, y, v = _sync_case(BatchNorm(4), BatchNorm(3))
+    params = list(model.parameters())
+    grads = torch.autograd.grad(F.cross_entropy(model(x), y, reduction="sum"), params, create_graph=True)
+    hvp = torch.autograd.grad(sum((g * u).sum() for g, u in zip(grads, v, strict=True)), params)
+    for k, (g, h) in enumerate(zip(grads, hvp, strict=True)):
+        assert_close(sum(r["grads"][k] for r in ranks), g.detach(), rtol=1e-9, atol=1e-12)
+        assert_close(sum(r["hvp"][k] for r in ranks), h, rtol=1e-9, atol=1e-12)
 
 
 # ---------------------------------------------------------------- bn: population statistics (Alg. 2)

@@ -34,6 +34,10 @@ class _BatchNormTrain(torch.autograd.Function):
         dbeta = sum(dy),  dgamma = sum(dy * x_hat),
         dx = gamma / sqrt(var_B + eps) * (dy - dbeta / m - x_hat * dgamma / m)
     Returns (y, mu_B, var_B); the statistics are constants for autograd.
+
+    Double backward (``create_graph=True``, as Hessian-vector products need): the backward
+    pass then computes the same formula from x with differentiable operations, so autograd
+    can differentiate it in turn; an ordinary backward keeps the cheaper in-place form.
     """
 
     @staticmethod
@@ -48,7 +52,10 @@ class _BatchNormTrain(torch.autograd.Function):
         inv_std = (var + eps).rsqrt_()
         x_hat.mul_(per_feature(inv_std, rank))
         y = torch.addcmul(per_feature(bias, rank), x_hat, per_feature(weight, rank))
-        ctx.save_for_backward(x_hat, inv_std, weight)
+        # x rather than x_hat, as torch's layer does: the same memory, and a double backward
+        # needs the input itself (x_hat is recomputed in backward at the cost of one operation)
+        ctx.save_for_backward(x, mean, inv_std, weight)
+        ctx.eps = eps
         ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable(mean, var)
         return y, mean, var
@@ -57,10 +64,13 @@ class _BatchNormTrain(torch.autograd.Function):
     def backward(ctx, grad_y: Tensor | None, _grad_mean, _grad_var):
         if grad_y is None:
             return None, None, None, None
-        x_hat, inv_std, weight = ctx.saved_tensors
+        x, mean, inv_std, weight = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: this backward will be differentiated
+            return (*_batch_norm_backward(x, weight, grad_y, ctx.eps), None)
         rank = grad_y.dim()
         dims = Norm.reduce_dims(grad_y)
         m = grad_y.numel() // grad_y.shape[1]
+        x_hat = torch.sub(x, per_feature(mean, rank)).mul_(per_feature(inv_std, rank))
         grad_bias = grad_y.sum(dims)
         grad_weight = (grad_y * x_hat).sum(dims)
         grad_x = None
@@ -71,6 +81,21 @@ class _BatchNormTrain(torch.autograd.Function):
             grad_x = torch.sub(grad_y, grad_x, alpha=1.0 / m)
             grad_x.mul_(per_feature(weight * inv_std, rank))
         return grad_x, grad_weight, grad_bias, None
+
+
+def _batch_norm_backward(x: Tensor, weight: Tensor, grad_y: Tensor, eps: float):
+    """(dx, dgamma, dbeta) of :class:`_BatchNormTrain`, differentiable in x, gamma and dy."""
+    rank, dims = x.dim(), Norm.reduce_dims(x)
+    m = x.numel() // x.shape[1]
+    mean = x.mean(dims)
+    centered = x - per_feature(mean, rank)
+    inv_std = (centered.square().mean(dims) + eps).rsqrt()
+    x_hat = centered * per_feature(inv_std, rank)
+    grad_bias = grad_y.sum(dims)
+    grad_weight = (grad_y * x_hat).sum(dims)
+    grad_x = per_feature(weight * inv_std, rank) * (
+        grad_y - (per_feature(grad_bias, rank) + x_hat * per_feature(grad_weight, rank)) / m)
+    return grad_x, grad_weight, grad_bias
 
 
 class PopulationStatistics:

@@ -21,7 +21,8 @@ def _replicas() -> int:
 
 class _AllReduceSum(torch.autograd.Function):
     """y = sum_r x_r on every replica r. Each replica's loss depends on the same y, so the
-    gradient for x_r is the sum over replicas of dL_q/dy: the backward pass all-reduces too."""
+    gradient for x_r is the sum over replicas of dL_q/dy: the backward pass all-reduces too,
+    differentiably, so double backward (Hessian-vector products) is exact as well."""
 
     @staticmethod
     def forward(ctx, x: Tensor) -> Tensor:
@@ -31,9 +32,9 @@ class _AllReduceSum(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:
-        grad = grad.clone()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
-        return grad
+        # Through the function itself, not a bare all_reduce, so that a double backward
+        # (create_graph=True) sees the sum over replicas too: its own derivative, once more.
+        return _AllReduceSum.apply(grad)
 
 
 def _global_sum(t: Tensor) -> Tensor:

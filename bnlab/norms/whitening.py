@@ -64,8 +64,21 @@ class WhitenOptions(IterNormOptions):
     method: str = choice("zca", *METHODS)
 
 
+def _refuse_double_backward(method: str) -> None:
+    """Our eigendecomposition backwards are first-order only: differentiating them would be wrong."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"bnlab whitening ({method}: norm={method} or norm=whiten norm.method={method}) does not "
+            "support double backward (create_graph=True, e.g. Hessian-vector products): its "
+            "eigendecomposition has a hand-written first-order backward. Use norm=iternorm "
+            "(norm.method=iter), whose matrix products autograd differentiates to any order.")
+
+
 class _InverseSqrtSPD(torch.autograd.Function):
-    """W = (Sigma_0 + eps I)^-1/2 for a batch of symmetric PSD matrices, exact backward."""
+    """W = (Sigma_0 + eps I)^-1/2 for a batch of symmetric PSD matrices, exact backward.
+
+    First order only: a double backward raises (see :func:`_refuse_double_backward`).
+    """
 
     @staticmethod
     def forward(ctx, sigma0: Tensor, eps: float) -> Tensor:
@@ -76,6 +89,7 @@ class _InverseSqrtSPD(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_w: Tensor):
+        _refuse_double_backward("zca")
         u, s = ctx.saved_tensors
         # Daleckii-Krein: dL/dSigma = U (K o U^T G U) U^T, K_ij = divided difference of s^-1.
         k = -1.0 / (s.unsqueeze(-1) * s.unsqueeze(-2) * (s.unsqueeze(-1) + s.unsqueeze(-2)))
@@ -84,7 +98,10 @@ class _InverseSqrtSPD(torch.autograd.Function):
 
 
 class _BroadenedEigh(torch.autograd.Function):
-    """Eigenvalues (ascending) and eigenvectors of symmetric matrices; broadened backward."""
+    """Eigenvalues (ascending) and eigenvectors of symmetric matrices; broadened backward.
+
+    First order only: a double backward raises (see :func:`_refuse_double_backward`).
+    """
 
     @staticmethod
     def forward(ctx, sigma: Tensor, broadening: float) -> tuple[Tensor, Tensor]:
@@ -96,6 +113,7 @@ class _BroadenedEigh(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_lam: Tensor | None, grad_u: Tensor | None):
+        _refuse_double_backward("pca")
         lam, u = ctx.saved_tensors
         inner = torch.zeros_like(u)
         if grad_u is not None:
