@@ -815,6 +815,33 @@ def test_noisy_bn_hold_noise_reuses_the_sample_and_spares_the_rng():
     assert torch.equal(torch.get_rng_state(), rng)
 
 
+@pytest.mark.parametrize("impl", ["scratch", "torch"])
+@torch.no_grad()
+def test_noisy_bn_population_statistics_are_those_of_the_noise_free_network(impl):
+    """Alg. 2 on the inference network: no noise anywhere, so plain BN with the same weights."""
+    torch.manual_seed(24)
+    noisy = _small_net("noisy_bn", impl=impl, inference="population", **NOISE)
+    for _ in range(20):  # training steps: the moving averages are collected under the noise
+        noisy(torch.randn(10, 2, 4, 4) * 2 + 1)
+    plain = _small_net("bn", impl=impl, inference="population")
+    plain.load_state_dict(noisy.state_dict())
+    moving = [tuple(t.clone() for t in m.running()) for m in noisy.modules() if hasattr(m, "running")]
+    batches = [torch.randn(10, 2, 4, 4) * 2 + 1 for _ in range(5)]
+    assert finish_training(noisy, batches) == finish_training(plain, batches) == 5
+    layers = [(a, b) for a, b in zip(noisy.modules(), plain.modules(), strict=True) if hasattr(a, "running")]
+    assert len(layers) == 2
+    for ours, reference in layers:
+        for got, want in zip(ours.running(), reference.running(), strict=True):
+            assert_close(got, want, rtol=1e-6, atol=1e-7)
+    # Layer 2's moving averages saw layer 1's noise (a <- s a + m): the population's do not.
+    assert not torch.allclose(layers[1][0].running()[1], moving[1][1], rtol=0.05)
+    assert not torch.allclose(layers[1][0].running()[0], moving[1][0], atol=0.05)
+    noisy.eval()
+    plain.eval()
+    x = torch.randn(6, 2, 4, 4)
+    assert_close(noisy(x), plain(x))
+
+
 class _Sink:
     """Takes whatever a prober logs; keeps its scalars."""
 
@@ -898,6 +925,7 @@ END_TO_END = [
              "norm.d_ramp_steps=5"]),
     ("ln", []), ("gn", ["norm.groups=2"]), ("whiten", []), ("whiten", ["norm.method=iter"]),
     ("whiten", ["norm.method=pca", "norm.group_size=4"]), ("zca", []), ("noisy_bn", []),
+    ("noisy_bn", ["norm.inference=population"]),
 ]
 
 
