@@ -13,8 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-SCALARS_CSV = "scalars.csv"
-SUMMARY_JSON = "summary.json"
+from bnlab.rundir import SCALARS_CSV
 
 
 def write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:

@@ -1,7 +1,9 @@
 """The training loop: optimizer, schedule, evaluation, probes, divergence, checkpoints.
 
 ``main`` is the Hydra task behind ``bnlab train``: it checks the config, trains, and turns the
-errors a user can cause into one line on stderr. ``Trainer`` holds one run's state.
+errors a user can cause into one line on stderr. ``Trainer`` holds one run's state; its loop is
+the step followed by one block of bookkeeping (:meth:`Trainer._after_step`). Setting up the
+process (threads, device, seeds) is :mod:`bnlab.process`; file names are :mod:`bnlab.rundir`.
 """
 
 from __future__ import annotations
@@ -9,11 +11,11 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import platform
 import shutil
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
-from bnlab import __version__, distributed
+from bnlab import distributed
 from bnlab.checkpoint import load_checkpoint, rng_states, save_checkpoint, set_rng_states
 from bnlab.config import validate
 from bnlab.data import BatchStream, Dataset, load_dataset
@@ -30,106 +32,16 @@ from bnlab.errors import UserError
 from bnlab.evaluation import evaluate, loss_function
 from bnlab.models import Net, build_model
 from bnlab.norms import Norm
+from bnlab.process import device_name, progress_setting, seed_everything, setup_process, versions
 from bnlab.progress import Progress
-from bnlab.record import SUMMARY_JSON, Recorder, write_json_atomic
+from bnlab.record import Recorder, write_json_atomic
+from bnlab.rundir import CHECKPOINT, HYDRA_DIR, SUMMARY_JSON, TRAIN_LOG
 
-CHECKPOINT = Path("checkpoints") / "last.pt"
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 
 
-# ---------------------------------------------------------------- process set-up
-def parallel_jobs() -> int:
-    """How many training processes share this machine's cores (parallel launcher or torchrun)."""
-    jobs = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        launcher = HydraConfig.get().launcher
-        n_jobs = launcher.get("n_jobs", None) if launcher is not None else None
-        if n_jobs:
-            jobs = max(jobs, int(n_jobs) if int(n_jobs) > 0 else os.cpu_count() or 1)
-    except (ValueError, AttributeError):
-        pass
-    return jobs
-
-
-def launcher_cpus() -> int | None:
-    """CPUs a cluster launcher reserved for each job (submitit's ``cpus_per_task``), if set."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        cpus = HydraConfig.get().launcher.get("cpus_per_task", None)
-    except (ValueError, AttributeError):
-        return None
-    return int(cpus) if cpus else None
-
-
-def auto_threads(cfg: DictConfig) -> int:
-    """``train.threads``, or the CPUs a cluster launcher reserved, or this process's share of
-    the cores: more threads than free cores collapse throughput (DESIGN.md, CPU facts)."""
-    if cfg.train.threads:
-        return int(cfg.train.threads)
-    reserved = launcher_cpus()
-    if reserved:
-        return reserved
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, (cores or 1) // parallel_jobs())
-
-
-def setup_process(cfg: DictConfig) -> torch.device:
-    """Flush subnormals, pick threads and device: without these, CPU timings are random."""
-    # Saturated sigmoids under BN produce subnormal floats that slow the CPU 20-30x.
-    torch.set_flush_denormal(True)
-    torch.set_num_threads(auto_threads(cfg))
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise UserError("device=cuda but no CUDA device is available; use device=cpu or device=auto")
-    if cfg.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(cfg.device)
-    return distributed.device_for(device)
-
-
-def progress_setting(requested: str) -> tuple[str, str]:
-    """(mode, label) of the progress display.
-
-    Jobs of a parallel launcher (and torchrun's processes) share one terminal, where live bars
-    would overwrite each other: there ``auto`` means plain lines labelled with the job's overrides.
-    """
-    if requested != "auto" or parallel_jobs() == 1:
-        return requested, "train"
-    label = "train"
-    try:
-        from hydra.core.hydra_config import HydraConfig
-        from hydra.types import RunMode
-
-        hydra_cfg = HydraConfig.get()
-        if hydra_cfg.mode == RunMode.MULTIRUN:
-            label = hydra_cfg.job.override_dirname or f"job {hydra_cfg.job.num}"
-    except ValueError:  # no Hydra context (tests calling run() directly)
-        pass
-    return "plain", label
-
-
-def seed_everything(seed: int) -> None:
-    import random
-
-    import numpy as np
-
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def versions() -> dict[str, str]:
-    import hydra
-    import torchvision
-
-    return {"bnlab": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "hydra": hydra.__version__, "python": platform.python_version()}
-
-
+# ---------------------------------------------------------------- optimizer and schedule
 def build_optimizer(cfg_optim: DictConfig, model: Net) -> torch.optim.Optimizer:
     params = list(model.parameters())
     if cfg_optim.name == "sgd":
@@ -157,6 +69,18 @@ def learning_rate(cfg_optim, step: int, total_steps: int) -> float:
 # ---------------------------------------------------------------- the run
 class Interrupted(Exception):
     pass
+
+
+@dataclass(frozen=True)
+class Every:
+    """How often the bookkeeping after a step happens, read from the config once as plain ints:
+    an OmegaConf attribute read costs ~30 us, a tenth of a small CPU step."""
+
+    log: int
+    eval: int
+    probe: int  # 0: never
+    checkpoint: int
+    stop_on_divergence: bool
 
 
 class Trainer:
@@ -192,6 +116,10 @@ class Trainer:
 
             self.prober = Prober(cfg, self.model, data, device)
         self.step_fn = self._make_step()
+        self.every = Every(log=int(tcfg.log_every), eval=int(tcfg.eval_every),
+                           probe=int(cfg.probe.every) if self.prober is not None else 0,
+                           checkpoint=int(tcfg.checkpoint_every),
+                           stop_on_divergence=bool(tcfg.stop_on_divergence))
         self.step = 0
         self.loss_sum = torch.zeros((), device=device)  # since the last log step, on the device
         self.correct_sum = torch.zeros((), device=device, dtype=torch.long)
@@ -271,8 +199,7 @@ class Trainer:
         data = {
             "status": status, "steps": self.step, "total_steps": self.total_steps,
             "wall_s": round(self.wall(), 3), "device": str(self.device),
-            "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda"
-            else platform.processor() or platform.machine(),
+            "device_name": device_name(self.device),
             "threads": torch.get_num_threads(), "world_size": self.world_size,
             "versions": versions(), "final": self.final, "best": self.best,
             "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -333,71 +260,18 @@ class Trainer:
 
     # -- the loop
     def run(self, resumed: bool) -> str:
-        cfg, tcfg = self.cfg, self.cfg.train
+        """Train to ``total_steps``; returns the status: completed, diverged or interrupted."""
         self.t_start = time.perf_counter()
         recorder = Recorder(self.run_dir, purge_step=self.step + 1 if resumed else None,
                             enabled=self.is_writer)
-        mode, label = progress_setting(tcfg.progress) if self.is_writer else ("off", "train")
+        mode, label = progress_setting(self.cfg.train.progress) if self.is_writer else ("off", "train")
         progress = Progress(self.total_steps, self.step, mode, label=label)
         self.summary("running")
         if self.prober is not None and self.step == 0:
             self.prober.probe(0, recorder)
-        status = "completed"
-        # Plain ints: an OmegaConf attribute read costs ~30 us, a tenth of a small CPU step.
-        log_every, eval_every = int(tcfg.log_every), int(tcfg.eval_every)
-        checkpoint_every, stop_on_divergence = int(tcfg.checkpoint_every), bool(tcfg.stop_on_divergence)
-        probe_every = int(cfg.probe.every) if self.prober is not None else 0
-        cosine = cfg.optim.schedule == "cosine"
-        optim_cfg = OmegaConf.to_object(cfg.optim) if cosine else None
-        steps_since_log, train_time = 0, 0.0
-        t_mark = time.perf_counter()
         try:
-            while self.step < self.total_steps:
-                # Replicas stop together, at a log step where they agreed to (see _log_train).
-                if (self.stop_signal is not None and not self.distributed) or self.stop_agreed:
-                    raise Interrupted
-                x, y = next(self.stream)
-                if cosine:
-                    for group in self.optimizer.param_groups:
-                        group["lr"] = learning_rate(optim_cfg, self.step, self.total_steps)
-                if self.prober is not None and self.prober.wants_ics(self.step + 1):
-                    self.prober.ics(self.step + 1, self.model, self.optimizer, x, y, recorder)
-                loss, correct = self.step_fn(x, y)
-                self.loss_sum += loss
-                self.correct_sum += correct
-                self.seen += 1
-                self.step += 1
-                steps_since_log += 1
-                step = self.step
-                last = step == self.total_steps
-                if step % log_every == 0 or last:
-                    if self.device.type == "cuda":
-                        torch.cuda.synchronize()
-                    train_time += time.perf_counter() - t_mark
-                    mean_loss = self._log_train(recorder, train_time, steps_since_log)
-                    steps_since_log, train_time = 0, 0.0
-                    if not math.isfinite(mean_loss):
-                        self.diverged_step = step
-                        progress.message(f"diverged: train/loss={mean_loss} at step {step}")
-                        if stop_on_divergence:
-                            status = "diverged"
-                            break
-                    shown = {"loss": mean_loss, "acc": self.final.get("train/acc", math.nan),
-                             "steps/s": self.final["perf/steps_per_s"]}
-                    progress.update(step, shown if self.task == "classification"
-                                    else {k: v for k, v in shown.items() if k != "acc"})
-                    t_mark = time.perf_counter()
-                if step % eval_every == 0 or last:
-                    self._finish_population_stats(last)
-                    self._evaluate(recorder)
-                if probe_every and step % probe_every == 0:
-                    self.prober.probe(step, recorder)
-                if step % checkpoint_every == 0 or last:
-                    self.save()
-                if step % log_every == 0 or last:
-                    t_mark = time.perf_counter()  # eval, probes and checkpoints are not train time
-            if status == "diverged" or self.diverged_step is not None:
-                status = "diverged"
+            status = self._loop(recorder, progress)
+            if status == "diverged":
                 self._evaluate(recorder)
             self.save()
             self._write_hparams(recorder)
@@ -409,6 +283,67 @@ class Trainer:
             recorder.close()
         self.summary(status)
         return status
+
+    def _loop(self, recorder: Recorder, progress: Progress) -> str:
+        """Steps until the end or a divergence: the batch, the rate, the step, the bookkeeping."""
+        schedule = OmegaConf.to_object(self.cfg.optim) if self.cfg.optim.schedule == "cosine" else None
+        self._t_mark, self._log_step = time.perf_counter(), self.step
+        while self.step < self.total_steps:
+            # Replicas stop together, at a log step where they agreed to (see _log_train).
+            if (self.stop_signal is not None and not self.distributed) or self.stop_agreed:
+                raise Interrupted
+            x, y = next(self.stream)
+            if schedule is not None:
+                for group in self.optimizer.param_groups:
+                    group["lr"] = learning_rate(schedule, self.step, self.total_steps)
+            if self.prober is not None and self.prober.wants_ics(self.step + 1):
+                self.prober.ics(self.step + 1, self.model, self.optimizer, x, y, recorder)
+            loss, correct = self.step_fn(x, y)
+            self.loss_sum += loss
+            self.correct_sum += correct
+            self.seen += 1
+            self.step += 1
+            if self._after_step(recorder, progress):
+                return "diverged"
+        return "diverged" if self.diverged_step is not None else "completed"
+
+    def _after_step(self, recorder: Recorder, progress: Progress) -> bool:
+        """The step's bookkeeping, each part when due: log, evaluate, probe, checkpoint.
+
+        Returns True when the training loss diverged and the run stops (train.stop_on_divergence).
+        """
+        step, every = self.step, self.every
+        last = step == self.total_steps
+        logs = step % every.log == 0 or last
+        if logs and self._log(recorder, progress) and every.stop_on_divergence:
+            return True
+        if step % every.eval == 0 or last:
+            self._finish_population_stats(last)
+            self._evaluate(recorder)
+        if every.probe and step % every.probe == 0:
+            self.prober.probe(step, recorder)
+        if step % every.checkpoint == 0 or last:
+            self.save()
+        if logs:
+            self._t_mark = time.perf_counter()  # eval, probes and checkpoints are not train time
+        return False
+
+    def _log(self, recorder: Recorder, progress: Progress) -> bool:
+        """Log the training scalars and show them; True when the mean loss is not finite."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        train_time = time.perf_counter() - self._t_mark
+        mean_loss = self._log_train(recorder, train_time, self.step - self._log_step)
+        self._log_step = self.step
+        shown = {"loss": mean_loss, "acc": self.final.get("train/acc", math.nan),
+                 "steps/s": self.final["perf/steps_per_s"]}
+        progress.update(self.step, shown if self.task == "classification"
+                        else {k: v for k, v in shown.items() if k != "acc"})
+        if math.isfinite(mean_loss):
+            return False
+        self.diverged_step = self.step
+        progress.message(f"diverged: train/loss={mean_loss} at step {self.step}")
+        return True
 
     def _write_hparams(self, recorder: Recorder) -> None:
         """The run's config and final metrics for TensorBoard's HParams dashboard."""
@@ -430,7 +365,7 @@ class Trainer:
 # ---------------------------------------------------------------- the Hydra task
 def _looks_like_fresh_run(run_dir: Path) -> bool:
     """Only Hydra's own files: nothing a user would miss if the directory went away."""
-    return all(p.name in (".hydra", "train.log") for p in run_dir.iterdir())
+    return all(p.name in (HYDRA_DIR, TRAIN_LOG) for p in run_dir.iterdir())
 
 
 def _install_signal_handlers(trainer: Trainer) -> None:
