@@ -64,7 +64,15 @@ def _train(argv: list[str]) -> int:
             from bnlab.distributed import shutdown
 
             shutdown()
-    return 0
+    return _sweep_exit_code()
+
+
+def _sweep_exit_code() -> int:
+    """1 when a sweep just ended with a run that failed or never finished, else 0."""
+    from bnlab import outcome
+
+    runs = outcome.last_sweep or {}
+    return int(any(status not in outcome.ENDED_WELL for status in runs.values()))
 
 
 def _configured(train_yaml, key: str):

@@ -15,6 +15,7 @@ import shutil
 import signal
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -28,16 +29,27 @@ from bnlab import distributed
 from bnlab.checkpoint import load_checkpoint, rng_states, save_checkpoint, set_rng_states
 from bnlab.config import validate
 from bnlab.data import BatchStream, Dataset, load_dataset
-from bnlab.errors import UserError
+from bnlab.errors import UserError, WriteError
 from bnlab.evaluation import evaluate, loss_function
+from bnlab.lock import RunLocked, hold
 from bnlab.models import Net, build_model
 from bnlab.norms import Norm
-from bnlab.process import device_name, progress_setting, seed_everything, setup_process, versions
+from bnlab.outcome import headline, read_summary, run_report, shown_path
+from bnlab.preflight import check_against_data
+from bnlab.process import (
+    device_name,
+    job_label,
+    progress_setting,
+    seed_everything,
+    setup_process,
+    versions,
+)
 from bnlab.progress import Progress
-from bnlab.record import Recorder, write_json_atomic
-from bnlab.rundir import CHECKPOINT, HYDRA_DIR, SUMMARY_JSON, TRAIN_LOG
+from bnlab.record import Recorder, overwrite_json, write_json_atomic
+from bnlab.rundir import CHECKPOINT, HYDRA_DIR, LOCK, SUMMARY_JSON, TRAIN_LOG
 
-EXIT_USER_ERROR = 2
+EXIT_FAILED = 1  # an exception inside the run, a write that failed
+EXIT_USER_ERROR = 2  # a bad config or input, found before any work; a second writer
 EXIT_INTERRUPTED = 130
 
 
@@ -121,6 +133,7 @@ class Trainer:
                            checkpoint=int(tcfg.checkpoint_every),
                            stop_on_divergence=bool(tcfg.stop_on_divergence))
         self.step = 0
+        self.started = False  # run() began: summary.json is this run's now
         self.loss_sum = torch.zeros((), device=device)  # since the last log step, on the device
         self.correct_sum = torch.zeros((), device=device, dtype=torch.long)
         self.seen = 0
@@ -260,27 +273,36 @@ class Trainer:
 
     # -- the loop
     def run(self, resumed: bool) -> str:
-        """Train to ``total_steps``; returns the status: completed, diverged or interrupted."""
+        """Train to ``total_steps``; returns the status: completed, diverged or interrupted.
+
+        An exception leaves the files as they were at that moment (the recorder closed
+        without raising again); :func:`run` then marks the summary.
+        """
         self.t_start = time.perf_counter()
+        self.started = True
         recorder = Recorder(self.run_dir, purge_step=self.step + 1 if resumed else None,
                             enabled=self.is_writer)
         mode, label = progress_setting(self.cfg.train.progress) if self.is_writer else ("off", "train")
         progress = Progress(self.total_steps, self.step, mode, label=label)
-        self.summary("running")
-        if self.prober is not None and self.step == 0:
-            self.prober.probe(0, recorder)
         try:
-            status = self._loop(recorder, progress)
-            if status == "diverged":
-                self._evaluate(recorder)
-            self.save()
-            self._write_hparams(recorder)
-        except Interrupted:
-            self.save()
-            status = "interrupted"
-        finally:
+            self.summary("running")
+            if self.prober is not None and self.step == 0:
+                self.prober.probe(0, recorder)
+            try:
+                status = self._loop(recorder, progress)
+                if status == "diverged":
+                    self._evaluate(recorder)
+                self.save()
+                self._write_hparams(recorder)
+            except Interrupted:
+                self.save()
+                status = "interrupted"
             progress.close()
             recorder.close()
+        except BaseException:
+            progress.close()
+            recorder.abandon()
+            raise
         self.summary(status)
         return status
 
@@ -319,7 +341,8 @@ class Trainer:
             return True
         if step % every.eval == 0 or last:
             self._finish_population_stats(last)
-            self._evaluate(recorder)
+            values = self._evaluate(recorder)
+            progress.evaluated(step, {k: v for k, v in values.items() if k in ("test/acc", "test/loss")})
         if every.probe and step % every.probe == 0:
             self.prober.probe(step, recorder)
         if step % every.checkpoint == 0 or last:
@@ -362,72 +385,210 @@ class Trainer:
             estimate_population_statistics(self.model, self.stream)
 
 
-# ---------------------------------------------------------------- the Hydra task
-def _looks_like_fresh_run(run_dir: Path) -> bool:
-    """Only Hydra's own files: nothing a user would miss if the directory went away."""
-    return all(p.name in (HYDRA_DIR, TRAIN_LOG) for p in run_dir.iterdir())
+# ---------------------------------------------------------------- one run, whatever happens
+class _Signals:
+    """Ctrl-C and SIGTERM. The first asks a training run to checkpoint and stop at the next step
+    (before training has started, it interrupts at once); the second interrupts at once
+    (KeyboardInterrupt, so that summary.json still says ``interrupted``); a third leaves now."""
 
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir, self.trainer, self.count = run_dir, None, 0
 
-def _install_signal_handlers(trainer: Trainer) -> None:
-    def handle(signum, frame):  # first signal: checkpoint at the next step; second: leave now
-        if trainer.stop_signal is not None:
+    def __call__(self, signum: int, frame: Any) -> None:
+        self.count += 1
+        if self.count == 1 and self.trainer is not None:
+            self.trainer.stop_signal = signum
+            return
+        if self.count >= 3:
+            if self.trainer is not None and self.trainer.started:
+                _record_end(self.run_dir, self.trainer, "interrupted", None)
             os._exit(EXIT_INTERRUPTED)
-        trainer.stop_signal = signum
+        raise KeyboardInterrupt
 
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, handle)
+    @contextlib.contextmanager
+    def installed(self):
+        previous = {sig: signal.signal(sig, self) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield self
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+def _error_text(err: BaseException) -> str:
+    return str(err) if isinstance(err, (UserError, WriteError)) else f"{type(err).__name__}: {err}"
+
+
+def _record_end(run_dir: Path, trainer: Trainer | None, status: str, err: BaseException | None) -> bool:
+    """Make summary.json say how the run ended; False if even that cannot be written.
+
+    The trainer writes its whole summary; before it exists the last summary (a resumed run's)
+    or an empty one gets the status. On a full disk the atomic write needs room for a second
+    copy, so the file is rewritten in place as a last resort.
+    """
+    error = _error_text(err) if err is not None else None
+    if trainer is not None:
+        try:
+            trainer.summary(status, error)
+            return True
+        except Exception:  # the disk, or what failed the run failing again: write less
+            pass
+    data = {**(read_summary(run_dir) or {"steps": 0}), "status": status,
+            "updated": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    if trainer is not None:
+        data["steps"] = trainer.step
+    if error:
+        data["error"] = error
+    path = run_dir / SUMMARY_JSON
+    for write in (write_json_atomic, overwrite_json):
+        try:
+            write(path, data)
+            return True
+        except WriteError:
+            if not path.exists():
+                return False
+    return False
 
 
 def run(cfg: DictConfig, run_dir: Path) -> str:
-    """Train ``cfg`` in ``run_dir`` (resuming from its checkpoint when ``cfg.resume`` is set)."""
+    """Train ``cfg`` in ``run_dir`` (resuming from its checkpoint when ``cfg.resume`` is set).
+
+    Returns completed, diverged or interrupted. Whatever ends it, summary.json tells the truth:
+    an exception marks the run ``failed`` with the error (``interrupted`` for Ctrl-C) before it
+    propagates, except a UserError or Ctrl-C before training starts, which leave the files as
+    they were (:func:`main` then removes a fresh directory).
+    """
     validate(cfg)
     replica = distributed.init_process_group()  # a no-op outside torchrun
     if cfg.norm.get("sync", False) and cfg.norm.name != "bn":
         raise UserError(f"norm.sync=true is not valid with norm={cfg.norm.name}: cross-replica "
                         "statistics exist for norm=bn only")
-    device = setup_process(cfg)
-    seed_everything(cfg.seed)
-    data = load_dataset(cfg.data, device)
-    if cfg.train.batch_size > len(data.train):
-        raise UserError(f"train.batch_size={cfg.train.batch_size} is not valid: the {data.name} "
-                        f"training split has only {len(data.train)} examples")
-    if cfg.probe.enabled and cfg.probe.batch_size > len(data.train):
-        raise UserError(f"probe.batch_size={cfg.probe.batch_size} is not valid: the {data.name} "
-                        f"training split has only {len(data.train)} examples")
-    trainer = Trainer(cfg, run_dir, device, data, rank=replica.rank, world_size=replica.world_size)
-    resumed = cfg.resume is not None
-    if resumed:
-        trainer.load_state_dict(load_checkpoint(run_dir / CHECKPOINT, device))
-    _install_signal_handlers(trainer)
-    return trainer.run(resumed)
+    trainer = None
+    with _Signals(run_dir).installed() as signals:
+        try:
+            device = setup_process(cfg)
+            seed_everything(cfg.seed)
+            data = load_dataset(cfg.data, device)
+            check_against_data(cfg, data.shape, len(data.train), data.num_classes, replica.world_size)
+            trainer = Trainer(cfg, run_dir, device, data, rank=replica.rank,
+                              world_size=replica.world_size)
+            resumed = cfg.resume is not None
+            if resumed:
+                trainer.load_state_dict(load_checkpoint(run_dir / CHECKPOINT, device))
+            signals.trainer = trainer
+            return trainer.run(resumed)
+        except BaseException as err:
+            started = trainer is not None and trainer.started
+            if replica.is_writer and (started or not isinstance(err, (UserError, KeyboardInterrupt))):
+                _record_end(run_dir, trainer, "interrupted" if isinstance(err, KeyboardInterrupt)
+                            else "failed", None if isinstance(err, KeyboardInterrupt) else err)
+            raise
 
 
-def main(cfg: DictConfig) -> None:
-    """Hydra task of ``bnlab train``."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
+# ---------------------------------------------------------------- the Hydra task
 
-    hydra_cfg = HydraConfig.get()
-    run_dir = Path(hydra_cfg.runtime.output_dir)
-    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+def _looks_like_fresh_run(run_dir: Path) -> bool:
+    """Only Hydra's own files and the lock: nothing a user would miss if the directory went away."""
+    return all(p.name in (HYDRA_DIR, TRAIN_LOG, LOCK) for p in run_dir.iterdir())
+
+
+def _discard(run_dir: Path) -> None:
+    """Remove a run directory that holds nothing of a run, and Hydra's date folder if now empty."""
+    if run_dir.is_dir() and _looks_like_fresh_run(run_dir):
+        shutil.rmtree(run_dir, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            run_dir.parent.rmdir()
+
+
+def _log_traceback(run_dir: Path, err: BaseException) -> bool:
+    """Append ``err``'s traceback to the run's train.log; False if it cannot be written."""
+    text = "".join(traceback.format_exception(err))
+    stamp = datetime.now().isoformat(sep=" ", timespec="seconds")
+    try:
+        with open(run_dir / TRAIN_LOG, "a") as log:
+            log.write(f"[{stamp}] bnlab: the run failed\n{text}")
+        return True
+    except OSError:
+        return False
+
+
+def execute(cfg: DictConfig, run_dir: Path, multirun: bool) -> int:
+    """Run one job in ``run_dir`` while holding its lock, and say how it ended: the exit code.
+
+    A second writer is refused and touches nothing. A user error before training removes a
+    fresh run directory (a sweep keeps it, marked failed, for its report); any other exception
+    leaves the run marked failed, its traceback in train.log and one line on stderr.
+    """
+    writer = distributed.replica().is_writer
+    try:
+        with hold(run_dir) if writer else contextlib.nullcontext():
+            return _execute(cfg, run_dir, multirun, writer)
+    except RunLocked as err:
+        print(f"bnlab: error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except WriteError as err:  # the lock file itself
+        print(f"bnlab: error: {err}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+def _execute(cfg: DictConfig, run_dir: Path, multirun: bool, writer: bool) -> int:
+    resume_command = f"bnlab train resume={shown_path(run_dir)}"
     try:
         status = run(cfg, run_dir)
     except UserError as err:
         print(f"bnlab: error: {err}", file=sys.stderr)
-        if not distributed.replica().is_writer:
-            sys.exit(EXIT_USER_ERROR)  # rank 0 decides what happens to the shared directory
-        if cfg.resume is not None:
-            sys.exit(EXIT_USER_ERROR)  # the run's own files stay exactly as they were
-        if multirun:
-            # Keep the directory: a sweep's report lists this run as failed, and why.
-            write_json_atomic(run_dir / SUMMARY_JSON, {"status": "failed", "error": str(err)})
-            return
-        if run_dir.is_dir() and _looks_like_fresh_run(run_dir):
-            shutil.rmtree(run_dir, ignore_errors=True)
-            with contextlib.suppress(OSError):  # the date folder Hydra made for it, if now empty
-                run_dir.parent.rmdir()
-        sys.exit(EXIT_USER_ERROR)
+        if writer and cfg.resume is None and _looks_like_fresh_run(run_dir):
+            if multirun:  # a sweep's report lists this run as failed, and why
+                _record_end(run_dir, None, "failed", err)
+            else:
+                _discard(run_dir)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        if writer:
+            if cfg.resume is None and _looks_like_fresh_run(run_dir):
+                _discard(run_dir)
+                print("bnlab: interrupted before training started; nothing kept", file=sys.stderr)
+            else:
+                print(f"bnlab: interrupted; resume with: {resume_command}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as err:
+        if not writer:  # no log file of its own: the traceback goes to the terminal
+            traceback.print_exc()
+            return EXIT_FAILED
+        logged = _log_traceback(run_dir, err)
+        where = f"traceback in {shown_path(run_dir / TRAIN_LOG)}" if logged else "train.log not writable"
+        hint = f"; once fixed: {resume_command}" if isinstance(err, WriteError) and \
+            (run_dir / CHECKPOINT).is_file() else ""
+        print(f"bnlab: error: {_error_text(err)}; run {shown_path(run_dir)} failed ({where}){hint}",
+              file=sys.stderr)
+        if not logged:
+            traceback.print_exc()
+        return EXIT_FAILED
+    if not writer:
+        return 0
+    summary = read_summary(run_dir) or {"status": status}
+    if multirun:
+        print(f"bnlab: [{job_label()}] {headline(summary)}", flush=True)
+    else:
+        print(run_report(run_dir, summary), flush=True)
     if status == "interrupted":
-        if distributed.replica().is_writer:
-            print(f"bnlab: interrupted; resume with: bnlab train resume={run_dir}", file=sys.stderr)
-        sys.exit(EXIT_INTERRUPTED)
+        print(f"bnlab: interrupted; resume with: {resume_command}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return 0
+
+
+def main(cfg: DictConfig) -> None:
+    """Hydra task of ``bnlab train``: one run, or one job of a sweep.
+
+    A single run exits with the code of :func:`execute`. A sweep's job returns instead, so
+    that the launcher goes on with the other jobs (the sweep's end counts them), except when
+    interrupted, which ends the sweep.
+    """
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hydra_cfg = HydraConfig.get()
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    code = execute(cfg, Path(hydra_cfg.runtime.output_dir), multirun)
+    if code and (not multirun or code == EXIT_INTERRUPTED):
+        sys.exit(code)
