@@ -9,7 +9,7 @@ import zipfile
 
 import pytest
 
-from conftest import REPO, bnlab
+from conftest import REPO, bnlab, compose
 
 FAST = ["data=digits", "train.steps=40", "train.log_every=10", "train.eval_every=20",
         "probe.every=20", "probe.batch_size=100"]
@@ -108,3 +108,97 @@ def test_wheel_carries_the_config_tree_for_a_normal_install(tmp_path):
                                 cwd=tmp_path, capture_output=True, text=True,
                                 env={"PYTHONPATH": str(target)})
     assert from_wheel.stdout.strip() == str(target / "bnlab" / "conf")
+
+
+# ---------------------------------------------------------------- what a run and a sweep end with
+def test_a_run_ends_by_saying_its_status_accuracy_directory_and_next_commands(tmp_path):
+    result = bnlab("train", "data=digits", "train.steps=100", "train.threads=1", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    (run,) = (tmp_path / "outputs").glob("*/*")
+    summary = json.loads((run / "summary.json").read_text())
+    rel = run.relative_to(tmp_path)
+    assert result.stdout.endswith(
+        f"bnlab: completed: 100/100 steps in {summary['wall_s']:.1f} s, test/acc "
+        f"{summary['final']['test/acc']:.4f} (best {summary['best']['test/acc']:.4f} at step "
+        f"{summary['best']['test/acc_step']})\n"
+        f"  run directory  {rel}\n"
+        f"  next           tensorboard --logdir {rel}\n"
+        f"                 bnlab report {rel}\n")
+    # the evaluation shows when it happens (plain lines off a terminal)
+    assert f"[train] step 100/100  test/loss {summary['final']['test/loss']:.4g}  test/acc" in result.stdout
+
+
+def test_the_rich_bar_shows_the_last_evaluation():
+    from bnlab.progress import Progress
+
+    progress = Progress(100, 0, mode="rich")
+    try:
+        progress.update(50, {"loss": 0.5})
+        progress.evaluated(50, {"test/acc": 0.91})
+        progress.update(60, {"loss": 0.4})
+        assert progress.bar.tasks[0].fields["metrics"] == "loss 0.4  | test/acc 0.91 @50"
+    finally:
+        progress.close()
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("train.batch_size=1", "train.batch_size=1 is not valid with norm=bn: it gives each fully "
+                           "connected layer one value per feature"),
+    ("model=vgg", "model=vgg does not fit data=digits's 8x8 images: pool 4 gets a 1x1 input; "
+                  "it needs images of at least 32x32 (or fewer layers in model.layers)"),
+])
+def test_misconfigurations_fail_before_training_and_leave_no_directory(tmp_path, override, expected):
+    result = bnlab("train", "data=digits", override, "train.steps=5", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"bnlab: error: {expected}")
+    assert len(result.stderr.splitlines()) == 1
+    assert list((tmp_path / "outputs").rglob("*")) == []
+
+
+@pytest.mark.parametrize("launcher", ["basic", "joblib",
+                                      pytest.param("submitit_local", marks=pytest.mark.slow)])
+def test_a_sweep_ends_by_counting_its_runs_whatever_the_launcher(tmp_path, launcher):
+    """A job that fails (BN on batches of one example) does not stop the others; exit 1."""
+    result = bnlab("train", "-m", "data=digits", "train.steps=20", "probe=off", "train.threads=1",
+                   "norm=bn,none", "train.batch_size=1", f"hydra/launcher={launcher}",
+                   "hydra.sweep.dir=sweep", cwd=tmp_path)
+    assert result.returncode == 1, result.stderr
+    tail = result.stdout[result.stdout.index("bnlab: sweep of"):]
+    assert tail.splitlines() == [
+        "bnlab: sweep of 2 run(s): 1 completed, 1 failed",
+        "  failed         norm=bn  train.batch_size=1 is not valid with norm=bn: it gives each fully "
+        "connected layer one value per feature, whose batch variance is 0; use train.batch_size "
+        ">= 2, or a per-example norm (norm=ln, norm=gn)",
+        "  sweep directory  sweep",
+        "  next             bnlab report sweep",
+        "                   tensorboard --logdir sweep"]
+
+
+@pytest.mark.parametrize("overrides, shape, expected", [
+    (["model=cnn", "model.channels=[6,6,6,6,6]", "model.paddings=[2,2,2,2,2]"], (1, 28, 28),
+     "model=cnn does not fit data=digits's 28x28 images: pool 5 gets a 1x1 input; it needs images "
+     "of at least 32x32 (or fewer layers in model.channels)"),
+    (["model=cnn", "model.paddings=[0,0]"], (1, 8, 8),
+     "model=cnn does not fit data=digits's 8x8 images: conv 2 (5x5, padding 0) gets a 2x2 input; "
+     "it needs images of at least 16x16"),
+    (["probe.batch_size=2000"], (1, 8, 8),
+     "probe.batch_size=2000 is not valid: the digits training split has only 1437 examples"),
+    (["data.sampler=grouped", "data.labels_per_batch=12", "train.batch_size=24"], (1, 8, 8),
+     "data.labels_per_batch=12 is not valid: data=digits has 10 classes"),
+    (["model=vgg", "model.layers=[8,M,8,M,8,M]", "train.batch_size=1"], (1, 8, 8), None),  # 1x1 maps
+    (["model=vgg", "model.layers=[8,M,8,M,8,M,8]", "train.batch_size=1"], (1, 8, 8),
+     "train.batch_size=1 is not valid with norm=bn: it gives conv 4's 1x1 output one value"),
+    (["norm=ln", "train.batch_size=1"], (1, 8, 8), None),  # per-example statistics
+])
+def test_the_config_is_checked_against_the_data_sets_shape(overrides, shape, expected):
+    from bnlab.errors import UserError
+    from bnlab.preflight import check_against_data
+
+    cfg = compose("data=digits", "model.widths=[]", *overrides) if "model=vgg" in overrides \
+        else compose("data=digits", *overrides)
+    if expected is None:
+        check_against_data(cfg, shape, 1437, 10)
+        return
+    with pytest.raises(UserError) as err:
+        check_against_data(cfg, shape, 1437, 10)
+    assert str(err.value).startswith(expected)
