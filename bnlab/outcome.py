@@ -20,7 +20,7 @@ from hydra.experimental.callback import Callback
 
 from bnlab.rundir import CONFIG, SUMMARY_JSON
 
-# Statuses of a run that ended as planned; any other one makes `bnlab train -m` exit 1.
+# Statuses of a run that ended as planned; the sweep's summary names the runs of any other.
 ENDED_WELL = ("completed", "diverged")
 
 
@@ -115,10 +115,6 @@ def sweep_report(sweep_dir: Path, runs: dict[Path, str]) -> str:
     return "\n".join(lines)
 
 
-# What the last sweep of this process ended as: `bnlab train -m` exits 1 unless all ended well.
-last_sweep: dict[Path, str] | None = None
-
-
 class SweepSummary(Callback):
     """Prints :func:`sweep_report` when a sweep ends (registered in configs/train.yaml)."""
 
@@ -129,7 +125,5 @@ class SweepSummary(Callback):
         self.started = time.time() - 1.0  # file times have coarse resolution on some file systems
 
     def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
-        global last_sweep
         sweep_dir = Path(os.path.expanduser(str(config.hydra.sweep.dir)))
-        last_sweep = sweep_runs(sweep_dir, since=self.started)
-        print(sweep_report(sweep_dir, last_sweep), flush=True)
+        print(sweep_report(sweep_dir, sweep_runs(sweep_dir, since=self.started)), flush=True)

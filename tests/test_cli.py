@@ -159,11 +159,11 @@ def test_misconfigurations_fail_before_training_and_leave_no_directory(tmp_path,
 @pytest.mark.parametrize("launcher", ["basic", "joblib",
                                       pytest.param("submitit_local", marks=pytest.mark.slow)])
 def test_a_sweep_ends_by_counting_its_runs_whatever_the_launcher(tmp_path, launcher):
-    """A job that fails (BN on batches of one example) does not stop the others; exit 1."""
+    """A job that fails (BN on batches of one example) does not stop the others."""
     result = bnlab("train", "-m", "data=digits", "train.steps=20", "probe=off", "train.threads=1",
                    "norm=bn,none", "train.batch_size=1", f"hydra/launcher={launcher}",
                    "hydra.sweep.dir=sweep", cwd=tmp_path)
-    assert result.returncode == 1, result.stderr
+    assert result.returncode == 0, result.stderr
     tail = result.stdout[result.stdout.index("bnlab: sweep of"):]
     assert tail.splitlines() == [
         "bnlab: sweep of 2 run(s): 1 completed, 1 failed",
