@@ -80,7 +80,7 @@ def learning_rate(cfg_optim, step: int, total_steps: int) -> float:
 
 # ---------------------------------------------------------------- the run
 class Interrupted(Exception):
-    pass
+    """Raised in the loop after a first Ctrl-C or SIGTERM: checkpoint, then stop."""
 
 
 @dataclass(frozen=True)
@@ -458,14 +458,14 @@ def run(cfg: DictConfig, run_dir: Path) -> str:
     propagates, except a UserError or Ctrl-C before training starts, which leave the files as
     they were (:func:`main` then removes a fresh directory).
     """
-    validate(cfg)
-    replica = distributed.init_process_group()  # a no-op outside torchrun
-    if cfg.norm.get("sync", False) and cfg.norm.name != "bn":
-        raise UserError(f"norm.sync=true is not valid with norm={cfg.norm.name}: cross-replica "
-                        "statistics exist for norm=bn only")
-    trainer = None
+    trainer, writer = None, distributed.replica().is_writer
     with _Signals(run_dir).installed() as signals:
         try:
+            validate(cfg)
+            replica = distributed.init_process_group()  # a no-op outside torchrun
+            if cfg.norm.get("sync", False) and cfg.norm.name != "bn":
+                raise UserError(f"norm.sync=true is not valid with norm={cfg.norm.name}: "
+                                "cross-replica statistics exist for norm=bn only")
             device = setup_process(cfg)
             seed_everything(cfg.seed)
             data = load_dataset(cfg.data, device)
@@ -479,9 +479,11 @@ def run(cfg: DictConfig, run_dir: Path) -> str:
             return trainer.run(resumed)
         except BaseException as err:
             started = trainer is not None and trainer.started
-            if replica.is_writer and (started or not isinstance(err, (UserError, KeyboardInterrupt))):
-                _record_end(run_dir, trainer, "interrupted" if isinstance(err, KeyboardInterrupt)
-                            else "failed", None if isinstance(err, KeyboardInterrupt) else err)
+            interrupted = isinstance(err, KeyboardInterrupt)
+            if writer and interrupted and started:
+                _record_end(run_dir, trainer, "interrupted", None)
+            elif writer and not interrupted and (started or not isinstance(err, UserError)):
+                _record_end(run_dir, trainer, "failed", err)
             raise
 
 
