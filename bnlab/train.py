@@ -347,6 +347,7 @@ class Trainer:
         log_every, eval_every = int(tcfg.log_every), int(tcfg.eval_every)
         checkpoint_every, stop_on_divergence = int(tcfg.checkpoint_every), bool(tcfg.stop_on_divergence)
         probe_every = int(cfg.probe.every) if self.prober is not None else 0
+        landscape_every = self.prober.landscape_every if self.prober is not None else 0
         cosine = cfg.optim.schedule == "cosine"
         optim_cfg = OmegaConf.to_object(cfg.optim) if cosine else None
         steps_since_log, train_time = 0, 0.0
@@ -362,6 +363,8 @@ class Trainer:
                         group["lr"] = learning_rate(optim_cfg, self.step, self.total_steps)
                 if self.prober is not None and self.prober.wants_ics(self.step + 1):
                     self.prober.ics(self.step + 1, self.model, self.optimizer, x, y, recorder)
+                if landscape_every and (self.step + 1) % landscape_every == 0:
+                    self.prober.landscape(self.step + 1, self.model, self.optimizer, x, y, recorder)
                 loss, correct = self.step_fn(x, y)
                 self.loss_sum += loss
                 self.correct_sum += correct
