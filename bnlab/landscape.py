@@ -79,14 +79,14 @@ def landscape(model: nn.Module, x: Tensor, y: Tensor, lr: float, loss_fn: LossFn
     losses, changes = [], []
     try:
         with torch.enable_grad(), preserved_rng(x.device), frozen_stats(model):
-            g = _dense(torch.autograd.grad(loss_fn(model(x).float(), y), leaves, allow_unused=True),
+            g = _dense(torch.autograd.grad(loss_fn(model(x), y), leaves, allow_unused=True),
                        leaves)
             flat_g = _flat(g)
             with held_noise(model):
                 for eta in etas.tolist():
                     moved = {name: (p.detach() - eta * gi).requires_grad_()
                              for (name, p), gi in zip(params.items(), g, strict=True)}
-                    loss = loss_fn(functional_call(model, moved, (x,)).float(), y)
+                    loss = loss_fn(functional_call(model, moved, (x,)), y)
                     moved_g = torch.autograd.grad(loss, list(moved.values()), allow_unused=True)
                     losses.append(loss.detach())
                     changes.append(torch.linalg.vector_norm(_flat(_dense(moved_g, leaves)) - flat_g))

@@ -568,3 +568,28 @@ def test_a_model_without_hidden_layers_logs_nothing(digits):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     prober.ics(1, model, optimizer, digits.train.x[:8], digits.train.y[:8], recorder)
     assert recorder.calls == []
+
+
+def test_inference_batch_noise_and_landscape_tags_reach_csv_and_tensorboard(tmp_path):
+    """`bnlab train data=digits train.steps=200 probe.every=50 probe.mode=both
+    probe.landscape_every=100 train.threads=1` logs infer/, batchnoise/ and landscape/ tags."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    assert train_in_process(run, "data=digits", "train.steps=200", "probe.every=50", "probe.mode=both",
+                            "probe.landscape_every=100") == "completed"
+    csv_tags = read_scalars(run)
+    events = EventAccumulator(str(run), size_guidance={"scalars": 0}).Reload()
+    board = set(events.Tags()["scalars"])
+    for tag, steps in (("infer/drift/layer2/norm/mean", {50, 100, 150, 200}),
+                       ("infer/sat/layer3", {0, 50, 100, 150, 200}),
+                       ("batchnoise/layer1/mean", {0, 50, 100, 150, 200}),
+                       ("infer/batchnoise/layer3/std", {0, 50, 100, 150, 200}),
+                       ("landscape/loss_min", {100, 200}), ("landscape/loss_max", {100, 200}),
+                       ("landscape/grad_change", {100, 200}), ("landscape/beta", {100, 200})):
+        assert set(csv_tags[tag]) == steps, tag
+        assert tag in board, tag
+        assert {e.step for e in events.Scalars(tag)} == steps, tag
+        assert all(math.isfinite(v) for v in csv_tags[tag].values()), tag
+    for step in (100, 200):
+        assert csv_tags["landscape/loss_min"][step] <= csv_tags["landscape/loss_max"][step]
