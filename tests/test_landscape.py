@@ -14,7 +14,7 @@ from bnlab.data import load_dataset
 from bnlab.landscape import landscape, step_sizes
 from bnlab.models import build_model
 
-from conftest import compose
+from conftest import compose, train_in_process
 
 CPU = torch.device("cpu")
 
@@ -152,3 +152,52 @@ def test_stochastic_layers_hold_their_noise_along_the_line(digits):
     assert stats["grad_change"].item() == 0.0 and stats["beta"].item() == 0.0
     assert stats["loss_min"].item() == stats["loss_max"].item()
     assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_report_draws_the_landscape_figure_from_the_runs(tmp_path):
+    """`bnlab report` reads landscape/* and draws landscape.png: (a) the seeds' mean loss_min to
+    mean loss_max, (b, c) each group's mean over seeds with a min..max band."""
+    import csv
+
+    from omegaconf import OmegaConf
+
+    from bnlab.report import REPORT_TAGS, build_report, main
+    from bnlab.report_figures import landscape as landscape_figure
+    from bnlab.runs import find_runs, load_scalars
+
+    sweep = tmp_path / "sweep"
+    for norm in ("none", "bn"):
+        for seed in (0, 1):
+            overrides = ["data=digits", f"norm={norm}", f"seed={seed}", "train.steps=20",
+                         "train.log_every=10", "train.eval_every=20", "probe.every=20",
+                         "probe.batch_size=100", "model.widths=[16,16]", "probe.landscape_every=5"]
+            run = sweep / f"norm={norm},seed={seed}"
+            assert train_in_process(run, *overrides) == "completed"
+            (run / ".hydra").mkdir()
+            OmegaConf.save(compose("train.progress=off", "train.threads=1", *overrides),
+                           run / ".hydra" / "config.yaml")
+            OmegaConf.save(OmegaConf.create(overrides), run / ".hydra" / "overrides.yaml")
+    out = tmp_path / "report"
+    assert main([str(sweep), "--out", str(out)]) == 0
+    assert (out / "landscape.png").stat().st_size > 10_000
+    assert "landscape.png" in (out / "report.md").read_text()
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    runs = find_runs([sweep])
+    load_scalars(runs, tags=list(REPORT_TAGS))
+    report = build_report(runs, [sweep])
+    bn = next(g for g in report.groups if "bn" in g.label)
+    fig = landscape_figure(report.groups, {g.label: f"C{i}" for i, g in enumerate(report.groups)})
+    beta = {}
+    for run in bn.completed:
+        with open(run.path / "scalars.csv") as f:
+            beta[run.seed] = {int(r["step"]): float(r["value"]) for r in csv.DictReader(f)
+                              if r["tag"] == "landscape/beta"}
+    assert set(beta[0]) == {5, 10, 15, 20}
+    ax_beta = fig.axes[2]
+    line = next(line for line in ax_beta.lines if line.get_label().startswith(bn.label))
+    expected = [(beta[0][s] + beta[1][s]) / 2 for s in (5, 10, 15, 20)]
+    assert list(line.get_xdata()) == [5, 10, 15, 20]
+    assert list(line.get_ydata()) == pytest.approx(expected, rel=1e-12)
