@@ -251,6 +251,8 @@ class Config:
     data: Any = MISSING
     optim: Any = MISSING
     probe: Any = MISSING
+    # A preset's claims about its paper (docs/report.md): read by `bnlab report`, not by training.
+    claims: list[Any] = field(default_factory=list)
 
 
 NORM_SCHEMAS: dict[str, type] = {

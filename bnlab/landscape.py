@@ -6,6 +6,7 @@ for its VGG; it does not say how many points, bnlab takes 8)::
 
     loss_min    = min_i L(theta - eta_i g)
     loss_max    = max_i L(theta - eta_i g)                          "loss landscape", Fig. 4(a)
+    loss_range  = loss_max - loss_min                               (its shaded band's height)
     grad_change = max_i ||grad L(theta - eta_i g) - g||_2           "gradient predictiveness", 4(b)
     beta        = max_i ||grad L(theta - eta_i g) - g||_2 / ||eta_i g||_2
                                                                     "effective beta-smoothness", 4(c)
@@ -42,7 +43,7 @@ def step_sizes(lr: float, low: float = STEP_RANGE[0], high: float = STEP_RANGE[1
 
 def summarize(losses: Tensor, grad_changes: Tensor, etas: Tensor, grad_norm: Tensor
               ) -> dict[str, Tensor]:
-    """``loss_min``, ``loss_max``, ``grad_change``, ``beta`` of the module docstring from the
+    """``loss_min``, ``loss_max``, ``loss_range``, ``grad_change``, ``beta`` (module docstring) from the
     losses L(theta - eta_i g), the changes ||grad L(theta - eta_i g) - g||, the etas and ||g||.
 
     A zero gradient moves nowhere: its beta is 0.
@@ -50,7 +51,8 @@ def summarize(losses: Tensor, grad_changes: Tensor, etas: Tensor, grad_norm: Ten
     losses, grad_changes = losses.double(), grad_changes.double()
     distances = etas.to(grad_changes) * grad_norm.double()
     ratios = torch.where(distances > 0, grad_changes / distances, torch.zeros_like(grad_changes))
-    return {"loss_min": losses.min(), "loss_max": losses.max(),
+    low, high = losses.min(), losses.max()
+    return {"loss_min": low, "loss_max": high, "loss_range": high - low,
             "grad_change": grad_changes.max(), "beta": ratios.max()}
 
 
@@ -67,7 +69,7 @@ def _flat(grads: list[Tensor]) -> Tensor:
 def landscape(model: nn.Module, x: Tensor, y: Tensor, lr: float, loss_fn: LossFn,
               etas: Tensor | None = None) -> dict[str, Tensor]:
     """The loss landscape along the gradient at batch (x, y): ``{name: 0-dim float64 tensor}``
-    for ``loss_min``, ``loss_max``, ``grad_change`` and ``beta`` (module docstring), on the
+    for ``loss_min``, ``loss_max``, ``loss_range``, ``grad_change``, ``beta`` (module docstring), on the
     model's device, no host sync. ``etas`` defaults to :func:`step_sizes` of ``lr``.
     """
     if etas is None:

@@ -323,6 +323,7 @@ class Prober:
         if self.landscape_every > 0:
             charts["probes: landscape"] = {
                 "landscape/loss_min, loss_max": ["Multiline", [r"^landscape/loss_m(in|ax)$"]],
+                "landscape/loss_range": ["Multiline", [r"^landscape/loss_range$"]],
                 "landscape/grad_change": ["Multiline", [r"^landscape/grad_change$"]],
                 "landscape/beta": ["Multiline", [r"^landscape/beta$"]],
             }

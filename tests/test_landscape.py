@@ -74,6 +74,7 @@ def test_every_statistic_on_a_quadratic_matches_its_closed_form(hessian):
     losses = loss0 - etas * (g @ g) + etas**2 / 2 * (g @ h @ g)
     assert stats["loss_min"].item() == pytest.approx(losses.min().item(), rel=1e-12)
     assert stats["loss_max"].item() == pytest.approx(losses.max().item(), rel=1e-12)
+    assert stats["loss_range"].item() == pytest.approx((losses.max() - losses.min()).item(), rel=1e-9)
     assert stats["grad_change"].item() == pytest.approx((etas[-1] * (h @ g).norm()).item(), rel=1e-9)
     beta = ((h @ g).norm() / g.norm()).item()
     assert stats["beta"].item() == pytest.approx(beta, rel=1e-9)

@@ -586,6 +586,7 @@ def test_inference_batch_noise_and_landscape_tags_reach_csv_and_tensorboard(tmp_
                        ("batchnoise/layer1/mean", {0, 50, 100, 150, 200}),
                        ("infer/batchnoise/layer3/std", {0, 50, 100, 150, 200}),
                        ("landscape/loss_min", {100, 200}), ("landscape/loss_max", {100, 200}),
+                       ("landscape/loss_range", {100, 200}),
                        ("landscape/grad_change", {100, 200}), ("landscape/beta", {100, 200})):
         assert set(csv_tags[tag]) == steps, tag
         assert tag in board, tag
