@@ -38,14 +38,12 @@ from bnlab.data import Dataset, Split
 from bnlab.evaluation import evaluate, loss_function
 from bnlab.ics import gradient_ics, preserved_rng
 from bnlab.models import Net
-from bnlab.norms import frozen_stats
+from bnlab.norms import frozen_stats, uses_batch_statistics
 
 POINTS = ("pre", "norm", "act")
 PERCENTILES = (15, 50, 85)
 DRIFT_EPS = 1e-5
 SATURATION_LEVEL = 0.1  # "saturated": the derivative is below 10% of its maximum
-# Norms whose train mode (batch statistics) differs from their eval mode (running statistics).
-BATCH_STATISTIC_NORMS = ("bn", "brn", "noisy_bn", "whiten")
 # The probe batch's own stream; the batch stream uses `seed` and `seed + 1`.
 PROBE_SEED_OFFSET = 7919
 # probe.mode -> the views measured: (tag prefix, train mode?)
@@ -202,7 +200,7 @@ class Prober:
         self.ics_every = int(cfg.probe.ics_every)
         self.landscape_every = int(cfg.probe.get("landscape_every", 0))
         self.views = [View(prefix, train) for prefix, train in MODE_VIEWS[cfg.probe.get("mode", "train")]]
-        self.norm_name = str(cfg.norm.name)
+        self.batch_statistics = uses_batch_statistics(model)  # train mode differs from eval mode
         self.task = getattr(data, "task", "classification")
         self.bounds = saturation_bounds(str(cfg.activation.name))
         self.fractions = percentile_fractions(self.device)
@@ -367,7 +365,7 @@ class Prober:
 
         The gap to ``test/acc`` shows how far the running estimates are from the batch statistics.
         """
-        if self.norm_name not in BATCH_STATISTIC_NORMS:
+        if not self.batch_statistics:
             return {}
         with preserved_rng(self.device):  # noisy layers draw noise in train mode
             loss, acc = evaluate(model, split, batch_size, train_mode=True, task=self.task)

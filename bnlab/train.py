@@ -29,7 +29,7 @@ from bnlab.data import BatchStream, Dataset, load_dataset
 from bnlab.errors import UserError
 from bnlab.evaluation import evaluate, loss_function
 from bnlab.models import Net, build_model
-from bnlab.norms import Norm
+from bnlab.norms import Norm, finish_training
 from bnlab.progress import Progress
 from bnlab.record import SUMMARY_JSON, Recorder, write_json_atomic
 
@@ -391,7 +391,8 @@ class Trainer:
                                     else {k: v for k, v in shown.items() if k != "acc"})
                     t_mark = time.perf_counter()
                 if step % eval_every == 0 or last:
-                    self._finish_population_stats(last)
+                    if last:
+                        finish_training(self.model, self.stream)  # BN's inference=population
                     self._evaluate(recorder)
                 if probe_every and step % probe_every == 0:
                     self.prober.probe(step, recorder)
@@ -422,13 +423,6 @@ class Trainer:
         recorder.hparams({k: v for k, v in config.items() if k not in skip},
                          {k: v for k, v in self.final.items() if k.startswith(("test/", "train/"))})
 
-    def _finish_population_stats(self, last: bool) -> None:
-        """BN's ``inference=population`` (Ioffe & Szegedy, Alg. 2) replaces the moving averages."""
-        if last and self.cfg.norm.get("inference") == "population":
-            from bnlab.norms.batchnorm import estimate_population_statistics
-
-            estimate_population_statistics(self.model, self.stream)
-
 
 # ---------------------------------------------------------------- the Hydra task
 def _looks_like_fresh_run(run_dir: Path) -> bool:
@@ -450,9 +444,6 @@ def run(cfg: DictConfig, run_dir: Path) -> str:
     """Train ``cfg`` in ``run_dir`` (resuming from its checkpoint when ``cfg.resume`` is set)."""
     validate(cfg)
     replica = distributed.init_process_group()  # a no-op outside torchrun
-    if cfg.norm.get("sync", False) and cfg.norm.name != "bn":
-        raise UserError(f"norm.sync=true is not valid with norm={cfg.norm.name}: cross-replica "
-                        "statistics exist for norm=bn only")
     device = setup_process(cfg)
     seed_everything(cfg.seed)
     data = load_dataset(cfg.data, device)
