@@ -113,10 +113,11 @@ def _walk(plan: list, h: int, w: int) -> list[tuple[int, int]] | str:
 
 
 def uses_batch_statistics(cfg_norm) -> bool:
-    """Whether the configured norm normalizes a training batch by its own statistics."""
-    from bnlab.probes import BATCH_STATISTIC_NORMS
+    """Whether the configured norm's layer class normalizes a training batch by its own
+    statistics (asked before any layer exists)."""
+    from bnlab.norms import norm_class
 
-    return str(cfg_norm.name) in BATCH_STATISTIC_NORMS
+    return norm_class(str(cfg_norm.name)).uses_batch_statistics
 
 
 def _check_batch_statistics(cfg, conv_sizes: list[tuple[int, int]], world_size: int) -> None:

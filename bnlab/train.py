@@ -33,7 +33,7 @@ from bnlab.errors import UserError, WriteError
 from bnlab.evaluation import evaluate, loss_function
 from bnlab.lock import RunLocked, hold
 from bnlab.models import Net, build_model
-from bnlab.norms import Norm
+from bnlab.norms import Norm, finish_training
 from bnlab.outcome import headline, read_summary, run_report, shown_path
 from bnlab.preflight import check_against_data
 from bnlab.process import (
@@ -91,6 +91,7 @@ class Every:
     log: int
     eval: int
     probe: int  # 0: never
+    landscape: int  # 0: never (Santurkar et al.'s loss landscape along the gradient)
     checkpoint: int
     stop_on_divergence: bool
 
@@ -130,6 +131,7 @@ class Trainer:
         self.step_fn = self._make_step()
         self.every = Every(log=int(tcfg.log_every), eval=int(tcfg.eval_every),
                            probe=int(cfg.probe.every) if self.prober is not None else 0,
+                           landscape=self.prober.landscape_every if self.prober is not None else 0,
                            checkpoint=int(tcfg.checkpoint_every),
                            stop_on_divergence=bool(tcfg.stop_on_divergence))
         self.step = 0
@@ -310,6 +312,7 @@ class Trainer:
         """Steps until the end or a divergence: the batch, the rate, the step, the bookkeeping."""
         schedule = OmegaConf.to_object(self.cfg.optim) if self.cfg.optim.schedule == "cosine" else None
         self._t_mark, self._log_step = time.perf_counter(), self.step
+        every = self.every
         while self.step < self.total_steps:
             # Replicas stop together, at a log step where they agreed to (see _log_train).
             if (self.stop_signal is not None and not self.distributed) or self.stop_agreed:
@@ -320,6 +323,8 @@ class Trainer:
                     group["lr"] = learning_rate(schedule, self.step, self.total_steps)
             if self.prober is not None and self.prober.wants_ics(self.step + 1):
                 self.prober.ics(self.step + 1, self.model, self.optimizer, x, y, recorder)
+            if every.landscape and (self.step + 1) % every.landscape == 0:
+                self.prober.landscape(self.step + 1, self.model, self.optimizer, x, y, recorder)
             loss, correct = self.step_fn(x, y)
             self.loss_sum += loss
             self.correct_sum += correct
@@ -340,7 +345,8 @@ class Trainer:
         if logs and self._log(recorder, progress) and every.stop_on_divergence:
             return True
         if step % every.eval == 0 or last:
-            self._finish_population_stats(last)
+            if last:
+                finish_training(self.model, self.stream)  # BN's inference=population
             values = self._evaluate(recorder)
             progress.evaluated(step, {k: v for k, v in values.items() if k in ("test/acc", "test/loss")})
         if every.probe and step % every.probe == 0:
@@ -376,13 +382,6 @@ class Trainer:
         skip = ("resume", "train.progress", "train.threads", "data.root")
         recorder.hparams({k: v for k, v in config.items() if k not in skip},
                          {k: v for k, v in self.final.items() if k.startswith(("test/", "train/"))})
-
-    def _finish_population_stats(self, last: bool) -> None:
-        """BN's ``inference=population`` (Ioffe & Szegedy, Alg. 2) replaces the moving averages."""
-        if last and self.cfg.norm.get("inference") == "population":
-            from bnlab.norms.batchnorm import estimate_population_statistics
-
-            estimate_population_statistics(self.model, self.stream)
 
 
 # ---------------------------------------------------------------- one run, whatever happens
@@ -463,9 +462,6 @@ def run(cfg: DictConfig, run_dir: Path) -> str:
         try:
             validate(cfg)
             replica = distributed.init_process_group()  # a no-op outside torchrun
-            if cfg.norm.get("sync", False) and cfg.norm.name != "bn":
-                raise UserError(f"norm.sync=true is not valid with norm={cfg.norm.name}: "
-                                "cross-replica statistics exist for norm=bn only")
             device = setup_process(cfg)
             seed_everything(cfg.seed)
             data = load_dataset(cfg.data, device)
