@@ -123,7 +123,8 @@ def _inspect(job: Job) -> None:
 
         job.previous = "resume"
         job.start_step = int(load_checkpoint(job.run_dir / CHECKPOINT)["step"])
-        with open_dict(job.config):  # what `bnlab train resume=<run>` composes
+        # what `bnlab train resume=<run>` composes: no new .hydra/
+        with read_write(job.config), read_write(job.config.hydra):
             job.config.resume = str(job.run_dir)
             job.config.hydra.output_subdir = None
         job.task["resume"] = str(job.run_dir)

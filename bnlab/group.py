@@ -310,8 +310,8 @@ def _install_signal_handlers(group: Group) -> dict[int, Any]:
     return {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
 
 
-def train_group(jobs: Sequence[tuple[DictConfig, Path]], label: str = "batched") -> list[str]:
-    """Train the runs ``jobs`` = [(cfg, run dir)] as one program; returns their statuses.
+def build_group(jobs: Sequence[tuple[DictConfig, Path]], label: str = "batched") -> Group:
+    """The program of the runs ``jobs`` = [(cfg, run dir)], ready to run; nothing written yet.
 
     The configs must differ only in :data:`VARYING_KEYS` and be at the same step (fresh, or
     ``cfg.resume`` set and a checkpoint in the run directory). A UserError (a bad value, a
@@ -335,7 +335,14 @@ def train_group(jobs: Sequence[tuple[DictConfig, Path]], label: str = "batched")
             member.load_state_dict(load_checkpoint(Path(run_dir) / CHECKPOINT, device))
         members.append(member)
         resumed.append(cfg.resume is not None)
-    group = Group(members, resumed, label)
+    return Group(members, resumed, label)
+
+
+def train_group(jobs: Sequence[tuple[DictConfig, Path]], label: str = "batched") -> list[str]:
+    """Train the runs ``jobs`` = [(cfg, run dir)] as one program (see :func:`build_group`);
+    returns their statuses: completed, diverged or interrupted (SIGINT, SIGTERM)."""
+    group = build_group(jobs, label)
+    members = list(group.members)
     previous = _install_signal_handlers(group)
     try:
         statuses = group.run()

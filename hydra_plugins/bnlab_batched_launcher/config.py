@@ -1,6 +1,8 @@
-"""The schema of ``hydra/launcher=batched`` (every key can be set as ``hydra.launcher.<key>=...``)."""
+"""The schema of ``hydra/launcher=batched`` (every key can be set as ``hydra.launcher.<key>=...``).
 
-from __future__ import annotations
+No ``from __future__ import annotations`` here: Hydra's plugin scanner runs this module before it
+is in ``sys.modules``, where dataclasses cannot resolve string annotations.
+"""
 
 from dataclasses import dataclass, field
 
