@@ -206,23 +206,36 @@ def _kept(job: Job) -> JobReturn:
     return _with_hydra_config(job.config, make)
 
 
-def _prepare(launcher, job: Job) -> DictConfig:
+def _prepare(launcher, job: Job, note: str) -> DictConfig:
     """Let Hydra set up the job's run directory (``.hydra/``, the job log) as for any job, with
-    a task that only hands back the composed config; training comes after, for the group."""
+    a task that only hands back the composed config (and says in the job's log where it trains);
+    training comes after, for the whole group."""
     captured: dict[str, DictConfig] = {}
-    job.result = run_job(hydra_context=launcher.hydra_context,
-                         task_function=lambda cfg: captured.update(cfg=cfg), config=job.config,
+
+    def task(cfg: DictConfig) -> None:
+        captured["cfg"] = cfg
+        log.info(note)
+
+    job.result = run_job(hydra_context=launcher.hydra_context, task_function=task, config=job.config,
                          job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
     return captured["cfg"]
+
+
+def _log_failure(job: Job, text: str) -> None:
+    """Append to the job's log (Hydra's ``<hydra.job.name>.log`` in its run directory)."""
+    with open(job.run_dir / f"{job.config.hydra.job.name}.log", "a") as f:
+        f.write(text)
 
 
 def _run_group(launcher, jobs: list[Job]) -> None:
     from bnlab.group import train_group
 
-    cfgs = [_prepare(launcher, job) for job in jobs]
+    names = ", ".join(j.label for j in jobs)
+    note = f"trained by hydra/launcher=batched as one program of {len(jobs)} runs: {names}"
+    cfgs = [_prepare(launcher, job, note) for job in jobs]
     configure_log(launcher.config.hydra.hydra_logging, launcher.config.hydra.verbose)
     label = f"{len(jobs)} runs"
-    log.info(f"Training {len(jobs)} runs as one program: {', '.join(j.label for j in jobs)}")
+    log.info(f"Training {len(jobs)} runs as one program: {names}")
     try:
         statuses = train_group([(cfg, job.run_dir) for cfg, job in zip(cfgs, jobs, strict=True)], label)
     except UserError as err:
@@ -231,7 +244,10 @@ def _run_group(launcher, jobs: list[Job]) -> None:
             job.result = _run_basic(launcher, job)
         return
     except Exception as err:  # a bug: each member's summary says failed; Hydra reports it
+        import traceback
+
         for job in jobs:
+            _log_failure(job, traceback.format_exc())
             job.result.status = JobStatus.FAILED
             job.result.return_value = err
         return

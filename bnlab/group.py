@@ -97,8 +97,11 @@ class Member(Trainer):
         self.group.export_optimizer_state(self)
         state = super().state_dict()
         model = state["model"]
-        for key, value in model.items():  # in place: keeps the state dict's version metadata
-            model[key] = value.clone()  # a view would save the whole stacked tensor
+        # torch.save writes a view's whole storage, every member's rows: save copies. In place,
+        # to keep the state dict's version metadata.
+        for key, value in model.items():
+            model[key] = value.clone()
+        state["loss_sum"], state["correct_sum"] = state["loss_sum"].clone(), state["correct_sum"].clone()
         return state
 
 

@@ -122,7 +122,8 @@ def test_each_member_trains_as_its_standalone_run(tmp_path: Path, norm: str, opt
         assert summary(member)["status"] == "completed" and summary(member)["steps"] == 60
         mine, theirs = (torch.load(d / CHECKPOINT, weights_only=True) for d in (member, alone))
         assert mine.keys() == theirs.keys()
-        assert {k: v.shape for k, v in mine["model"].items()} == {k: v.shape for k, v in theirs["model"].items()}
+        shapes = [{k: v.shape for k, v in c["model"].items()} for c in (mine, theirs)]
+        assert shapes[0] == shapes[1]
         assert mine["optimizer"]["param_groups"] == theirs["optimizer"]["param_groups"]
         assert {i: sorted(s) for i, s in mine["optimizer"]["state"].items()} == \
                {i: sorted(s) for i, s in theirs["optimizer"]["state"].items()}
@@ -272,7 +273,7 @@ def test_the_wheel_carries_the_launcher_plugin(tmp_path: Path) -> None:
     where = subprocess.run([sys.executable, "-c", "import hydra_plugins.bnlab_batched_launcher as p;"
                             "print(p.__file__)"], cwd=tmp_path, capture_output=True, text=True, env=env)
     assert where.stdout.startswith(str(target)), where.stderr
-    shown = subprocess.run([sys.executable, "-m", "bnlab", "train", "--cfg", "hydra", "hydra/launcher=batched"],
-                           cwd=tmp_path, capture_output=True, text=True, env=env)
+    shown = subprocess.run([sys.executable, "-m", "bnlab", "train", "--cfg", "hydra",
+                            "hydra/launcher=batched"], cwd=tmp_path, capture_output=True, text=True, env=env)
     assert shown.returncode == 0, shown.stderr
     assert "_target_: hydra_plugins.bnlab_batched_launcher.batched_launcher.BatchedLauncher" in shown.stdout
