@@ -70,12 +70,12 @@ def _make_job(launcher, idx: int, overrides: list[str]) -> Job:
         config.hydra.job.num = idx
 
     def describe() -> tuple[Path, dict[str, Any], str]:
-        run_dir = Path(str(OmegaConf.select(config, "hydra.sweep.dir")),
-                       str(OmegaConf.select(config, "hydra.sweep.subdir")))
+        run_dir = os.path.abspath(os.path.join(str(OmegaConf.select(config, "hydra.sweep.dir")),
+                                               str(OmegaConf.select(config, "hydra.sweep.subdir"))))
         own = copy.deepcopy(config)
         with read_write(own), open_dict(own):
             del own["hydra"]
-        return (run_dir.absolute(), OmegaConf.to_container(own, resolve=True),
+        return (Path(run_dir), OmegaConf.to_container(own, resolve=True),
                 str(config.hydra.job.override_dirname))
 
     run_dir, task, label = _with_hydra_config(config, describe)
@@ -206,19 +206,19 @@ def _kept(job: Job) -> JobReturn:
     return _with_hydra_config(job.config, make)
 
 
-def _prepare(launcher, job: Job, note: str) -> DictConfig:
+def _prepare(launcher, job: Job, note: str) -> tuple[DictConfig, Path]:
     """Let Hydra set up the job's run directory (``.hydra/``, the job log) as for any job, with
     a task that only hands back the composed config (and says in the job's log where it trains);
     training comes after, for the whole group."""
-    captured: dict[str, DictConfig] = {}
+    captured: dict[str, Any] = {}
 
     def task(cfg: DictConfig) -> None:
-        captured["cfg"] = cfg
+        captured.update(cfg=cfg, run_dir=Path(HydraConfig.get().runtime.output_dir))
         log.info(note)
 
     job.result = run_job(hydra_context=launcher.hydra_context, task_function=task, config=job.config,
                          job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
-    return captured["cfg"]
+    return captured["cfg"], captured["run_dir"]
 
 
 def _log_failure(job: Job, text: str) -> None:
@@ -232,12 +232,12 @@ def _run_group(launcher, jobs: list[Job]) -> None:
 
     names = ", ".join(j.label for j in jobs)
     note = f"trained by hydra/launcher=batched as one program of {len(jobs)} runs: {names}"
-    cfgs = [_prepare(launcher, job, note) for job in jobs]
+    prepared = [_prepare(launcher, job, note) for job in jobs]
     configure_log(launcher.config.hydra.hydra_logging, launcher.config.hydra.verbose)
     label = f"{len(jobs)} runs"
     log.info(f"Training {len(jobs)} runs as one program: {names}")
     try:
-        statuses = train_group([(cfg, job.run_dir) for cfg, job in zip(cfgs, jobs, strict=True)], label)
+        statuses = train_group(prepared, label)
     except UserError as err:
         log.info(f"Not as one program ({err}): running these {len(jobs)} jobs one by one")
         for job in jobs:
