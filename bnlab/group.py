@@ -30,6 +30,7 @@ from bnlab.checkpoint import load_checkpoint
 from bnlab.config import validate
 from bnlab.data import Dataset, load_dataset
 from bnlab.errors import UserError
+from bnlab.norms import finish_training
 from bnlab.progress import Progress
 from bnlab.record import Recorder
 from bnlab.stacked import StackedAdamW, StackedMLP, StackedOptimizer, StackedSGD, train_step, unstackable
@@ -66,8 +67,6 @@ def not_vectorized(cfg: DictConfig) -> str | None:
     for key in ("compile", "amp", "cuda_graph"):
         if cfg.train.get(key, False):
             return f"train.{key}=true is not vectorized"
-    if cfg.probe.enabled and cfg.probe.get("landscape_every", 0):
-        return "probe.landscape_every runs with the trainer's own loop only"
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return "torchrun processes train one run each"
     return None
@@ -202,6 +201,7 @@ class Group:
         log_every, eval_every = int(tcfg.log_every), int(tcfg.eval_every)
         checkpoint_every, stop_on_divergence = int(tcfg.checkpoint_every), bool(tcfg.stop_on_divergence)
         probe_every = int(first.cfg.probe.every) if first.prober is not None else 0
+        landscape_every = first.prober.landscape_every if first.prober is not None else 0
         schedules = ([OmegaConf.to_object(m.cfg.optim) for m in self.members]
                      if first.cfg.optim.schedule == "cosine" else None)
         steps_since_log = 0
@@ -230,11 +230,16 @@ class Group:
                     self.optimizer.set_lr(lrs)
                     for member, lr in zip(self.members, lrs, strict=True):
                         member.optimizer.param_groups[0]["lr"] = lr
-                for row, member in enumerate(self.members):  # gradient ICS leaves the program
-                    if member.prober is not None and member.prober.wants_ics(self.step + 1):
-                        self.export_optimizer_state(member)
-                        member.prober.ics(self.step + 1, member.model, member.optimizer,
-                                          x[row], y[row], recorders[member])
+                # Gradient ICS and the loss landscape leave the program: per member, before its step.
+                ics = first.prober is not None and first.prober.wants_ics(self.step + 1)
+                landscape = landscape_every and (self.step + 1) % landscape_every == 0
+                for row, member in enumerate(self.members if ics or landscape else ()):
+                    self.export_optimizer_state(member)
+                    args = (self.step + 1, member.model, member.optimizer, x[row], y[row], recorders[member])
+                    if ics:
+                        member.prober.ics(*args)
+                    if landscape:
+                        member.prober.landscape(*args)
                 loss, correct = train_step(self.net, self.optimizer, x, y, self.task)
                 self.loss_sum += loss
                 self.correct_sum += correct
@@ -267,7 +272,8 @@ class Group:
                 for member in self.members:
                     recorder = recorders[member]
                     if step % eval_every == 0 or last:
-                        member._finish_population_stats(last)
+                        if last:
+                            finish_training(member.model, member.stream)  # BN's inference=population
                         member._evaluate(recorder)
                     if probe_every and step % probe_every == 0:
                         member.prober.probe(step, recorder)
