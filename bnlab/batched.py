@@ -32,11 +32,10 @@ from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrid
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from bnlab.errors import UserError
-from bnlab.record import SCALARS_CSV, SUMMARY_JSON
+from bnlab.rundir import CHECKPOINT, CONFIG, SCALARS_CSV, SUMMARY_JSON, TRAIN_LOG
 
 log = logging.getLogger(__name__)
 
-HYDRA_DIR = ".hydra"
 KEPT = ("completed", "diverged")  # statuses of runs that a re-run of the sweep leaves as they are
 
 
@@ -94,9 +93,8 @@ def _inspect(job: Job) -> None:
     import json
 
     from bnlab.resume import RESUMABLE_KEYS
-    from bnlab.train import CHECKPOINT
 
-    saved_config = job.run_dir / HYDRA_DIR / "config.yaml"
+    saved_config = job.run_dir / CONFIG
     if not saved_config.is_file():
         job.previous = "restart" if job.run_dir.is_dir() and any(job.run_dir.iterdir()) else "new"
         return
@@ -134,8 +132,6 @@ def _inspect(job: Job) -> None:
 
 def _clear(run_dir: Path) -> None:
     """Remove what an earlier attempt without a checkpoint wrote (not Hydra's files)."""
-    from bnlab.train import CHECKPOINT
-
     for name in (SCALARS_CSV, SUMMARY_JSON):
         (run_dir / name).unlink(missing_ok=True)
     for events in run_dir.glob("events.out.tfevents.*"):
@@ -214,16 +210,16 @@ def _prepare(launcher, job: Job, note: str) -> tuple[DictConfig, Path]:
 
     def task(cfg: DictConfig) -> None:
         captured.update(cfg=cfg, run_dir=Path(HydraConfig.get().runtime.output_dir))
-        log.info(note)
+        _append_log(captured["run_dir"], note + "\n")
 
     job.result = run_job(hydra_context=launcher.hydra_context, task_function=task, config=job.config,
                          job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
     return captured["cfg"], captured["run_dir"]
 
 
-def _log_failure(job: Job, text: str) -> None:
-    """Append to the job's log (Hydra's ``<hydra.job.name>.log`` in its run directory)."""
-    with open(job.run_dir / f"{job.config.hydra.job.name}.log", "a") as f:
+def _append_log(run_dir: Path, text: str) -> None:
+    """Append to the job's log in its run directory (not to the terminal)."""
+    with open(run_dir / TRAIN_LOG, "a") as f:
         f.write(text)
 
 
@@ -231,7 +227,7 @@ def _run_group(launcher, jobs: list[Job]) -> None:
     from bnlab.group import train_group
 
     names = ", ".join(j.label for j in jobs)
-    note = f"trained by hydra/launcher=batched as one program of {len(jobs)} runs: {names}"
+    note = f"bnlab: trained by hydra/launcher=batched as one program of {len(jobs)} runs: {names}"
     prepared = [_prepare(launcher, job, note) for job in jobs]
     configure_log(launcher.config.hydra.hydra_logging, launcher.config.hydra.verbose)
     label = f"{len(jobs)} runs"
@@ -247,12 +243,15 @@ def _run_group(launcher, jobs: list[Job]) -> None:
         import traceback
 
         for job in jobs:
-            _log_failure(job, traceback.format_exc())
+            _append_log(job.run_dir, traceback.format_exc())
             job.result.status = JobStatus.FAILED
             job.result.return_value = err
         return
-    for job, status in zip(jobs, statuses, strict=True):
-        log.info(f"\t{job.label}: {status} ({job.run_dir})")
+    from bnlab.outcome import headline, read_summary
+
+    for job, status in zip(jobs, statuses, strict=True):  # what a sweep's job says at its end
+        print(f"bnlab: [{job.label}] {headline(read_summary(job.run_dir) or {'status': status})}",
+              flush=True)
     if "interrupted" in statuses:
         from bnlab.train import EXIT_INTERRUPTED
 
@@ -292,6 +291,10 @@ def launch(launcher, job_overrides, initial_job_idx: int) -> list[JobReturn]:
                 "restart": " (no checkpoint: starts again)"}[job.previous]
         log.info(f"\t#{job.idx} : {' '.join(filter_overrides(job.overrides))}{note}")
     for job in jobs:
+        if job.previous in ("keep", "resume"):
+            # This sweep accounts for the run (its end counts runs by their .hydra/ time),
+            # though Hydra does not write its .hydra/ again.
+            os.utime(job.run_dir / CONFIG)
         if job.previous == "keep":
             job.result = _kept(job)
         elif job.previous == "restart":

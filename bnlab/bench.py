@@ -274,7 +274,8 @@ def _train_seeds(job: tuple) -> float:
     data_name, overrides, seeds, steps, threads = job
     from bnlab.config import compose
     from bnlab.data import load_dataset
-    from bnlab.train import Trainer, seed_everything, setup_process
+    from bnlab.process import seed_everything, setup_process
+    from bnlab.train import Trainer
 
     seconds = 0.0
     for seed in seeds:

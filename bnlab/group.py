@@ -15,6 +15,7 @@ A member whose training loss stops being finite is marked ``diverged`` and, with
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
@@ -28,21 +29,16 @@ from omegaconf import DictConfig, OmegaConf
 
 from bnlab.checkpoint import load_checkpoint
 from bnlab.config import validate
-from bnlab.data import Dataset, load_dataset
+from bnlab.data import load_dataset
 from bnlab.errors import UserError
-from bnlab.norms import finish_training
+from bnlab.lock import hold
+from bnlab.preflight import check_against_data
+from bnlab.process import seed_everything, setup_process
 from bnlab.progress import Progress
 from bnlab.record import Recorder
+from bnlab.rundir import CHECKPOINT
 from bnlab.stacked import StackedAdamW, StackedMLP, StackedOptimizer, StackedSGD, train_step, unstackable
-from bnlab.train import (
-    CHECKPOINT,
-    EXIT_INTERRUPTED,
-    Interrupted,
-    Trainer,
-    learning_rate,
-    seed_everything,
-    setup_process,
-)
+from bnlab.train import EXIT_INTERRUPTED, Interrupted, Trainer, learning_rate
 
 # The keys in which the members of one program may differ.
 VARYING_KEYS = ("seed", "optim.lr", "optim.momentum", "optim.weight_decay")
@@ -70,16 +66,6 @@ def not_vectorized(cfg: DictConfig) -> str | None:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return "torchrun processes train one run each"
     return None
-
-
-def _check_against_data(cfg: DictConfig, data: Dataset) -> None:
-    """The config checks that need the data set, as ``bnlab.train.run`` makes them."""
-    if cfg.train.batch_size > len(data.train):
-        raise UserError(f"train.batch_size={cfg.train.batch_size} is not valid: the {data.name} "
-                        f"training split has only {len(data.train)} examples")
-    if cfg.probe.enabled and cfg.probe.batch_size > len(data.train):
-        raise UserError(f"probe.batch_size={cfg.probe.batch_size} is not valid: the {data.name} "
-                        f"training split has only {len(data.train)} examples")
 
 
 class Member(Trainer):
@@ -120,9 +106,9 @@ class Group:
             raise ValueError(reason)
         self.net = StackedMLP([m.model for m in self.members])
         self.optimizer = self._build_optimizer()
-        size = len(self.members)
-        self.loss_sum = torch.zeros(size, device=self.device)
-        self.correct_sum = torch.zeros(size, device=self.device, dtype=torch.long)
+        # a resumed member's sums since its last log step come from its checkpoint
+        self.loss_sum = torch.stack([m.loss_sum for m in self.members]).to(self.device)
+        self.correct_sum = torch.stack([m.correct_sum for m in self.members]).to(self.device)
         for row, member in enumerate(self.members):
             member.group = self
             self._import_optimizer_state(member, row)
@@ -183,29 +169,21 @@ class Group:
 
     # -- the loop
     def run(self) -> dict[Member, str]:
-        """Train every member to the end; returns each member's final status."""
+        """Train every member to the end; returns each member's final status.
+
+        After each step every member does a standalone run's bookkeeping on its own module
+        (:meth:`Trainer._after_step`: log, evaluate, probe, checkpoint, each when due), timed
+        with the program's training time; the group shows its own progress.
+        """
         statuses: dict[Member, str] = {}
         t_start = time.perf_counter()
+        first = self.members[0]
+        progress = Progress(self.total_steps, self.step, str(first.cfg.train.progress), label=self.label)
+        quiet = Progress(self.total_steps, self.step, "off")  # the members' own displays
         recorders = {m: Recorder(m.run_dir, purge_step=m.step + 1 if self.resumed[id(m)] else None)
                      for m in self.members}
         for member in self.members:
-            member.t_start = t_start
-            member.summary("running")
-        first = self.members[0]
-        progress = Progress(self.total_steps, self.step, str(first.cfg.train.progress), label=self.label)
-        if self.step == 0:
-            for member in self.members:
-                if member.prober is not None:
-                    member.prober.probe(0, recorders[member])
-        tcfg = first.cfg.train
-        log_every, eval_every = int(tcfg.log_every), int(tcfg.eval_every)
-        checkpoint_every, stop_on_divergence = int(tcfg.checkpoint_every), bool(tcfg.stop_on_divergence)
-        probe_every = int(first.cfg.probe.every) if first.prober is not None else 0
-        landscape_every = first.prober.landscape_every if first.prober is not None else 0
-        schedules = ([OmegaConf.to_object(m.cfg.optim) for m in self.members]
-                     if first.cfg.optim.schedule == "cosine" else None)
-        steps_since_log = 0
-        t_mark = time.perf_counter()
+            member.t_start, member.started, member._log_step = t_start, True, self.step
 
         def finish(member: Member, status: str) -> None:
             """What a standalone run does after its loop."""
@@ -219,6 +197,14 @@ class Group:
             statuses[member] = status
 
         try:
+            for member in self.members:
+                member.summary("running")
+                if member.prober is not None and self.step == 0:
+                    member.prober.probe(0, recorders[member])
+            every = first.every
+            schedules = ([OmegaConf.to_object(m.cfg.optim) for m in self.members]
+                         if first.cfg.optim.schedule == "cosine" else None)
+            t_mark = time.perf_counter()
             while self.members and self.step < self.total_steps:
                 if self.stop_signal is not None:
                     raise Interrupted
@@ -232,7 +218,7 @@ class Group:
                         member.optimizer.param_groups[0]["lr"] = lr
                 # Gradient ICS and the loss landscape leave the program: per member, before its step.
                 ics = first.prober is not None and first.prober.wants_ics(self.step + 1)
-                landscape = landscape_every and (self.step + 1) % landscape_every == 0
+                landscape = every.landscape and (self.step + 1) % every.landscape == 0
                 for row, member in enumerate(self.members if ics or landscape else ()):
                     self.export_optimizer_state(member)
                     args = (self.step + 1, member.model, member.optimizer, x[row], y[row], recorders[member])
@@ -244,43 +230,29 @@ class Group:
                 self.loss_sum += loss
                 self.correct_sum += correct
                 self.step += 1
-                steps_since_log += 1
-                step, last = self.step, self.step == self.total_steps
-                for member in self.members:
-                    member.step = step
-                logs = step % log_every == 0 or last
+                step = self.step
+                logs = step % every.log == 0 or step == self.total_steps
                 if logs:
                     if self.device.type == "cuda":
                         torch.cuda.synchronize()
                     train_time = time.perf_counter() - t_mark
-                    stopped = []
-                    for member in self.members:
-                        member.seen = steps_since_log
-                        mean_loss = member._log_train(recorders[member], train_time, steps_since_log)
-                        if not math.isfinite(mean_loss):
-                            member.diverged_step = step
-                            progress.message(f"diverged: {member.run_dir.name}: train/loss={mean_loss} "
-                                             f"at step {step}")
-                            if stop_on_divergence:
-                                stopped.append(member)
-                    steps_since_log = 0
-                    self._show(progress, step)
-                    for member in stopped:
-                        finish(member, "diverged")
-                    if stopped:
-                        self._leave(stopped)
+                stopped = []
                 for member in self.members:
-                    recorder = recorders[member]
-                    if step % eval_every == 0 or last:
-                        if last:
-                            finish_training(member.model, member.stream)  # BN's inference=population
-                        member._evaluate(recorder)
-                    if probe_every and step % probe_every == 0:
-                        member.prober.probe(step, recorder)
-                    if step % checkpoint_every == 0 or last:
-                        member.save()
+                    member.step, member.seen = step, member.seen + 1
+                    if logs:  # its steps/s: the program's, not counting the members logged before it
+                        member._t_mark = time.perf_counter() - train_time
+                    if member._after_step(recorders[member], quiet):
+                        stopped.append(member)
+                    if member.diverged_step == step:
+                        progress.message(f"diverged: {member.run_dir.name}: train/loss="
+                                         f"{member.final['train/loss']} at step {step}")
                 if logs:
+                    self._show(progress, step)
                     t_mark = time.perf_counter()  # eval, probes and checkpoints are not train time
+                for member in stopped:
+                    finish(member, "diverged")
+                if stopped:
+                    self._leave(stopped)
             for member in list(self.members):
                 finish(member, "diverged" if member.diverged_step is not None else "completed")
         except Interrupted:
@@ -291,7 +263,7 @@ class Group:
                 statuses[member] = "interrupted"
         except BaseException as err:
             for member, recorder in recorders.items():
-                recorder.close()
+                recorder.abandon()
                 member.summary("failed", error=f"{type(err).__name__}: {err}")
             raise
         finally:
@@ -299,7 +271,9 @@ class Group:
         return statuses
 
     def _show(self, progress: Progress, step: int) -> None:
-        finals = [m.final for m in self.members]
+        finals = [m.final for m in self.members if "train/loss" in m.final]
+        if not finals:
+            return
         losses = [f["train/loss"] for f in finals if math.isfinite(f["train/loss"])]
         shown = {"runs": len(self.members),
                  "mean loss": sum(losses) / len(losses) if losses else math.nan}
@@ -335,7 +309,7 @@ def build_group(jobs: Sequence[tuple[DictConfig, Path]], label: str = "batched")
             raise UserError(reason)
     device = setup_process(cfgs[0])
     data = load_dataset(cfgs[0].data, device)
-    _check_against_data(cfgs[0], data)
+    check_against_data(cfgs[0], data.shape, len(data.train), data.num_classes)
     members, resumed = [], []
     for cfg, run_dir in jobs:
         seed_everything(cfg.seed)  # the model's initialization: the standalone run's
@@ -350,12 +324,15 @@ def build_group(jobs: Sequence[tuple[DictConfig, Path]], label: str = "batched")
 def train_group(jobs: Sequence[tuple[DictConfig, Path]], label: str = "batched") -> list[str]:
     """Train the runs ``jobs`` = [(cfg, run dir)] as one program (see :func:`build_group`);
     returns their statuses: completed, diverged or interrupted (SIGINT, SIGTERM)."""
-    group = build_group(jobs, label)
-    members = list(group.members)
-    previous = _install_signal_handlers(group)
-    try:
-        statuses = group.run()
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    with contextlib.ExitStack() as locks:
+        for _, run_dir in jobs:  # one writer per run directory (RunLocked is a UserError)
+            locks.enter_context(hold(Path(run_dir)))
+        group = build_group(jobs, label)
+        members = list(group.members)
+        previous = _install_signal_handlers(group)
+        try:
+            statuses = group.run()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
     return [statuses[m] for m in members]
