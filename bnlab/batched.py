@@ -19,6 +19,7 @@ The launcher (``hydra_plugins/bnlab_batched_launcher``) hands the sweep's jobs t
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
 import shutil
@@ -90,10 +91,13 @@ def _flat(tree: dict[str, Any], skip: tuple[str, ...]) -> dict[str, Any]:
 
 def _inspect(job: Job) -> None:
     """Set ``job.previous`` (and ``start_step``) from what its run directory already holds."""
-    import json
-
+    from bnlab.lock import holder, refusal
+    from bnlab.outcome import read_summary
     from bnlab.resume import RESUMABLE_KEYS
 
+    pid = holder(job.run_dir)
+    if pid is not None:  # a live process writes it: touch nothing
+        raise UserError(refusal(job.run_dir, pid))
     saved_config = job.run_dir / CONFIG
     if not saved_config.is_file():
         job.previous = "restart" if job.run_dir.is_dir() and any(job.run_dir.iterdir()) else "new"
@@ -107,11 +111,7 @@ def _inspect(job: Job) -> None:
         key = changed[0]
         raise UserError(f"{job.run_dir} holds a run of another config ({key}: {saved.get(key)!r} "
                         f"there, {new.get(key)!r} now); choose another hydra.sweep.dir")
-    summary_path = job.run_dir / SUMMARY_JSON
-    try:
-        summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-    except ValueError:
-        summary = {}
+    summary = read_summary(job.run_dir) or {}
     saved_loop = OmegaConf.load(saved_config).get("train", {})
     same_length = all(saved_loop.get(k) == job.task["train"].get(k) for k in ("steps", "epochs"))
     if summary.get("status") in KEPT and same_length:
@@ -142,8 +142,6 @@ def _clear(run_dir: Path) -> None:
 # ---------------------------------------------------------------- grouping
 def group_key(task: dict[str, Any], vary: list[str], start_step: int) -> str | None:
     """The key shared by jobs that can run as one program, or None when the job cannot."""
-    import json
-
     from bnlab.group import not_vectorized
 
     cfg = OmegaConf.create(task)
