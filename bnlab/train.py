@@ -27,7 +27,7 @@ from bnlab.checkpoint import load_checkpoint, rng_states, save_checkpoint, set_r
 from bnlab.config import validate
 from bnlab.data import BatchStream, Dataset, load_dataset
 from bnlab.errors import UserError
-from bnlab.evaluation import evaluate, loss_function
+from bnlab.evaluation import eval_interval, evaluate, loss_function
 from bnlab.models import Net, build_model
 from bnlab.norms import Norm
 from bnlab.progress import Progress
@@ -344,7 +344,7 @@ class Trainer:
             self.prober.probe(0, recorder)
         status = "completed"
         # Plain ints: an OmegaConf attribute read costs ~30 us, a tenth of a small CPU step.
-        log_every, eval_every = int(tcfg.log_every), int(tcfg.eval_every)
+        log_every, eval_every = int(tcfg.log_every), eval_interval(tcfg.eval_every, self.total_steps)
         checkpoint_every, stop_on_divergence = int(tcfg.checkpoint_every), bool(tcfg.stop_on_divergence)
         probe_every = int(cfg.probe.every) if self.prober is not None else 0
         cosine = cfg.optim.schedule == "cosine"
@@ -415,7 +415,7 @@ class Trainer:
         from bnlab.runs import flatten
 
         config = flatten(OmegaConf.to_container(self.cfg, resolve=True))
-        skip = ("resume", "train.progress", "train.threads", "data.root")
+        skip = ("resume", "train.progress", "train.threads", "data.root", "claims")
         recorder.hparams({k: v for k, v in config.items() if k not in skip},
                          {k: v for k, v in self.final.items() if k.startswith(("test/", "train/"))})
 
