@@ -89,7 +89,8 @@ def main(argv: list[str]) -> int:
             print(f"bnlab: error: no runs under {where} (a run directory holds .hydra/config.yaml)",
                   file=sys.stderr)
             return 2
-        load_scalars(runs, tags=[*REPORT_TAGS, args.metric, *claim_metrics(runs)])
+        load_scalars(runs, tags=[*REPORT_TAGS, *([args.metric] if args.metric else []),
+                                 *claim_metrics(runs)])
         roots = [Path(p).expanduser().resolve() for p in args.paths]
         report = build_report(runs, roots, args.by, args.metric, args.target, args.x)
         claims = judge_all(runs, report.keys)
@@ -121,8 +122,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="where report.md, summary.csv and figures go (default: PATH/report)")
     parser.add_argument("--by", metavar="KEY,...", type=_key_list,
                         help="group by these config keys (default: the keys that differ)")
-    parser.add_argument("--metric", default="test/acc", metavar="TAG",
-                        help="the tag timed by 'steps to target' (default: test/acc)")
+    parser.add_argument("--metric", metavar="TAG",
+                        help="the tag timed by 'steps to target' (default: test/acc, or "
+                             "test/loss for runs without accuracy)")
     parser.add_argument("--target", default=AUTO, type=_target, metavar="VALUE",
                         help="the value of --metric to reach (default: auto, see below)")
     parser.add_argument("--x", metavar="KEY",
@@ -309,7 +311,7 @@ def excluded_rows(report: Report) -> list[list[str]]:
 # ---------------------------------------------------------------- a metric against a swept key
 def pivot_rows(report: Report, name: str) -> tuple[list[str], list[list[str]]]:
     """Groups x values of the swept key: mean ± std over seeds of ``name`` (final_metric or
-    best_metric); ``(k/n)`` when only k of a cell's n runs completed."""
+    best_metric); ``(k/n, ...)`` when only k of a cell's n runs completed, and what the others did."""
     axis = report.axis
     others = [display_key(k) for k in report.keys if k != axis.key]
     header = [", ".join(others) or "group",
@@ -324,7 +326,7 @@ def pivot_rows(report: Report, name: str) -> tuple[list[str], list[list[str]]]:
                 continue
             text = _fmt_mean_std(g.values_of(name), _digits(report.metric))
             done = len(g.completed)
-            row.append(text if done == len(g.runs) else f"{text} ({done}/{len(g.runs)})")
+            row.append(text if done == len(g.runs) else f"{text} ({_fmt_runs(g)})")
         rows.append(row)
     return header, rows
 

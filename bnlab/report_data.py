@@ -292,10 +292,11 @@ class Report:
 
 
 def build_report(runs: list[Run], roots: list[Path], by: Sequence[str] | None = None,
-                 metric: str = "test/acc", target: float | str = AUTO,
+                 metric: str | None = None, target: float | str = AUTO,
                  x: str | None = None) -> Report:
     """Group ``runs``, choose the target, and compute every completed run's numbers.
 
+    ``metric`` None: ``test/acc``, or ``test/loss`` for runs without accuracy (a regression).
     ``x`` names a key to plot ``metric`` against (it joins the group keys if it varies but
     does not split the groups further); without it, the one numeric group key, if there is one.
     """
@@ -313,6 +314,9 @@ def build_report(runs: list[Run], roots: list[Path], by: Sequence[str] | None = 
     # A run without a readable config belongs to no group; it is listed with the others.
     groups = make_groups([run for run in runs if run.config], keys)
     completed = [run for run in runs if run.status == "completed"]
+    if metric is None:
+        regression = completed and not any("test/acc" in run.scalars for run in completed)
+        metric = "test/loss" if regression else "test/acc"
     if completed and not any(metric in run.scalars for run in completed):
         raise UserError(f"--metric {metric}: no completed run logged this tag "
                         "(for example test/acc, test/loss or train/loss)")

@@ -535,7 +535,8 @@ def test_diverged_runs_are_judged_failed_and_killed_ones_are_not(tmp_path):
                       [BN_BETTER], status=status)
     (judgement,), _ = judged_on(tmp_path)
     than = judgement.comparisons[0].than
-    assert than.runs == 3 and than.diverged == 2 and sorted(than.values) == [0.1, 0.11, 0.12]
+    assert than.runs == 3 and than.diverged == 2
+    assert than.values == pytest.approx([0.1, 0.11, 0.12])  # the failed run is left out
     assert judgement.verdict == "reproduced"
 
 
@@ -723,3 +724,61 @@ def test_report_modules_are_in_no_import_cycle():
     for name in ("report", "report_data", "report_figures", "claims", "runs"):
         assert name not in reachable(name), f"bnlab.{name} imports itself through a cycle"
     assert "report" not in reachable("report_figures") | reachable("claims")
+
+
+# ---------------------------------------------------------------- the presets' claims
+PRESETS = sorted(p.stem for p in (Path(__file__).resolve().parent.parent / "configs" /
+                                  "experiment").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_preset_states_claims_its_own_sweep_can_judge(preset):
+    """Each claim reads, and names keys and values that the preset's sweep produces."""
+    import yaml
+
+    from bnlab.claims import parse_claim
+    from bnlab.runs import flatten
+
+    raw = compose(f"experiment={preset}")
+    config = flatten({k: v for k, v in _plain(raw).items() if k != "claims"})
+    claims = [parse_claim(c) for c in _plain(raw)["claims"]]
+    assert claims, f"{preset} states no claims"
+    assert len({c.id for c in claims}) == len(claims)
+    path = Path(__file__).resolve().parent.parent / "configs" / "experiment" / f"{preset}.yaml"
+    swept = (yaml.safe_load(path.read_text()).get("hydra") or {}).get("sweeper", {}).get("params", {})
+    for claim in claims:
+        for name, value in [*claim.better.items(), *claim.than.items(), *claim.where.items()]:
+            key = name if name in config else f"{name}.name"
+            assert key in config, f"{preset}/{claim.id}: no config key {name}"
+            produced = {str(v) for v in str(swept[name]).split(",")} if name in swept else set()
+            values = value if isinstance(value, list) else [value]
+            for v in values:
+                assert (str(v) in produced or float_eq(v, produced) or v == config[key]), \
+                    f"{preset}/{claim.id}: {name}={v} is not in the preset's sweep"
+
+
+def _plain(node):
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(node, resolve=True)
+
+
+def float_eq(value, texts: set[str]) -> bool:
+    try:
+        return any(float(t) == float(value) for t in texts)
+    except (TypeError, ValueError):
+        return False
+
+
+def test_claims_stay_out_of_training_and_tensorboard_hparams(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import metadata
+
+    run_dir = tmp_path / "run"
+    overrides = ["experiment=lr_sensitivity", "data=digits", "train.steps=10", "probe=off"]
+    assert train_in_process(run_dir, *overrides) == "completed"
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    content = events.PluginTagToContent(metadata.PLUGIN_NAME)
+    start = metadata.parse_session_start_info_plugin_data(content[metadata.SESSION_START_INFO_TAG])
+    assert "optim.lr" in start.hparams and not any(k.startswith("claims") for k in start.hparams)
