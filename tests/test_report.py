@@ -782,3 +782,33 @@ def test_claims_stay_out_of_training_and_tensorboard_hparams(tmp_path):
     content = events.PluginTagToContent(metadata.PLUGIN_NAME)
     start = metadata.parse_session_start_info_plugin_data(content[metadata.SESSION_START_INFO_TAG])
     assert "optim.lr" in start.hparams and not any(k.startswith("claims") for k in start.hparams)
+
+
+# ---------------------------------------------------------------- scripts/reproduce.sh
+REPRODUCE = Path(__file__).resolve().parent.parent / "scripts" / "reproduce.sh"
+
+
+def test_reproduce_without_a_preset_is_one_line_and_exit_2():
+    for args in ([], ["norm=bn"]):  # an override where the preset should be
+        result = subprocess.run(["bash", str(REPRODUCE), *args], capture_output=True, text=True)
+        assert result.returncode == 2 and result.stdout == ""
+        assert result.stderr.startswith("usage: scripts/reproduce.sh <preset>")
+
+
+@pytest.mark.slow
+def test_reproduce_runs_the_ioffe_sweep_and_judges_every_claim(tmp_path):
+    import os
+
+    env = {**os.environ, "BNLAB": f"{sys.executable} -m bnlab", "SWEEP": str(tmp_path / "sweep"),
+           "N_JOBS": "2", "BNLAB_DATA": str(tmp_path / "data")}
+    result = subprocess.run(["bash", str(REPRODUCE), "ioffe_fig1", "data=digits", "train.steps=60",
+                             "probe.every=10", "probe.batch_size=200", "train.threads=1"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-2000:]
+    runs = find_runs([tmp_path / "sweep"])
+    assert sorted((r.config["norm.name"], r.seed) for r in runs) == [
+        (n, s) for n in ("bn", "none") for s in (0, 1, 2)]
+    claims = (tmp_path / "sweep" / "report" / "report.md").read_text().split("## Claims")[1]
+    for claim in runs[0].claims:
+        row = next(line for line in claims.splitlines() if line.startswith(f"| {claim['id']}:"))
+        assert any(f"| {v} (" in row for v in ("reproduced", "not reproduced", "inconclusive"))
