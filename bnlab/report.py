@@ -155,6 +155,8 @@ def _target(text: str) -> float | str:
 def _fmt(value: float | None, digits: int = 3) -> str:
     if value is None or not math.isfinite(value):
         return "—"
+    if abs(value) < 1e-12:  # rounding noise, e.g. the spread of equal values
+        value = 0.0
     if value != 0 and abs(value) < 10 ** -digits:
         return f"{value:.{digits - 1}g}"
     return f"{value:.{digits}f}"
@@ -326,7 +328,9 @@ def pivot_rows(report: Report, name: str) -> tuple[list[str], list[list[str]]]:
                 continue
             text = _fmt_mean_std(g.values_of(name), _digits(report.metric))
             done = len(g.completed)
-            row.append(text if done == len(g.runs) else f"{text} ({_fmt_runs(g)})")
+            others = ", ".join(f"{n} {status}" for status, n in sorted(g.counts().items())
+                               if status != "completed")
+            row.append(text if not others else f"{text} ({done}/{len(g.runs)}; {others})")
         rows.append(row)
     return header, rows
 

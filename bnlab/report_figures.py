@@ -19,8 +19,10 @@ from bnlab.report_data import (
     Group,
     Report,
     axis_figure_name,
+    best_of,
     display_key,
     display_value,
+    higher_is_better,
     layer_tags,
     nonlinearity_point,
 )
@@ -285,7 +287,10 @@ def ics(groups: list[Group], colors: dict):
 
 def metric_vs_key(axis: Axis, metric: str):
     """Final and best ``metric`` against the swept key: per line, the mean over seeds with
-    markers and the seeds' min..max as a band; a log x axis when the values span 10x or more."""
+    markers and the seeds' min..max as a band; a log x axis when the values span 10x or more.
+
+    Diverged runs are not averaged (as in the tables) but shown, as crosses at their last
+    evaluation: a learning rate where every seed diverged must not look like a missing point."""
     import matplotlib.pyplot as plt
     from matplotlib.ticker import NullLocator
 
@@ -307,10 +312,13 @@ def metric_vs_key(axis: Axis, metric: str):
                     low.append(min(values))
                     high.append(max(values))
                     n.append(len(values))
+            color = cmap(i % 20)
+            crosses = diverged_points(axis, line, positions, metric, what)
+            if crosses:
+                ax.plot(*zip(*crosses, strict=True), "x", color=color, ms=8, mew=2)
             if not xs:
                 continue
             drawn = True
-            color = cmap(i % 20)
             seeds = f"n={min(n)}" if min(n) == max(n) else f"n={min(n)}-{max(n)}"
             ax.plot(xs, mean, "o-", color=color, lw=1.8, ms=5, label=f"{label} ({seeds})")
             if max(n) > 1:
@@ -326,7 +334,25 @@ def metric_vs_key(axis: Axis, metric: str):
         plt.close(fig)
         return None
     axes[0].set_ylabel(metric)
+    if any(line.get_marker() == "x" for ax in axes for line in ax.lines):
+        axes[0].plot([], [], "x", color="0.3", ms=8, mew=2, label="diverged run (last evaluation)")
     fig.suptitle(f"{metric} against {display_key(axis.key)} (line: mean over seeds; "
                  "band: min to max)")
     legend_below(fig, axes[:1])
     return fig
+
+
+def diverged_points(axis: Axis, line: dict, positions: list, metric: str,
+                    what: str) -> list[tuple[float, float]]:
+    """(x, final or best ``metric``) of each diverged run of a line."""
+    points = []
+    for x, value in zip(positions, axis.values, strict=True):
+        g = axis.group(line, value)
+        for run in g.runs if g is not None else []:
+            series = run.scalars.get(metric) if run.status == "diverged" else None
+            if series is None or not len(series.values):
+                continue
+            y = series.values[-1] if what == "final" else best_of(series, higher_is_better(metric))
+            if y is not None and np.isfinite(y):
+                points.append((x, float(y)))
+    return points
