@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from bnlab.norms import build_norm
+from bnlab.norms import build_norm, norm_class
 
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "relu": nn.ReLU,
@@ -72,15 +72,15 @@ def _norm_factory(cfg_norm) -> tuple[NormFactory, bool]:
     def make(num_features: int, dims: int) -> nn.Module:
         return build_norm(name, num_features, dims, **options)
 
-    return make, name != "none"
+    return make, norm_class(name).replaces_bias
 
 
 def build_model(cfg, in_shape: tuple[int, int, int], num_classes: int) -> Net:
     """The network of ``cfg.model`` for inputs of shape (C, H, W)."""
-    make_norm, normalized = _norm_factory(cfg.norm)
+    make_norm, replaces_bias = _norm_factory(cfg.norm)
     norm_first = cfg.norm.position == "before_act"
     # Before the activation the norm's beta replaces the layer's bias (Ioffe & Szegedy, Sec. 3.2).
-    bias = not (normalized and norm_first)
+    bias = not (replaces_bias and norm_first)
     activation = ACTIVATIONS[cfg.activation.name]
 
     def block(layer: nn.Module, width: int, dims: int) -> Block:

@@ -37,7 +37,7 @@ from bnlab.runs import NO_SUMMARY, find_runs, load_scalars
 # The tags a report reads; everything else in scalars.csv is skipped unparsed.
 REPORT_TAGS = ("test/acc", "test/loss", "train/loss", "perf/steps_per_s",
                "drift/layer*/norm/mean", "drift/layer*/pre/mean", "sat/layer*", "pct/layer*",
-               "ics/layer*")
+               "ics/layer*", "landscape/*", "batchnoise/layer*")
 
 DESCRIPTION = """Compare runs: a table per group of runs that differ only in seed, report.md,
 summary.csv and PNG figures.

@@ -29,7 +29,7 @@ from bnlab.data import BatchStream, Dataset, load_dataset
 from bnlab.errors import UserError
 from bnlab.evaluation import eval_interval, evaluate, loss_function
 from bnlab.models import Net, build_model
-from bnlab.norms import Norm
+from bnlab.norms import Norm, finish_training
 from bnlab.progress import Progress
 from bnlab.record import SUMMARY_JSON, Recorder, write_json_atomic
 
@@ -347,6 +347,7 @@ class Trainer:
         log_every, eval_every = int(tcfg.log_every), eval_interval(tcfg.eval_every, self.total_steps)
         checkpoint_every, stop_on_divergence = int(tcfg.checkpoint_every), bool(tcfg.stop_on_divergence)
         probe_every = int(cfg.probe.every) if self.prober is not None else 0
+        landscape_every = self.prober.landscape_every if self.prober is not None else 0
         cosine = cfg.optim.schedule == "cosine"
         optim_cfg = OmegaConf.to_object(cfg.optim) if cosine else None
         steps_since_log, train_time = 0, 0.0
@@ -362,6 +363,8 @@ class Trainer:
                         group["lr"] = learning_rate(optim_cfg, self.step, self.total_steps)
                 if self.prober is not None and self.prober.wants_ics(self.step + 1):
                     self.prober.ics(self.step + 1, self.model, self.optimizer, x, y, recorder)
+                if landscape_every and (self.step + 1) % landscape_every == 0:
+                    self.prober.landscape(self.step + 1, self.model, self.optimizer, x, y, recorder)
                 loss, correct = self.step_fn(x, y)
                 self.loss_sum += loss
                 self.correct_sum += correct
@@ -388,7 +391,8 @@ class Trainer:
                                     else {k: v for k, v in shown.items() if k != "acc"})
                     t_mark = time.perf_counter()
                 if step % eval_every == 0 or last:
-                    self._finish_population_stats(last)
+                    if last:
+                        finish_training(self.model, self.stream)  # BN's inference=population
                     self._evaluate(recorder)
                 if probe_every and step % probe_every == 0:
                     self.prober.probe(step, recorder)
@@ -419,13 +423,6 @@ class Trainer:
         recorder.hparams({k: v for k, v in config.items() if k not in skip},
                          {k: v for k, v in self.final.items() if k.startswith(("test/", "train/"))})
 
-    def _finish_population_stats(self, last: bool) -> None:
-        """BN's ``inference=population`` (Ioffe & Szegedy, Alg. 2) replaces the moving averages."""
-        if last and self.cfg.norm.get("inference") == "population":
-            from bnlab.norms.batchnorm import estimate_population_statistics
-
-            estimate_population_statistics(self.model, self.stream)
-
 
 # ---------------------------------------------------------------- the Hydra task
 def _looks_like_fresh_run(run_dir: Path) -> bool:
@@ -447,9 +444,6 @@ def run(cfg: DictConfig, run_dir: Path) -> str:
     """Train ``cfg`` in ``run_dir`` (resuming from its checkpoint when ``cfg.resume`` is set)."""
     validate(cfg)
     replica = distributed.init_process_group()  # a no-op outside torchrun
-    if cfg.norm.get("sync", False) and cfg.norm.name != "bn":
-        raise UserError(f"norm.sync=true is not valid with norm={cfg.norm.name}: cross-replica "
-                        "statistics exist for norm=bn only")
     device = setup_process(cfg)
     seed_everything(cfg.seed)
     data = load_dataset(cfg.data, device)
