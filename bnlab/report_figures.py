@@ -1,5 +1,5 @@
 """The PNG figures of ``bnlab report``: learning curves, drift, percentiles (Ioffe Fig. 1), ICS,
-loss landscape (Santurkar Fig. 4).
+loss landscape (Santurkar Fig. 4), and a metric against a swept key.
 
 Each curve is a group's mean over its completed runs (seeds) with a band from their minimum to
 their maximum. Imported only when a report draws: matplotlib (Agg backend) costs a second.
@@ -11,14 +11,22 @@ import math
 import textwrap
 from functools import reduce
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
+from bnlab.report_data import (
+    Axis,
+    Group,
+    Report,
+    axis_figure_name,
+    best_of,
+    display_key,
+    display_value,
+    higher_is_better,
+    layer_tags,
+    nonlinearity_point,
+)
 from bnlab.runs import Series
-
-if TYPE_CHECKING:
-    from bnlab.report import Group, Report
 
 STYLE = {"font.size": 11, "axes.titlesize": 12, "axes.labelsize": 11, "legend.fontsize": 10,
          "xtick.labelsize": 10, "ytick.labelsize": 10, "figure.titlesize": 13,
@@ -38,8 +46,12 @@ def draw_all(report: Report, out: Path) -> list[tuple[str, str]]:
     colors = {g.label: plt.get_cmap("tab10" if len(report.groups) <= 10 else "tab20")(i % 20)
               for i, g in enumerate(report.groups)}
     drawn = []
+    axis = report.axis
     with plt.rc_context(STYLE):
         for title, name, draw in [
+            *([(f"{report.metric} against {display_key(axis.key)}",
+                axis_figure_name(report.metric, axis.key),
+                lambda: metric_vs_key(axis, report.metric))] if axis else []),
             ("Test accuracy", "test_acc.png",
              lambda: curves(groups, colors, "test/acc", "Test accuracy", "test accuracy")),
             ("Training loss", "train_loss.png",
@@ -162,8 +174,6 @@ def wrap(text: str, width: int = 40) -> str:
 
 def layers_with(groups: list[Group], tag_pattern: str) -> list[int]:
     """Layer numbers K for which some completed run logged ``tag_pattern.format(K=K)``."""
-    from bnlab.report import layer_tags
-
     found = set()
     for g in groups:
         for run in g.completed:
@@ -193,8 +203,6 @@ def curves(groups: list[Group], colors: dict, tag: str, title: str, ylabel: str,
 
 
 def drift(groups: list[Group], colors: dict):
-    from bnlab.report import nonlinearity_point
-
     layers = layers_with(groups, "drift/layer{K}/norm/mean") or layers_with(
         groups, "drift/layer{K}/pre/mean")
     if not layers:
@@ -277,6 +285,79 @@ def ics(groups: list[Group], colors: dict):
                  "(Santurkar et al. 2018)")
     legend_below(fig, list(axes.flat))
     return fig
+
+
+def metric_vs_key(axis: Axis, metric: str):
+    """Final and best ``metric`` against the swept key: per line, the mean over seeds with
+    markers and the seeds' min..max as a band; a log x axis when the values span 10x or more.
+
+    Diverged runs are not averaged (as in the tables) but shown, as crosses at their last
+    evaluation: a learning rate where every seed diverged must not look like a missing point."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullLocator
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6), layout="constrained", sharey=True)
+    cmap = plt.get_cmap("tab10" if len(axis.lines) <= 10 else "tab20")
+    positions = (axis.values if axis.numeric
+                 else list(range(len(axis.values))))  # categories: evenly spaced
+    drawn = False
+    for ax, (name, what) in zip(axes, [("final_metric", "final"), ("best_metric", "best")],
+                                strict=True):
+        for i, (label, line) in enumerate(axis.lines):
+            xs, mean, low, high, n = [], [], [], [], []
+            for x, value in zip(positions, axis.values, strict=True):
+                g = axis.group(line, value)
+                values = g.values_of(name) if g is not None else []
+                if values:
+                    xs.append(x)
+                    mean.append(float(np.mean(values)))
+                    low.append(min(values))
+                    high.append(max(values))
+                    n.append(len(values))
+            color = cmap(i % 20)
+            crosses = diverged_points(axis, line, positions, metric, what)
+            if crosses:
+                ax.plot(*zip(*crosses, strict=True), "x", color=color, ms=8, mew=2)
+            if not xs:
+                continue
+            drawn = True
+            seeds = f"n={min(n)}" if min(n) == max(n) else f"n={min(n)}-{max(n)}"
+            ax.plot(xs, mean, "o-", color=color, lw=1.8, ms=5, label=f"{label} ({seeds})")
+            if max(n) > 1:
+                ax.fill_between(xs, low, high, color=color, alpha=0.18, lw=0)
+        if axis.log:
+            ax.set_xscale("log")
+        ax.set_xticks(positions, [display_value(v) for v in axis.values])
+        ax.xaxis.set_minor_locator(NullLocator())  # only the swept values are labelled
+        ax.set_xlabel(display_key(axis.key) + (" (log scale)" if axis.log else ""))
+        ax.set_title(f"{what} {metric}")
+        ax.ticklabel_format(axis="y", useOffset=False)
+    if not drawn:
+        plt.close(fig)
+        return None
+    axes[0].set_ylabel(metric)
+    if any(line.get_marker() == "x" for ax in axes for line in ax.lines):
+        axes[0].plot([], [], "x", color="0.3", ms=8, mew=2, label="diverged run (last evaluation)")
+    fig.suptitle(f"{metric} against {display_key(axis.key)} (line: mean over seeds; "
+                 "band: min to max)")
+    legend_below(fig, axes[:1])
+    return fig
+
+
+def diverged_points(axis: Axis, line: dict, positions: list, metric: str,
+                    what: str) -> list[tuple[float, float]]:
+    """(x, final or best ``metric``) of each diverged run of a line."""
+    points = []
+    for x, value in zip(positions, axis.values, strict=True):
+        g = axis.group(line, value)
+        for run in g.runs if g is not None else []:
+            series = run.scalars.get(metric) if run.status == "diverged" else None
+            if series is None or not len(series.values):
+                continue
+            y = series.values[-1] if what == "final" else best_of(series, higher_is_better(metric))
+            if y is not None and np.isfinite(y):
+                points.append((x, float(y)))
+    return points
 
 
 def landscape(groups: list[Group], colors: dict):

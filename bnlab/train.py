@@ -30,7 +30,7 @@ from bnlab.checkpoint import load_checkpoint, rng_states, save_checkpoint, set_r
 from bnlab.config import validate
 from bnlab.data import BatchStream, Dataset, load_dataset
 from bnlab.errors import UserError, WriteError
-from bnlab.evaluation import evaluate, loss_function
+from bnlab.evaluation import eval_interval, evaluate, loss_function
 from bnlab.lock import RunLocked, hold
 from bnlab.models import Net, build_model
 from bnlab.norms import Norm, finish_training
@@ -129,7 +129,7 @@ class Trainer:
 
             self.prober = Prober(cfg, self.model, data, device)
         self.step_fn = self._make_step()
-        self.every = Every(log=int(tcfg.log_every), eval=int(tcfg.eval_every),
+        self.every = Every(log=int(tcfg.log_every), eval=eval_interval(tcfg.eval_every, self.total_steps),
                            probe=int(cfg.probe.every) if self.prober is not None else 0,
                            landscape=self.prober.landscape_every if self.prober is not None else 0,
                            checkpoint=int(tcfg.checkpoint_every),
@@ -379,7 +379,7 @@ class Trainer:
         from bnlab.runs import flatten
 
         config = flatten(OmegaConf.to_container(self.cfg, resolve=True))
-        skip = ("resume", "train.progress", "train.threads", "data.root")
+        skip = ("resume", "train.progress", "train.threads", "data.root", "claims")
         recorder.hparams({k: v for k, v in config.items() if k not in skip},
                          {k: v for k, v in self.final.items() if k.startswith(("test/", "train/"))})
 

@@ -109,6 +109,17 @@ def test_wheel_carries_the_config_tree_for_a_normal_install(tmp_path):
                                 cwd=tmp_path, capture_output=True, text=True,
                                 env={"PYTHONPATH": str(target)})
     assert from_wheel.stdout.strip() == str(target / "bnlab" / "conf")
+    # hydra/launcher=batched ships as a Hydra plugin, found in the installed copy
+    assert "hydra_plugins/bnlab_batched_launcher/config.py" in names
+    plugin = subprocess.run([sys.executable, "-c", "import hydra_plugins.bnlab_batched_launcher as p; "
+                             "print(p.__file__)"], cwd=tmp_path, capture_output=True, text=True,
+                            env={"PYTHONPATH": str(target)})
+    assert plugin.stdout.startswith(str(target)), plugin.stderr
+    launcher = subprocess.run([sys.executable, "-m", "bnlab", "train", "--cfg", "hydra",
+                               "hydra/launcher=batched"], cwd=tmp_path, capture_output=True, text=True,
+                              env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"})
+    assert launcher.returncode == 0, launcher.stderr
+    assert "hydra_plugins.bnlab_batched_launcher.batched_launcher.BatchedLauncher" in launcher.stdout
 
 
 # ---------------------------------------------------------------- what a run and a sweep end with
