@@ -25,7 +25,7 @@ from torch import Tensor
 from bnlab import __version__, distributed
 from bnlab.checkpoint import load_checkpoint, rng_states, save_checkpoint, set_rng_states
 from bnlab.config import validate
-from bnlab.data import BatchStream, Dataset, load_dataset
+from bnlab.data import Dataset, check_sampler, load_dataset, make_batch_stream
 from bnlab.errors import UserError
 from bnlab.evaluation import evaluate, loss_function
 from bnlab.models import Net, build_model
@@ -183,9 +183,8 @@ class Trainer:
         # DDP only for the training step: evaluation, probes and checkpoints use the module itself.
         self.train_model = distributed.wrap(self.model, device)
         self.optimizer = build_optimizer(cfg.optim, self.model)
-        self.stream = BatchStream(data.train, tcfg.batch_size, cfg.seed,
-                                  augment=bool(cfg.data.get("augment", False)),
-                                  rank=rank, world_size=world_size)
+        self.stream = make_batch_stream(data.train, tcfg.batch_size, cfg.seed, cfg.data,
+                                        rank=rank, world_size=world_size)
         self.prober = None
         if cfg.probe.enabled:
             from bnlab.probes import Prober
@@ -453,6 +452,7 @@ def run(cfg: DictConfig, run_dir: Path) -> str:
     device = setup_process(cfg)
     seed_everything(cfg.seed)
     data = load_dataset(cfg.data, device)
+    check_sampler(cfg.data, data, cfg.train.batch_size)
     if cfg.train.batch_size > len(data.train):
         raise UserError(f"train.batch_size={cfg.train.batch_size} is not valid: the {data.name} "
                         f"training split has only {len(data.train)} examples")

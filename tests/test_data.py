@@ -11,7 +11,20 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from bnlab.data import IDX_FILES, BatchStream, DataError, Split, augment_batch, load_dataset, read_idx
+from bnlab.data import (
+    IDX_FILES,
+    BatchStream,
+    DataError,
+    GroupedBatchStream,
+    Split,
+    augment_batch,
+    check_sampler,
+    load_dataset,
+    read_idx,
+)
+from bnlab.errors import UserError
+
+from conftest import compose, train_in_process
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:
@@ -187,3 +200,91 @@ def test_chunked_gathers_hand_out_the_same_batches_as_one_gather_per_batch():
     for _ in range(20):  # almost three epochs, across chunk and epoch boundaries
         (xa, ya), (xb, yb) = next(chunked), next(single)
         assert torch.equal(ya, yb) and torch.equal(xa, xb)
+
+
+# ---------------------------------------------------------------- grouped batches (Ioffe 2017, 4.3)
+def labelled_split(counts: list[int]) -> Split:
+    """Rows numbered 0..N-1 (x holds the row number), labels in blocks of the given sizes, shuffled."""
+    y = torch.cat([torch.full((n,), c) for c, n in enumerate(counts)])
+    y = y[torch.randperm(len(y), generator=torch.Generator().manual_seed(0))]
+    return Split(torch.arange(float(len(y))).view(-1, 1, 1, 1), y)
+
+
+def test_grouped_batches_hold_k_distinct_labels_times_m_examples():
+    split = labelled_split([30, 25, 41, 12, 19])  # unequal classes
+    stream = GroupedBatchStream(split, batch_size=12, labels_per_batch=3, seed=1, chunk_rows=40)
+    seen = {c: [] for c in range(5)}
+    for _ in range(60):  # many chunks, several passes over the smallest class
+        x, y = next(stream)
+        rows = x.flatten().long()
+        assert torch.equal(split.y[rows], y)  # x and y are the same examples
+        assert len(set(rows.tolist())) == 12  # no example twice in a batch
+        groups = y.view(3, 4)  # K groups of m consecutive rows, one label each, K labels
+        assert (groups == groups[:, :1]).all() and len(set(groups[:, 0].tolist())) == 3
+        for label, group in zip(groups[:, 0].tolist(), rows.view(3, 4), strict=True):
+            seen[label].extend(group.tolist())
+    for c, n in enumerate([30, 25, 41, 12, 19]):
+        usable = n // 4 * 4  # each permutation drops its last n mod m examples
+        for start in range(0, len(seen[c]) - usable + 1, usable):
+            assert len(set(seen[c][start:start + usable])) == usable  # once each per pass
+    # Labels are drawn uniformly: every class leads some batches.
+    assert all(len(v) > 0 for v in seen.values())
+
+
+def test_grouped_stream_is_seeded_and_resumes_exactly_mid_chunk():
+    split = labelled_split([20, 20, 20, 20])
+    first = GroupedBatchStream(split, batch_size=8, labels_per_batch=2, seed=3, chunk_rows=24)
+    same = GroupedBatchStream(split, batch_size=8, labels_per_batch=2, seed=3, chunk_rows=24)
+    other = GroupedBatchStream(split, batch_size=8, labels_per_batch=2, seed=4, chunk_rows=24)
+    batches = [next(first)[1] for _ in range(5)]  # 3 batches a chunk: stop inside the second
+    assert all(torch.equal(a, next(same)[1]) for a in batches)
+    assert not all(torch.equal(a, next(other)[1]) for a in batches)
+    state = first.state_dict()
+    expected = [next(first) for _ in range(20)]
+    resumed = GroupedBatchStream(split, batch_size=8, labels_per_batch=2, seed=99, chunk_rows=24)
+    resumed.load_state_dict(state)
+    for (xa, ya), (xb, yb) in zip(expected, (next(resumed) for _ in range(20)), strict=True):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+def test_grouped_shards_are_the_global_batch():
+    split = labelled_split([15, 15, 15])
+    whole = next(GroupedBatchStream(split, 12, 3, seed=5))[0]
+    shards = [next(GroupedBatchStream(split, 12, 3, seed=5, rank=r, world_size=2))[0] for r in range(2)]
+    assert torch.equal(torch.cat(shards), whole)
+
+
+def test_grouped_sampler_that_cannot_build_its_batches_is_one_clear_error():
+    def error(*overrides: str) -> str:
+        cfg = compose("data=digits", "data.sampler=grouped", *overrides)
+        data = load_dataset(cfg.data, torch.device("cpu"))
+        with pytest.raises(UserError) as err:
+            check_sampler(cfg.data, data, cfg.train.batch_size)
+        assert "\n" not in str(err.value)
+        return str(err.value)
+
+    assert error("data.labels_per_batch=12", "train.batch_size=24") == (
+        "data.labels_per_batch=12 is not valid: digits has 10 classes")
+    # 2 labels x 50 examples: the training split has 50 of every class, the test split has not
+    digits = load_dataset(compose("data=digits").data, torch.device("cpu"))
+    test_counts = torch.bincount(digits.test.y)
+    assert torch.bincount(digits.train.y).min() >= 50 > test_counts.min()
+    assert error("data.labels_per_batch=2", "train.batch_size=100").endswith(
+        f"needs 50 examples of every class; class {int(test_counts.argmin())} of the digits test "
+        f"split has {int(test_counts.min())}")
+
+
+def test_grouped_sampler_is_refused_for_a_regression_task():
+    cfg = compose("data=linear", "data.sampler=grouped", "data.labels_per_batch=2")
+    with pytest.raises(UserError, match="regression task has no labels"):
+        check_sampler(cfg.data, load_dataset(cfg.data, torch.device("cpu")), cfg.train.batch_size)
+
+
+def test_done_when_grouped_digits_run_trains(tmp_path):
+    run = tmp_path / "run"
+    assert train_in_process(run, "data=digits", "data.sampler=grouped", "data.labels_per_batch=2",
+                            "train.batch_size=20", "train.steps=100") == "completed"
+    rows = [line.split(",") for line in (run / "scalars.csv").read_text().splitlines()[1:]]
+    tags = {t for _, t, _ in rows}
+    assert {"train/loss", "test/acc", "test/acc_train_mode"} <= tags
+
