@@ -26,8 +26,8 @@ import torch
 from omegaconf import DictConfig
 from torch import Tensor
 
-from bnlab.data import Dataset, Split
-from bnlab.evaluation import evaluate, loss_function
+from bnlab.data import Dataset
+from bnlab.evaluation import loss_function
 from bnlab.ics import gradient_ics, preserved_rng
 from bnlab.models import Net
 from bnlab.norms import frozen_stats
@@ -36,8 +36,6 @@ POINTS = ("pre", "norm", "act")
 PERCENTILES = (15, 50, 85)
 DRIFT_EPS = 1e-5
 SATURATION_LEVEL = 0.1  # "saturated": the derivative is below 10% of its maximum
-# Norms whose train mode (batch statistics) differs from their eval mode (running statistics).
-BATCH_STATISTIC_NORMS = ("bn", "brn", "noisy_bn", "whiten")
 # The probe batch's own stream; the batch stream uses `seed` and `seed + 1`.
 PROBE_SEED_OFFSET = 7919
 
@@ -142,7 +140,7 @@ class Prober:
     """Measures a model's activations on a fixed probe batch; the trainer calls it.
 
     ``probe`` logs the statistics of the module docstring, ``ics`` the gradient-based ICS of
-    :mod:`bnlab.ics`, ``eval_extras`` the train-mode test accuracy of batch-statistic norms.
+    :mod:`bnlab.ics`.
     None of them changes training: running statistics are frozen, torch's global RNG state is
     restored, and the probe batch comes from a private generator.
     """
@@ -150,7 +148,6 @@ class Prober:
     def __init__(self, cfg: DictConfig, model: Net, data: Dataset, device: torch.device) -> None:
         self.cfg, self.model, self.device = cfg.probe, model, torch.device(device)
         self.ics_every = int(cfg.probe.ics_every)
-        self.norm_name = str(cfg.norm.name)
         self.task = getattr(data, "task", "classification")
         self.bounds = saturation_bounds(str(cfg.activation.name))
         self.fractions = percentile_fractions(self.device)
@@ -268,21 +265,6 @@ class Prober:
             values[f"ics/layer{k}/l2"] = numbers[k - 1]
             values[f"ics/layer{k}/cos"] = numbers[n + k - 1]
         recorder.scalars(step, values)
-
-    # -- evaluation
-    def eval_extras(self, model: Net, split: Split, batch_size: int) -> dict[str, float]:
-        """``test/acc_train_mode`` (``test/loss_train_mode`` for regression): the test metric
-        with batch statistics (frozen running statistics), for batch-statistic norms only.
-
-        The gap to ``test/acc`` shows how far the running estimates are from the batch statistics.
-        """
-        if self.norm_name not in BATCH_STATISTIC_NORMS:
-            return {}
-        with preserved_rng(self.device):  # noisy layers draw noise in train mode
-            loss, acc = evaluate(model, split, batch_size, train_mode=True, task=self.task)
-        if self.task == "classification":
-            return {"test/acc_train_mode": acc}
-        return {"test/loss_train_mode": loss}
 
     # -- checkpoints
     def state_dict(self) -> dict[str, Any]:

@@ -27,7 +27,7 @@ from bnlab.checkpoint import load_checkpoint, rng_states, save_checkpoint, set_r
 from bnlab.config import validate
 from bnlab.data import Dataset, check_sampler, load_dataset, make_batch_stream
 from bnlab.errors import UserError
-from bnlab.evaluation import evaluate, loss_function
+from bnlab.evaluation import evaluate, loss_function, train_mode_metrics
 from bnlab.models import Net, build_model
 from bnlab.norms import Norm
 from bnlab.progress import Progress
@@ -319,9 +319,9 @@ class Trainer:
         values = {"test/loss": loss}
         if self.task == "classification":
             values["test/acc"] = acc
-        if self.prober is not None:
-            values.update(self.prober.eval_extras(self.model, self.data.test,
-                                                  self.cfg.train.eval_batch_size))
+        # Train-mode (batch statistics) metrics on test batches built like the training batches.
+        values.update(train_mode_metrics(self.model, self.data.test, self.cfg.train.batch_size,
+                                         self.cfg.seed, self.cfg.data, self.task))
         recorder.scalars(self.step, values)
         self.final.update(values)
         if self.task == "classification" and acc > self.best.get("test/acc", -1.0):
