@@ -202,6 +202,28 @@ def test_chunked_gathers_hand_out_the_same_batches_as_one_gather_per_batch():
         assert torch.equal(ya, yb) and torch.equal(xa, xb)
 
 
+# ---------------------------------------------------------------- binary inputs (data.binarize)
+def test_binarize_thresholds_at_half_the_maximum_before_standardizing(tmp_path):
+    arrays = tiny_mnist(tmp_path / "MNIST" / "raw", n_train=40)
+    pixels = arrays["train-images-idx3-ubyte"]
+    binary = torch.from_numpy((pixels > 127.5).astype(np.float32))
+    raw_cfg = data_cfg("mnist", tmp_path)
+    raw_cfg.binarize = True
+    data = load_dataset(raw_cfg, torch.device("cpu"))
+    assert torch.equal(data.train.x[:, 0], binary)  # 128 -> 1, 127 -> 0
+    assert set(data.test.x.unique().tolist()) == {0.0, 1.0}
+    std_cfg = data_cfg("mnist", tmp_path, normalize=True)
+    std_cfg.binarize = True
+    standardized = load_dataset(std_cfg, torch.device("cpu")).train.x[:, 0]
+    expected = (binary - binary.mean()) / binary.std()
+    torch.testing.assert_close(standardized, expected)
+
+
+def test_binarize_is_refused_for_a_regression_task():
+    with pytest.raises(UserError, match="data.binarize=true is not valid with data=linear"):
+        load_dataset(compose("data=linear", "data.binarize=true").data, torch.device("cpu"))
+
+
 # ---------------------------------------------------------------- grouped batches (Ioffe 2017, 4.3)
 def labelled_split(counts: list[int]) -> Split:
     """Rows numbered 0..N-1 (x holds the row number), labels in blocks of the given sizes, shuffled."""
