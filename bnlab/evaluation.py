@@ -16,8 +16,8 @@ from bnlab.norms.batchnorm import BatchNorm, TorchBatchNorm
 from bnlab.norms.batchrenorm import BatchRenorm
 from bnlab.norms.whitening import BatchWhitening
 
-# The test batches of the train-mode evaluation have their own stream: the training stream
-# uses `seed` and `seed + 1`, the probe batch `seed + 7919`.
+# The test batches of the train-mode evaluation have their own stream, seeded apart from the
+# training stream (`seed`, `seed + 1`) and the probe batch (probes.PROBE_SEED_OFFSET).
 TRAIN_MODE_SEED_OFFSET = 104729
 # Layers whose train mode normalizes with the batch's statistics (noisy BN is a BatchNorm).
 BATCH_STATISTIC_LAYERS = (BatchNorm, TorchBatchNorm, BatchRenorm, BatchWhitening)
