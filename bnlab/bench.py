@@ -167,7 +167,7 @@ class Bench:
                  ratio=med([a / b for a, b in zip(r["trainer"], textbook, strict=True)]))
 
     def _auto_threads(self) -> int:
-        from bnlab.train import auto_threads
+        from bnlab.process import auto_threads
 
         return auto_threads(self.cfg(*MLP))
 

@@ -7,15 +7,25 @@ value costs nothing and leaves nothing behind.
 
 from __future__ import annotations
 
-import math
 import os
-from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+from omegaconf import MISSING, DictConfig
 
+from bnlab.bounds import (
+    at_least,
+    bounded,
+    check_fields,
+    choice,
+    every_or_never,
+    non_negative,
+    optional_at_least,
+    positive,
+    unit_interval,
+)
+from bnlab.bounds import invalid as _fail
 from bnlab.errors import UserError
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -27,117 +37,8 @@ def config_dir() -> Path:
     return shipped if shipped.is_dir() else PACKAGE_DIR.parent / "configs"
 
 
-# ---------------------------------------------------------------- declaring a value's bounds
-# Every choice and bound lives on its schema field, as metadata: validate() walks the schema.
-Check = Callable[[Any], bool]
-
-
-def choice(default: Any, *options: str) -> Any:
-    """A field whose value must be one of ``options`` (the default is one of them)."""
-    return field(default=default, metadata={"check": lambda v: v in options,
-                                            "accepted": "one of " + ", ".join(options)})
-
-
-def bounded(default: Any, check: Check, accepted: str, factory: bool = False) -> Any:
-    """A field whose value must satisfy ``check``; ``accepted`` says so in an error message."""
-    meta = {"check": check, "accepted": accepted}
-    if factory:
-        return field(default_factory=default, metadata=meta)
-    return field(default=default, metadata=meta)
-
-
-def at_least(default: Any, low: float, what: str = "an integer") -> Any:
-    return bounded(default, lambda v: v >= low, f"{what} >= {low:g}")
-
-
-def optional_at_least(default: Any, low: int, none_means: str) -> Any:
-    return bounded(default, lambda v: v is None or v >= low, f"null ({none_means}) or an integer >= {low}")
-
-
-def unit_interval(default: float) -> Any:
-    return bounded(default, lambda v: 0 <= v <= 1, "a number in [0, 1]")
-
-
-def positive(default: float) -> Any:
-    return bounded(default, lambda v: math.isfinite(v) and v > 0, "a number > 0")
-
-
-def non_negative(default: float) -> Any:
-    return bounded(default, lambda v: v >= 0, "a number >= 0")
-
-
-def every_or_never(default: int) -> Any:
-    return bounded(default, lambda v: v >= 0, "0 (never) or an integer >= 1")
-
-
-# ---------------------------------------------------------------- norm (one schema per variant)
-@dataclass
-class NormConfig:
-    name: str = MISSING
-    position: str = choice("before_act", "before_act", "after_act")
-    sync: bool = False  # cross-replica statistics under torch.distributed
-
-
-@dataclass
-class NoNormConfig(NormConfig):
-    name: str = "none"
-
-
-@dataclass
-class BNConfig(NormConfig):
-    name: str = "bn"
-    momentum: float = unit_interval(0.1)
-    eps: float = positive(1e-5)
-    impl: str = choice("scratch", "scratch", "torch")
-    inference: str = choice("moving", "moving", "population")
-
-
-@dataclass
-class BRNConfig(NormConfig):
-    name: str = "brn"
-    momentum: float = unit_interval(0.01)
-    eps: float = positive(1e-5)
-    r_max: float = at_least(3.0, 1, "a number")
-    d_max: float = non_negative(5.0)
-    warmup_steps: int = at_least(5000, 0)
-    ramp_steps: int = at_least(35000, 0)  # r_max reaches its value at warmup + ramp (paper: 40k steps)
-    d_ramp_steps: int = at_least(20000, 0)  # d_max reaches its value at warmup + d_ramp (paper: 25k)
-
-
-@dataclass
-class LNConfig(NormConfig):
-    name: str = "ln"
-    eps: float = positive(1e-5)
-
-
-@dataclass
-class WhitenConfig(NormConfig):
-    name: str = "whiten"
-    method: str = choice("zca", "zca", "pca", "iter")
-    group_size: int | None = optional_at_least(16, 1, "the whole layer")
-    iters: int = at_least(5, 1)
-    momentum: float = unit_interval(0.1)
-    eps: float = positive(1e-5)
-
-
-@dataclass
-class GNConfig(NormConfig):
-    name: str = "gn"
-    groups: int = at_least(2, 1)  # divides every default width (LeNet's 6 channels included)
-    eps: float = positive(1e-5)
-
-
-@dataclass
-class NoisyBNConfig(BNConfig):
-    name: str = "noisy_bn"
-    mean_range: float = non_negative(0.5)
-    std_low: float = positive(1.0)
-    std_high: float = 1.25
-    mean_jitter: float = non_negative(0.1)
-    std_jitter: float = non_negative(0.1)
-
-
-# ---------------------------------------------------------------- other groups
+# ---------------------------------------------------------------- groups
+# A norm's options schema sits next to its layer, in its module of bnlab.norms (see norm_schemas).
 @dataclass
 class ActivationConfig:
     name: str = "sigmoid"  # one of bnlab.models.ACTIVATIONS (checked in validate)
@@ -251,15 +152,20 @@ class Config:
     data: Any = MISSING
     optim: Any = MISSING
     probe: Any = MISSING
+    # A preset's claims about its paper (docs/report.md): read by `bnlab report`, not by training.
+    claims: list[Any] = field(default_factory=list)
 
 
-NORM_SCHEMAS: dict[str, type] = {
-    "none": NoNormConfig, "bn": BNConfig, "brn": BRNConfig, "ln": LNConfig,
-    "whiten": WhitenConfig, "gn": GNConfig, "noisy_bn": NoisyBNConfig,
-}
 MODEL_SCHEMAS: dict[str, type] = {"mlp": MLPConfig, "cnn": CNNConfig, "vgg": VGGConfig}
 GROUP_SCHEMAS: dict[str, type] = {"activation": ActivationConfig, "data": DataConfig,
                                   "optim": OptimConfig, "probe": ProbeConfig}
+
+
+def norm_schemas() -> dict[str, type]:
+    """The options schema of every norm, by name: each norm declares its own next to its layer."""
+    from bnlab.norms import NORM_SCHEMAS  # imports torch: the layers and their options are one module
+
+    return NORM_SCHEMAS
 
 
 def register_configs() -> None:
@@ -268,7 +174,7 @@ def register_configs() -> None:
 
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=Config)
-    for name, schema in NORM_SCHEMAS.items():
+    for name, schema in norm_schemas().items():
         cs.store(group="schema/norm", name=name, node=schema)
     for name, schema in MODEL_SCHEMAS.items():
         cs.store(group="schema/model", name=name, node=schema)
@@ -277,28 +183,10 @@ def register_configs() -> None:
 
 
 # ---------------------------------------------------------------- validation
-def _plain(node: Any) -> Any:
-    return OmegaConf.to_container(node, resolve=True) if isinstance(node, (DictConfig, ListConfig)) else node
-
-
-def _fail(key: str, value: Any, accepted: str) -> UserError:
-    return UserError(f"{key}={value!r} is not valid: expected {accepted}")
-
-
-def _check_schema(node: DictConfig, schema: type, prefix: str) -> None:
-    """Check every field of ``schema`` that declares a bound (``choice``, ``bounded``...)."""
-    for f in fields(schema):
-        if "check" not in f.metadata or f.name not in node:
-            continue
-        value = _plain(node[f.name])
-        if not f.metadata["check"](value):
-            raise _fail(prefix + f.name, value, f.metadata["accepted"])
-
-
 def schemas_of(cfg: DictConfig) -> list[tuple[str, type]]:
     """(key prefix, schema) of every node of ``cfg``: the top level, the loop, each group's option."""
     found: list[tuple[str, type]] = [("", Config), ("train.", TrainLoopConfig)]
-    norm = NORM_SCHEMAS.get(str(cfg.norm.name)) if "norm" in cfg else None
+    norm = norm_schemas().get(str(cfg.norm.name)) if "norm" in cfg else None
     model = MODEL_SCHEMAS.get(str(cfg.model.name)) if "model" in cfg else None
     for prefix, schema in (("norm.", norm), ("model.", model)):
         if schema is not None:
@@ -333,7 +221,7 @@ def validate(cfg: DictConfig) -> None:
     Checks that need the data set's shape are in :mod:`bnlab.preflight`.
     """
     for prefix, schema in schemas_of(cfg):
-        _check_schema(_node(cfg, prefix), schema, prefix)
+        check_fields(_node(cfg, prefix), schema, prefix)
     from bnlab.models import ACTIVATIONS  # torch is loaded by now: validate runs inside training
 
     if cfg.activation.name not in ACTIVATIONS:
@@ -342,12 +230,12 @@ def validate(cfg: DictConfig) -> None:
         raise _fail("model.paddings", list(cfg.model.paddings),
                     f"one padding per conv layer ({len(cfg.model.channels)})")
     widths = hidden_widths(cfg)
-    norm = cfg.norm
-    if norm.name == "noisy_bn" and norm.std_high < norm.std_low:
-        raise _fail("norm.std_high", norm.std_high, f"a number >= norm.std_low ({norm.std_low})")
-    if norm.name == "gn" and any(w % norm.groups for w in widths):
-        raise _fail("norm.groups", norm.groups,
-                    f"a divisor of every hidden width ({', '.join(map(str, widths))})")
+    from bnlab.norms import norm_class
+
+    norm_schemas()[cfg.norm.name].check(cfg.norm, widths)  # relations between its own keys
+    if cfg.norm.get("sync", False) and not norm_class(cfg.norm.name).supports_sync:
+        raise UserError(f"norm.sync=true is not valid with norm={cfg.norm.name}: it has no "
+                        "cross-replica statistics")
     if widths and cfg.probe.unit >= min(widths):
         raise _fail("probe.unit", cfg.probe.unit,
                     f"an integer below the narrowest hidden width ({min(widths)})")

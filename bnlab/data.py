@@ -472,18 +472,13 @@ class GroupedBatchStream:
 
 
 def check_sampler(cfg, data: Dataset, batch_size: int) -> None:
-    """One clear error, before training, when ``data.sampler=grouped`` cannot build its batches
-    from this data set: K labels x m examples need K classes and m examples of every class, in
-    the training split and in the test split (whose train-mode evaluation uses the same rule)."""
+    """One clear error, before training, when ``data.sampler=grouped`` lacks examples: K labels x
+    m examples need m examples of every class, in the training split and in the test split
+    (whose train-mode evaluation uses the same rule). The number of classes and the task are
+    checked before, with the config (bnlab.preflight)."""
     if cfg.get("sampler", "iid") != "grouped":
         return
     k = int(cfg.labels_per_batch)
-    if data.task != "classification":
-        raise UserError(f"data.sampler=grouped is not valid with data={data.name}: a regression "
-                        "task has no labels to group by")
-    if k > data.num_classes:
-        raise UserError(f"data.labels_per_batch={k} is not valid: {data.name} has "
-                        f"{data.num_classes} classes")
     m = batch_size // k
     for name, split in (("training", data.train), ("test", data.test)):
         counts = torch.bincount(split.y.cpu(), minlength=data.num_classes)

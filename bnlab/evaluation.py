@@ -6,21 +6,14 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from bnlab.data import Split, make_batch_stream
-from bnlab.ics import preserved_rng
 from bnlab.models import Net
-from bnlab.norms import frozen_stats
-from bnlab.norms.batchnorm import BatchNorm, TorchBatchNorm
-from bnlab.norms.batchrenorm import BatchRenorm
-from bnlab.norms.whitening import BatchWhitening
+from bnlab.norms import frozen_stats, uses_batch_statistics
 
 # The test batches of the train-mode evaluation have their own stream, seeded apart from the
 # training stream (`seed`, `seed + 1`) and the probe batch (probes.PROBE_SEED_OFFSET).
 TRAIN_MODE_SEED_OFFSET = 104729
-# Layers whose train mode normalizes with the batch's statistics (noisy BN is a BatchNorm).
-BATCH_STATISTIC_LAYERS = (BatchNorm, TorchBatchNorm, BatchRenorm, BatchWhitening)
 
 
 def loss_function(task: str):
@@ -58,11 +51,6 @@ def evaluate(model: Net, split: Split, batch_size: int, train_mode: bool = False
     return loss_sum.item() / n, correct.item() / n if task == "classification" else math.nan
 
 
-def uses_batch_statistics(model: nn.Module) -> bool:
-    """Whether the model's train mode (batch statistics) differs from its eval mode."""
-    return any(isinstance(m, BATCH_STATISTIC_LAYERS) for m in model.modules())
-
-
 @torch.no_grad()
 def evaluate_train_mode(model: Net, split: Split, batch_size: int, seed: int, data_cfg,
                         task: str = "classification") -> tuple[float, float]:
@@ -73,8 +61,9 @@ def evaluate_train_mode(model: Net, split: Split, batch_size: int, seed: int, da
     examples), from a generator seeded with ``seed + TRAIN_MODE_SEED_OFFSET``: the same batches
     at every evaluation, and no draw from the training stream. Every layer normalizes with the
     batch's statistics (running statistics untouched); torch's global RNG is restored after, so
-    noisy layers' draws here do not shift training. Loss and accuracy are means over all
-    ``n_batches * batch_size`` predictions (about one pass over the split).
+    noisy layers' draws here do not shift training (:func:`bnlab.norms.frozen_stats`). Loss and
+    accuracy are means over all ``n_batches * batch_size`` predictions (about one pass over the
+    split).
     """
     stream = make_batch_stream(split, batch_size, seed + TRAIN_MODE_SEED_OFFSET, data_cfg,
                                augment=False)
@@ -84,7 +73,7 @@ def evaluate_train_mode(model: Net, split: Split, batch_size: int, seed: int, da
     loss_sum = torch.zeros((), device=split.x.device)
     correct = torch.zeros((), device=split.x.device, dtype=torch.long)
     try:
-        with preserved_rng(split.x.device), frozen_stats(model):
+        with frozen_stats(model):  # also restores torch's RNG after noisy layers' draws
             for _ in range(n_batches):
                 x, y = next(stream)
                 loss, hits = _sums(model(x).float(), y, task)

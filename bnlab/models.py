@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from bnlab.norms import build_norm
+from bnlab.norms import build_norm, norm_class
 
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "relu": nn.ReLU,
@@ -72,15 +72,28 @@ def _norm_factory(cfg_norm) -> tuple[NormFactory, bool]:
     def make(num_features: int, dims: int) -> nn.Module:
         return build_norm(name, num_features, dims, **options)
 
-    return make, name != "none"
+    return make, norm_class(name).replaces_bias
+
+
+def conv_plan(model) -> list[tuple[int, int, int] | str]:
+    """The feature extractor of ``cfg.model``: ``(out_channels, kernel_size, padding)`` for a
+    stride-1 conv block, ``"M"`` for a 2x2 pool, in order; empty for an MLP."""
+    if model.name == "cnn":
+        plan: list[tuple[int, int, int] | str] = []
+        for channels, padding in zip(model.channels, model.paddings, strict=True):
+            plan += [(int(channels), int(model.kernel_size), int(padding)), "M"]
+        return plan
+    if model.name == "vgg":
+        return [item if item == "M" else (int(item), 3, 1) for item in model.layers]
+    return []
 
 
 def build_model(cfg, in_shape: tuple[int, int, int], num_classes: int) -> Net:
     """The network of ``cfg.model`` for inputs of shape (C, H, W)."""
-    make_norm, normalized = _norm_factory(cfg.norm)
+    make_norm, replaces_bias = _norm_factory(cfg.norm)
     norm_first = cfg.norm.position == "before_act"
     # Before the activation the norm's beta replaces the layer's bias (Ioffe & Szegedy, Sec. 3.2).
-    bias = not (normalized and norm_first)
+    bias = not (replaces_bias and norm_first)
     activation = ACTIVATIONS[cfg.activation.name]
 
     def block(layer: nn.Module, width: int, dims: int) -> Block:
@@ -90,13 +103,7 @@ def build_model(cfg, in_shape: tuple[int, int, int], num_classes: int) -> Net:
     c, h, w = in_shape
     model = cfg.model
     if model.name in ("cnn", "vgg"):
-        if model.name == "cnn":
-            plan = []
-            for channels, padding in zip(model.channels, model.paddings, strict=True):
-                plan += [(channels, int(model.kernel_size), int(padding)), "M"]
-        else:
-            plan = [item if item == "M" else (int(item), 3, 1) for item in model.layers]
-        for item in plan:
+        for item in conv_plan(model):
             if item == "M":
                 pool = nn.MaxPool2d(2) if getattr(model, "pool", "max") == "max" else nn.AvgPool2d(2)
                 layers.append(pool)

@@ -32,7 +32,7 @@ IGNORED_KEYS = {"seed", "device", "resume", "train.progress", "train.threads", "
 # The tags a report reads; everything else in scalars.csv is skipped unparsed.
 REPORT_TAGS = ("test/acc", "test/loss", "train/loss", "perf/steps_per_s",
                "drift/layer*/norm/mean", "drift/layer*/pre/mean", "sat/layer*", "pct/layer*",
-               "ics/layer*")
+               "ics/layer*", "landscape/*", "batchnoise/layer*")
 AUTO = "auto"
 MISSING = object()
 

@@ -1,4 +1,5 @@
-"""The PNG figures of ``bnlab report``: learning curves, drift, percentiles (Ioffe Fig. 1), ICS.
+"""The PNG figures of ``bnlab report``: learning curves, drift, percentiles (Ioffe Fig. 1), ICS,
+loss landscape (Santurkar Fig. 4).
 
 Each curve is a group's mean over its completed runs (seeds) with a band from their minimum to
 their maximum. Imported only when a report draws: matplotlib (Agg backend) costs a second.
@@ -50,6 +51,8 @@ def draw_all(report: Report, out: Path) -> list[tuple[str, str]]:
              "percentiles.png", lambda: percentiles(groups)),
             ("Gradient-based internal covariate shift (Santurkar et al. 2018)", "ics.png",
              lambda: ics(groups, colors)),
+            ("Loss landscape along the gradient (Santurkar et al. 2018, Fig. 4)", "landscape.png",
+             lambda: landscape(groups, colors)),
         ]:
             fig = draw()
             if fig is not None:
@@ -273,4 +276,46 @@ def ics(groups: list[Group], colors: dict):
     fig.suptitle("Gradient change of each layer caused by the update of the layers below "
                  "(Santurkar et al. 2018)")
     legend_below(fig, list(axes.flat))
+    return fig
+
+
+def landscape(groups: list[Group], colors: dict):
+    """Santurkar et al. (2018), Fig. 4: loss range, gradient change and effective beta along the
+    gradient over training; per group the mean over seeds, bands from their minimum to maximum
+    (the loss panel shades between the seeds' mean loss_min and mean loss_max, as their 4(a))."""
+    drawn = [g for g in groups if group_series(g, lambda run: "landscape/beta")]
+    if not drawn:
+        return None
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(14.5, 4.8), layout="constrained")
+    positive = {0: True, 1: True, 2: True}
+    for g in drawn:
+        lows = group_series(g, lambda run: "landscape/loss_min")
+        highs = group_series(g, lambda run: "landscape/loss_max")
+        if lows and len(lows) == len(highs):
+            steps, values = align(lows + highs)
+            with np.errstate(all="ignore"):
+                low, high = np.nanmean(values[:len(lows)], 0), np.nanmean(values[len(lows):], 0)
+            steps, low, high = thin(steps, low, high)
+            axes[0].fill_between(steps, low, high, color=colors[g.label], alpha=0.3, lw=0,
+                                 label=f"{g.label} (n={len(lows)})")
+            for edge in (low, high):
+                axes[0].plot(steps, edge, color=colors[g.label], lw=0.8)
+            positive[0] &= bool(np.all(low[np.isfinite(low)] > 0))
+        for i, tag in ((1, "landscape/grad_change"), (2, "landscape/beta")):
+            series = group_series(g, lambda run, t=tag: t)
+            if series:
+                plot_band(axes[i], series, colors[g.label], g.label)
+                positive[i] &= all(np.all(s.values[np.isfinite(s.values)] > 0) for s in series)
+    for i, (title, ylabel) in enumerate([
+            ("(a) loss landscape", "loss along the gradient (min to max)"),
+            ("(b) gradient predictiveness", "max ‖∇L(θ − ηg) − g‖₂"),
+            ("(c) effective β-smoothness", "max ‖∇L(θ − ηg) − g‖₂ / ‖ηg‖₂")]):
+        axes[i].set_title(title)
+        axes[i].set_ylabel(ylabel)
+        format_axes(axes[i], log=positive[i] and bool(axes[i].collections or axes[i].lines))
+    fig.suptitle("Along the gradient at each measured step, η from 1/2 to 4 learning rates "
+                 "(Santurkar et al. 2018, Fig. 4; lines: mean over seeds, bands: min to max)")
+    legend_below(fig, list(axes))
     return fig

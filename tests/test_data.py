@@ -18,7 +18,6 @@ from bnlab.data import (
     GroupedBatchStream,
     Split,
     augment_batch,
-    check_sampler,
     load_dataset,
     read_idx,
 )
@@ -276,30 +275,25 @@ def test_grouped_shards_are_the_global_batch():
     assert torch.equal(torch.cat(shards), whole)
 
 
-def test_grouped_sampler_that_cannot_build_its_batches_is_one_clear_error():
-    def error(*overrides: str) -> str:
-        cfg = compose("data=digits", "data.sampler=grouped", *overrides)
-        data = load_dataset(cfg.data, torch.device("cpu"))
-        with pytest.raises(UserError) as err:
-            check_sampler(cfg.data, data, cfg.train.batch_size)
-        assert "\n" not in str(err.value)
-        return str(err.value)
-
-    assert error("data.labels_per_batch=12", "train.batch_size=24") == (
-        "data.labels_per_batch=12 is not valid: digits has 10 classes")
-    # 2 labels x 50 examples: the training split has 50 of every class, the test split has not
-    digits = load_dataset(compose("data=digits").data, torch.device("cpu"))
-    test_counts = torch.bincount(digits.test.y)
-    assert torch.bincount(digits.train.y).min() >= 50 > test_counts.min()
-    assert error("data.labels_per_batch=2", "train.batch_size=100").endswith(
-        f"needs 50 examples of every class; class {int(test_counts.argmin())} of the digits test "
-        f"split has {int(test_counts.min())}")
-
-
-def test_grouped_sampler_is_refused_for_a_regression_task():
-    cfg = compose("data=linear", "data.sampler=grouped", "data.labels_per_batch=2")
-    with pytest.raises(UserError, match="regression task has no labels"):
-        check_sampler(cfg.data, load_dataset(cfg.data, torch.device("cpu")), cfg.train.batch_size)
+@pytest.mark.parametrize("overrides, message", [
+    (["data.labels_per_batch=12", "train.batch_size=24"],
+     "data.labels_per_batch=12 is not valid: data=digits has 10 classes"),
+    (["data=linear", "data.labels_per_batch=2"],
+     "data.sampler=grouped is not valid with data=linear: a regression has no labels"),
+    (["data.labels_per_batch=2", "train.batch_size=100"], None),  # the test split is too small
+])
+def test_grouped_sampler_that_cannot_build_its_batches_fails_before_training(tmp_path, overrides,
+                                                                              message):
+    if message is None:  # 2 labels x 50: the training split has 50 of every class, the test split not
+        digits = load_dataset(compose("data=digits").data, torch.device("cpu"))
+        counts = torch.bincount(digits.test.y)
+        assert torch.bincount(digits.train.y).min() >= 50 > counts.min()
+        message = (f"needs 50 examples of every class; class {int(counts.argmin())} of the digits "
+                   f"test split has {int(counts.min())}")
+    with pytest.raises(UserError) as err:
+        train_in_process(tmp_path / "run", "data=digits", "data.sampler=grouped", *overrides)
+    assert message in str(err.value) and "\n" not in str(err.value)
+    assert not (tmp_path / "run" / "scalars.csv").exists()
 
 
 def test_done_when_grouped_digits_run_trains(tmp_path):

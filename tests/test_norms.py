@@ -2,19 +2,42 @@
 
 from __future__ import annotations
 
+import ast
+import collections
+import inspect
 import json
+import re
+from dataclasses import fields
 
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
+from omegaconf import OmegaConf
 from torch import nn
 from torch.testing import assert_close
 
-from bnlab.norms import build_norm, frozen_stats, held_noise
-from bnlab.norms.batchnorm import BatchNorm, estimate_population_statistics
+from bnlab.errors import UserError
+from bnlab.norms import (
+    NORM_SCHEMAS,
+    NORMS,
+    Norm,
+    build_norm,
+    finish_training,
+    frozen_stats,
+    held_noise,
+    norm_class,
+    uses_batch_statistics,
+)
+from bnlab.norms.batchnorm import (
+    BatchNorm,
+    TorchBatchNorm,
+    _BatchNormTrain,
+    estimate_population_statistics,
+)
 from bnlab.norms.whitening import zca_whitening
 
-from conftest import train_in_process
+from conftest import REPO, compose, train_in_process
 
 SHAPES = [(7, 13), (60, 100), (7, 13, 5, 5), (2, 3, 4, 6)]
 
@@ -34,6 +57,132 @@ def _forward_backward(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor):
     y = layer(x)
     y.backward(grad)
     return y.detach(), x.grad
+
+
+# ---------------------------------------------------------------- the registry
+def _layer_defaults(cls: type) -> dict:
+    """Every keyword default of the layer's constructor, through ``**options`` into its base's."""
+    defaults = {}
+    for klass in reversed(cls.__mro__):
+        for method in (getattr(klass, "__init__", None), getattr(klass, "_init_noise", None)):
+            if method is None or getattr(method, "__qualname__", "").split(".")[0] != klass.__name__:
+                continue
+            for p in inspect.signature(method).parameters.values():
+                if p.default is not inspect.Parameter.empty and p.name != "dims":
+                    defaults[p.name] = p.default
+    return defaults
+
+
+@pytest.mark.parametrize("name", sorted(NORMS))
+def test_the_schema_is_the_one_place_of_a_norms_defaults(name):
+    """Config defaults, constructor defaults and the config file's comments all say the same."""
+    schema = {f.name: f.default for f in fields(NORM_SCHEMAS[name])}
+    composed = OmegaConf.to_container(compose(f"norm={name}").norm)
+    assert composed == {**schema, "name": name}  # the YAML sets no value of its own
+    constructor = _layer_defaults(norm_class(name))
+    options = {k: v for k, v in schema.items() if k not in ("name", "position", "sync", "impl")}
+    assert {k: constructor[k] for k in options} == options
+    if "impl" in schema:
+        assert inspect.signature(norm_class(name).build).parameters["impl"].default == schema["impl"]
+    # The YAML documents each option in a comment "#   key: value": the schema's value.
+    text = (REPO / "configs" / "norm" / f"{name}.yaml").read_text()
+    documented = dict(re.findall(r"^#   (\w+): (\S+)", text, re.MULTILINE))
+    assert set(documented) == set(schema) - {"name"}
+    for key, value in documented.items():
+        assert yaml.safe_load(value) == schema[key], key
+
+
+def test_the_norm_modules_import_the_registry_not_the_package():
+    """No import cycle: ``bnlab.norms`` imports its modules, they import ``registry``/``base``."""
+    for path in (REPO / "bnlab" / "norms").glob("*.py"):
+        if path.name == "__init__.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                assert node.module != "bnlab.norms", path.name
+            if isinstance(node, ast.Import):
+                assert all(a.name != "bnlab.norms" for a in node.names), path.name
+
+
+def _moved(layer: Norm, shape) -> torch.Tensor:
+    """Train the layer's running statistics on a few batches, then return a test batch."""
+    for _ in range(3):
+        layer(torch.randn(shape) * 2 + 1)
+    return torch.randn(shape) * 2 + 1
+
+
+@pytest.mark.parametrize("name", sorted(NORMS))
+def test_uses_batch_statistics_says_whether_train_and_eval_mode_differ(name):
+    torch.manual_seed(30)
+    options = {"group_size": 4} if "group_size" in NORM_SCHEMAS[name].__dataclass_fields__ else {}
+    options |= {"mean_range": 0.0, "mean_jitter": 0.0, "std_low": 1.0, "std_high": 1.0,
+                "std_jitter": 0.0} if name == "noisy_bn" else {}  # noise aside: the statistics only
+    layer = build_norm(name, 8, 2, **options)
+    x = _moved(layer, (32, 8))
+    with frozen_stats(layer):
+        train_mode = layer(x)
+    layer.eval()
+    differ = not torch.allclose(train_mode, layer(x), atol=1e-4)
+    assert differ == type(layer).uses_batch_statistics
+    assert uses_batch_statistics(nn.Sequential(nn.Linear(8, 8), layer)) == differ
+
+
+@pytest.mark.parametrize("name", sorted(NORMS))
+def test_a_norm_with_a_shift_replaces_the_bias_before_it(name):
+    """The model drops a linear layer's bias exactly when the norm after it has its own beta."""
+    from bnlab.models import build_model
+
+    cls = norm_class(name)
+    layer = build_norm(name, 8, 2, **({"group_size": 4} if name in ("whiten",) else {}))
+    has_beta = any(n.endswith("bias") for n, _ in layer.named_parameters())
+    assert cls.replaces_bias == has_beta
+    model = build_model(compose(f"norm={name}", "model.widths=[8]", "data=digits"), (1, 8, 8), 10)
+    assert (model.blocks[0].layer.bias is None) == has_beta
+
+
+def test_sync_is_an_option_of_the_norms_that_support_it():
+    from bnlab.config import validate
+
+    for name, cls in NORMS.items():
+        assert ("sync" in NORM_SCHEMAS[name].__dataclass_fields__) == cls.supports_sync, name
+    assert [n for n, c in NORMS.items() if c.supports_sync] == ["bn"]
+    assert TorchBatchNorm.supports_sync and not type(build_norm("noisy_bn", 4, impl="torch")).supports_sync
+    cfg = compose("norm=ln", "+norm.sync=true", "data=digits")
+    with pytest.raises(UserError, match="norm.sync=true is not valid with norm=ln"):
+        validate(cfg)
+    validate(compose("norm=bn", "norm.sync=true", "data=digits"))
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["norm=gn", "norm.groups=3"], "norm.groups=3 is not valid: expected a divisor of every hidden"),
+    (["norm=noisy_bn", "norm.std_low=2.0"], "norm.std_high=1.25 is not valid: expected a number >= "),
+    (["norm=bn", "norm.momentum=2"], "norm.momentum=2.0 is not valid: expected a number in"),
+    (["norm=whiten", "norm.method=svd"], "norm.method='svd' is not valid: expected one of zca, pca"),
+])
+def test_a_norms_own_checks_run_in_validate(overrides, message):
+    from bnlab.config import validate
+
+    with pytest.raises(UserError, match=re.escape(message)):
+        validate(compose(*overrides, "data=digits"))
+
+
+@torch.no_grad()
+def test_finish_training_runs_population_statistics_only_where_asked():
+    torch.manual_seed(31)
+    batches = [torch.randn(8, 2, 4, 4) * 2 + 1 for _ in range(3)]
+    moving, population, reference = (_small_net(inference=i) for i in ("moving", "population", "moving"))
+    for net in (population, reference):
+        net.load_state_dict(moving.state_dict())
+    stream = iter(batches)
+    assert finish_training(moving, stream) == 0
+    assert next(stream) is batches[0]  # nothing read when no layer asks
+    assert finish_training(population, batches) == 3
+    estimate_population_statistics(reference, batches)
+    for ours, theirs in zip(population.modules(), reference.modules(), strict=True):
+        if isinstance(ours, BatchNorm):
+            assert_close(ours.running_var, theirs.running_var)
+            assert_close(ours.running_mean, theirs.running_mean)
+    assert not torch.equal(population[5].running_var, moving[5].running_var)
 
 
 # ---------------------------------------------------------------- bn
@@ -120,6 +269,109 @@ def test_frozen_mode_uses_batch_statistics_and_leaves_buffers_alone(name, option
         trained = layer(x)  # the same batch statistics, and now the buffers move
     assert_close(frozen, trained)
     assert any(not torch.equal(v, before[k]) for k, v in layer.state_dict().items())
+
+
+# ---------------------------------------------------------------- double backward (Hessians)
+@pytest.mark.parametrize("shape", [(6, 4), (3, 2, 2, 3)])
+def test_bn_supports_double_backward(shape):
+    torch.manual_seed(20)
+    x = (torch.randn(shape, dtype=torch.float64) * 2 + 1).requires_grad_()
+    w = (torch.rand(shape[1], dtype=torch.float64) + 0.5).requires_grad_()
+    b = torch.randn(shape[1], dtype=torch.float64).requires_grad_()
+
+    def bn(x, w, b):
+        return _BatchNormTrain.apply(x, w, b, 1e-5)[0]
+
+    assert torch.autograd.gradcheck(bn, (x, w, b))
+    assert torch.autograd.gradgradcheck(bn, (x, w, b))
+
+
+def _mlp(norm: nn.Module, norm2: nn.Module) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(5, 4, bias=False), norm, nn.Tanh(), nn.Linear(4, 3, bias=False),
+                         norm2, nn.Tanh(), nn.Linear(3, 2)).double()
+
+
+def _hvp(model: nn.Module, x: torch.Tensor, y: torch.Tensor, v: list[torch.Tensor]) -> list[torch.Tensor]:
+    """H v for the loss's Hessian H with respect to all parameters, by double backward."""
+    params = list(model.parameters())
+    grads = torch.autograd.grad(F.cross_entropy(model(x), y), params, create_graph=True)
+    return list(torch.autograd.grad(sum((g * u).sum() for g, u in zip(grads, v, strict=True)), params))
+
+
+def test_bn_hessian_vector_products_equal_torchs():
+    torch.manual_seed(21)
+    ours, native = _mlp(BatchNorm(4), BatchNorm(3)), _mlp(nn.BatchNorm1d(4), nn.BatchNorm1d(3))
+    native.load_state_dict(ours.state_dict())
+    for m in (ours, native):
+        _randomize_affine(m[1], seed=1)
+        _randomize_affine(m[4], seed=2)
+    x, y = torch.randn(16, 5, dtype=torch.float64) * 3 + 1, torch.randint(0, 2, (16,))
+    v = [torch.randn_like(p) for p in ours.parameters()]
+    expected = _hvp(native, x, y, v)
+    for got, want in zip(_hvp(ours, x, y, v), expected, strict=True):
+        assert_close(got, want, rtol=1e-9, atol=1e-12)
+    assert max(h.abs().max() for h in expected) > 1e-3  # a Hessian worth comparing
+
+
+def test_iternorm_supports_double_backward():
+    torch.manual_seed(22)
+    layer = build_norm("iternorm", 4, 2, group_size=None).double()
+    x = (torch.randn(12, 4, dtype=torch.float64) @ torch.randn(4, 4, dtype=torch.float64)).requires_grad_()
+    assert torch.autograd.gradgradcheck(layer, (x,))
+
+
+@pytest.mark.parametrize("name", ["zca", "pca"])
+def test_eigendecomposition_whitening_refuses_double_backward(name):
+    layer = build_norm(name, 4, 2, group_size=None).double()
+    x = torch.randn(12, 4, dtype=torch.float64, requires_grad=True)
+    loss = layer(x).square().mul(torch.arange(4.0, dtype=torch.float64)).sum()
+    torch.autograd.grad(loss, x, retain_graph=True)  # first order works
+    with pytest.raises(RuntimeError, match=f"{name}: norm={name} .* double backward .* norm=iternorm"):
+        torch.autograd.grad(loss, x, create_graph=True)
+
+
+WORLD = 2
+
+
+def _sync_hvp_worker(rank: int, init_file: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    from bnlab.norms.sync import SyncBatchNorm
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        model, x, y, v = _sync_case(SyncBatchNorm(4), SyncBatchNorm(3))
+        x, y = x.chunk(WORLD)[rank], y.chunk(WORLD)[rank]
+        params = list(model.parameters())
+        loss = F.cross_entropy(model(x), y, reduction="sum")  # the replicas' losses add up
+        grads = torch.autograd.grad(loss, params, create_graph=True)
+        hvp = torch.autograd.grad(sum((g * u).sum() for g, u in zip(grads, v, strict=True)), params)
+        torch.save({"grads": [g.detach() for g in grads], "hvp": list(hvp)}, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _sync_case(norm: nn.Module, norm2: nn.Module):
+    torch.manual_seed(23)
+    model = _mlp(norm, norm2)
+    _randomize_affine(model[1], seed=1)
+    x, y = torch.randn(16, 5, dtype=torch.float64) * 3 + 1, torch.randint(0, 2, (16,))
+    return model, x, y, [torch.randn_like(p) for p in model.parameters()]
+
+
+def test_sync_bn_hessian_vector_products_equal_bn_on_the_full_batch(tmp_path):
+    """Summed over the replicas, as data parallelism sums gradients: BN's HVP on the whole batch."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_sync_hvp_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    model, x, y, v = _sync_case(BatchNorm(4), BatchNorm(3))
+    params = list(model.parameters())
+    grads = torch.autograd.grad(F.cross_entropy(model(x), y, reduction="sum"), params, create_graph=True)
+    hvp = torch.autograd.grad(sum((g * u).sum() for g, u in zip(grads, v, strict=True)), params)
+    for k, (g, h) in enumerate(zip(grads, hvp, strict=True)):
+        assert_close(sum(r["grads"][k] for r in ranks), g.detach(), rtol=1e-9, atol=1e-12)
+        assert_close(sum(r["hvp"][k] for r in ranks), h, rtol=1e-9, atol=1e-12)
 
 
 # ---------------------------------------------------------------- bn: population statistics (Alg. 2)
@@ -485,6 +737,29 @@ def test_whiten_backward_is_finite_at_degenerate_covariances(method, case):
     assert torch.isfinite(x.grad).all() and torch.isfinite(layer.weight.grad).all()
 
 
+@pytest.mark.parametrize("name,method", [("zca", "zca"), ("pca", "pca"), ("iternorm", "iter")])
+@pytest.mark.parametrize("dims", [2, 4])
+def test_each_whitening_option_is_whiten_with_that_method(name, method, dims):
+    torch.manual_seed(40)
+    ours, whiten = build_norm(name, 7, dims, group_size=3), build_norm("whiten", 7, dims, method=method,
+                                                                       group_size=3)
+    _randomize_affine(ours, whiten)
+    shape = (40, 7) if dims == 2 else (6, 7, 3, 3)
+    for _ in range(2):  # two training steps: outputs, gradients and running estimates agree
+        x, grad = torch.randn(shape) * 2 + 1, torch.randn(shape)
+        (y1, g1), (y2, g2) = _forward_backward(ours, x, grad), _forward_backward(whiten, x, grad)
+        assert torch.equal(y1, y2) and torch.equal(g1, g2)
+    for (key, a), (_, b) in zip(ours.state_dict().items(), whiten.state_dict().items(), strict=True):
+        assert torch.equal(a, b), key
+    ours.eval()
+    whiten.eval()
+    assert torch.equal(ours(x), whiten(x))
+    # The config: whiten's keys less `method` (and `iters`, which only iter uses).
+    composed, reference = compose(f"norm={name}").norm, compose("norm=whiten", f"norm.method={method}").norm
+    expected = {k: v for k, v in reference.items() if k != "method" and (k != "iters" or method == "iter")}
+    assert dict(composed) == {**expected, "name": name}
+
+
 # ---------------------------------------------------------------- noisy_bn
 NOISE = {"mean_range": 0.5, "std_low": 1.0, "std_high": 1.25, "mean_jitter": 0.1, "std_jitter": 0.1}
 
@@ -540,13 +815,117 @@ def test_noisy_bn_hold_noise_reuses_the_sample_and_spares_the_rng():
     assert torch.equal(torch.get_rng_state(), rng)
 
 
+@pytest.mark.parametrize("impl", ["scratch", "torch"])
+@torch.no_grad()
+def test_noisy_bn_population_statistics_are_those_of_the_noise_free_network(impl):
+    """Alg. 2 on the inference network: no noise anywhere, so plain BN with the same weights."""
+    torch.manual_seed(24)
+    noisy = _small_net("noisy_bn", impl=impl, inference="population", **NOISE)
+    for _ in range(20):  # training steps: the moving averages are collected under the noise
+        noisy(torch.randn(10, 2, 4, 4) * 2 + 1)
+    plain = _small_net("bn", impl=impl, inference="population")
+    plain.load_state_dict(noisy.state_dict())
+    moving = [tuple(t.clone() for t in m.running()) for m in noisy.modules() if hasattr(m, "running")]
+    batches = [torch.randn(10, 2, 4, 4) * 2 + 1 for _ in range(5)]
+    assert finish_training(noisy, batches) == finish_training(plain, batches) == 5
+    layers = [(a, b) for a, b in zip(noisy.modules(), plain.modules(), strict=True) if hasattr(a, "running")]
+    assert len(layers) == 2
+    for ours, reference in layers:
+        for got, want in zip(ours.running(), reference.running(), strict=True):
+            assert_close(got, want, rtol=1e-6, atol=1e-7)
+    # Layer 2's moving averages saw layer 1's noise (a <- s a + m): the population's do not.
+    assert not torch.allclose(layers[1][0].running()[1], moving[1][1], rtol=0.05)
+    assert not torch.allclose(layers[1][0].running()[0], moving[1][0], atol=0.05)
+    noisy.eval()
+    plain.eval()
+    x = torch.randn(6, 2, 4, 4)
+    assert_close(noisy(x), plain(x))
+
+
+class _Sink:
+    """Takes whatever a prober logs; keeps its scalars."""
+
+    def __init__(self) -> None:
+        self.values: dict[int, dict[str, float]] = collections.defaultdict(dict)
+
+    def scalars(self, step, values) -> None:
+        self.values[step].update(values)
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+
+def _noisy_model(probe_batch: int):
+    from bnlab.data import load_dataset
+    from bnlab.models import build_model
+    from bnlab.probes import Prober
+
+    cfg = compose("data=digits", "norm=noisy_bn", "model.widths=[16,16,16]", "activation=relu",
+                  f"probe.batch_size={probe_batch}", "probe.ics_every=1")
+    data = load_dataset(cfg.data, torch.device("cpu"))
+    torch.manual_seed(0)
+    model = build_model(cfg, data.shape, data.num_classes)
+    return model, Prober(cfg, model, data, torch.device("cpu")), data
+
+
+def _noise(model) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [tuple(t.clone() for t in block.norm.noise) for block in model.blocks]
+
+
+def _assert_same_noise(measured, trained) -> None:
+    for k, ((s1, m1), (s2, m2)) in enumerate(zip(measured, trained, strict=True)):
+        assert torch.equal(s1, s2) and torch.equal(m1, m2), f"layer {k + 1}"
+    (s1, m1), (s2, m2) = trained[0], trained[1]  # equal shapes, yet each layer its own draw
+    assert not torch.equal(m1, m2) and not torch.equal(s1, s2)
+    assert m1.mean() != m2.mean()  # and its own step mu
+
+
+def test_a_probe_pass_sees_the_noise_of_the_next_training_step():
+    batch = 32
+    model, prober, data = _noisy_model(probe_batch=batch)  # the probe batch has the step's shape
+    x = data.train.x[:batch]
+    torch.manual_seed(1)
+    prober.probe(0, _Sink())
+    measured = _noise(model)
+    model(x)  # the training step's forward pass, from the RNG state the probe found
+    _assert_same_noise(measured, _noise(model))
+
+
+def test_ics_sees_the_noise_and_the_gradient_of_the_real_step(monkeypatch):
+    import bnlab.ics
+
+    batch = 32
+    model, prober, data = _noisy_model(probe_batch=batch)
+    x, y = data.train.x[:batch], data.train.y[:batch]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    captured = {}
+    update = bnlab.ics.updated_parameters
+
+    def capture(model_, optimizer_, grads):  # G: the gradients of ICS's first pass
+        captured.update(grads=grads, noise=_noise(model_))
+        return update(model_, optimizer_, grads)
+
+    monkeypatch.setattr(bnlab.ics, "updated_parameters", capture)
+    torch.manual_seed(2)
+    recorder = _Sink()
+    prober.ics(1, model, optimizer, x, y, recorder)
+    assert recorder.values[1]["ics/layer2/l2"] > 0  # the earlier layer's update moves layer 2's gradient
+    F.cross_entropy(model(x), y).backward()  # the real step
+    _assert_same_noise(captured["noise"], _noise(model))
+    grads = dict(model.named_parameters())
+    assert set(captured["grads"]) == set(grads)
+    for name, g in captured["grads"].items():
+        assert torch.equal(g, grads[name].grad), name
+
+
 # ---------------------------------------------------------------- end to end
 END_TO_END = [
     ("bn", []), ("bn", ["norm.impl=torch"]), ("bn", ["norm.inference=population"]),
     ("brn", ["norm.momentum=0.1", "norm.warmup_steps=10", "norm.ramp_steps=10",
              "norm.d_ramp_steps=5"]),
     ("ln", []), ("gn", ["norm.groups=2"]), ("whiten", []), ("whiten", ["norm.method=iter"]),
-    ("whiten", ["norm.method=pca", "norm.group_size=4"]), ("noisy_bn", []),
+    ("whiten", ["norm.method=pca", "norm.group_size=4"]), ("zca", []), ("noisy_bn", []),
+    ("noisy_bn", ["norm.inference=population"]),
 ]
 
 

@@ -1,37 +1,25 @@
-"""Normalization layers, one file per family, and the registry behind ``build_norm``.
+"""Normalization layers, one module per family, and the registry behind ``build_norm``.
 
     from bnlab.norms import build_norm
     layer = build_norm("bn", num_features=64, dims=4, momentum=0.1)
 
-``dims`` is the rank of the input: 2 for (N, C), 4 for (N, C, H, W).
+``dims`` is the rank of the input: 2 for (N, C), 4 for (N, C, H, W). How to add a norm:
+:mod:`bnlab.norms.registry`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import importlib
+import itertools
+import pkgutil
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
+import torch
 from torch import nn
 
-from bnlab.norms.base import Norm
-
-NORMS: dict[str, Callable[..., nn.Module]] = {}
-
-
-def register_norm(name: str) -> Callable:
-    def add(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        NORMS[name] = factory
-        return factory
-    return add
-
-
-def build_norm(name: str, num_features: int, dims: int = 2, **options) -> nn.Module:
-    """Build normalization layer ``name`` for ``num_features`` features of a rank-``dims`` input."""
-    if name not in NORMS:
-        raise ValueError(f"unknown norm {name!r}; choose from {', '.join(sorted(NORMS))}")
-    if dims not in (2, 4):
-        raise ValueError(f"dims must be 2 (N, C) or 4 (N, C, H, W), got {dims}")
-    return NORMS[name](num_features=num_features, dims=dims, **options)
+from bnlab.norms.base import LOW_PRECISION, Norm, in_forward_order, per_feature
+from bnlab.norms.registry import NORM_SCHEMAS, NORMS, NormOptions, build_norm, norm_class, register_norm
 
 
 @contextmanager
@@ -47,9 +35,19 @@ def _set_flag(model: nn.Module, flag: str, value: bool) -> Iterator[None]:
             setattr(m, flag, old)
 
 
-def frozen_stats(model: nn.Module):
-    """Train-mode batch statistics without touching running statistics or step counters."""
-    return _set_flag(model, "update_stats", False)
+@contextmanager
+def frozen_stats(model: nn.Module) -> Iterator[None]:
+    """A measurement pass: train-mode batch statistics that leave no trace in ``model`` or in torch.
+
+    Running statistics and step counters stay as they are, and torch's global RNG (CPU, and the
+    CUDA devices of ``model``) is restored on exit. Inside, stochastic layers (noisy BN) draw
+    from it one after another as in a training step, so the pass sees in every layer the noise
+    the next training step will draw there (for inputs of the same shape).
+    """
+    tensors = itertools.chain(model.parameters(), model.buffers())
+    cuda = sorted({t.device for t in tensors if t.device.type == "cuda"}, key=str)
+    with torch.random.fork_rng(devices=cuda, device_type="cuda"), _set_flag(model, "update_stats", False):
+        yield
 
 
 def held_noise(model: nn.Module):
@@ -57,15 +55,29 @@ def held_noise(model: nn.Module):
     return _set_flag(model, "hold_noise", True)
 
 
-# Importing the families fills the registry.
-from bnlab.norms import (  # noqa: E402,F401
-    batchnorm,
-    batchrenorm,
-    groupnorm,
-    identity,
-    layernorm,
-    noisy,
-    whitening,
-)
+def uses_batch_statistics(model: nn.Module) -> bool:
+    """Whether any norm layer of ``model`` normalizes with batch statistics in training mode."""
+    return any(isinstance(m, Norm) and m.uses_batch_statistics for m in model.modules())
 
-__all__ = ["NORMS", "Norm", "build_norm", "frozen_stats", "held_noise", "register_norm"]
+
+def finish_training(model: nn.Module, batches: Iterable, num_batches: int = 100) -> int:
+    """Run the end-of-training hook of every layer that has one (:meth:`Norm.finish_training`).
+
+    The layers run in forward order, ``model`` in eval mode, on the inputs of the first
+    ``num_batches`` of ``batches``; nothing is read when no layer needs it. Returns the number
+    of batches read.
+    """
+    layers = [m for m in model.modules() if isinstance(m, Norm) and m.finishes_training()]
+    if not layers:
+        return 0
+    return in_forward_order(model, layers, batches, num_batches,
+                            lambda layer, inputs: layer.finish_training(model, inputs))
+
+
+# Every module of this package is imported here: a norm's module registers it by existing.
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
+
+__all__ = ["LOW_PRECISION", "NORMS", "NORM_SCHEMAS", "Norm", "NormOptions", "build_norm",
+           "finish_training", "frozen_stats", "held_noise", "norm_class", "per_feature",
+           "register_norm", "uses_batch_statistics"]

@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bnlab.norms import register_norm
-from bnlab.norms.base import Norm
+from bnlab.bounds import choice, positive, unit_interval
+from bnlab.norms.base import LOW_PRECISION, Norm, in_forward_order, per_feature
+from bnlab.norms.registry import NormOptions, register_norm
 
-LOW_PRECISION = (torch.float16, torch.bfloat16)
 
+@dataclass
+class BNOptions(NormOptions):
+    """``norm=bn`` (and, extended, ``noisy_bn``)."""
 
-def _per_feature(v: Tensor, rank: int) -> Tensor:
-    """A (C,) vector shaped to broadcast over (N, C) or (N, C, H, W)."""
-    return v if rank == 2 else v.view(-1, 1, 1)
+    momentum: float = unit_interval(0.1)
+    eps: float = positive(1e-5)
+    impl: str = choice("scratch", "scratch", "torch")
+    inference: str = choice("moving", "moving", "population")
 
 
 class _BatchNormTrain(torch.autograd.Function):
@@ -30,21 +34,28 @@ class _BatchNormTrain(torch.autograd.Function):
         dbeta = sum(dy),  dgamma = sum(dy * x_hat),
         dx = gamma / sqrt(var_B + eps) * (dy - dbeta / m - x_hat * dgamma / m)
     Returns (y, mu_B, var_B); the statistics are constants for autograd.
+
+    Double backward (``create_graph=True``, as Hessian-vector products need): the backward
+    pass then computes the same formula from x with differentiable operations, so autograd
+    can differentiate it in turn; an ordinary backward keeps the cheaper in-place form.
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, eps: float):
         rank = x.dim()
-        dims = (0,) if rank == 2 else (0, 2, 3)
+        dims = Norm.reduce_dims(x)
         inv_m = x.shape[1] / x.numel()
         # sum * (1/m), not mean(): on small CPU tensors mean() costs about 3x a sum
         mean = x.sum(dims).mul_(inv_m)
-        x_hat = x - _per_feature(mean, rank)
+        x_hat = x - per_feature(mean, rank)
         var = (x_hat * x_hat).sum(dims).mul_(inv_m)  # two passes: exact also when |mean| >> std
         inv_std = (var + eps).rsqrt_()
-        x_hat.mul_(_per_feature(inv_std, rank))
-        y = torch.addcmul(_per_feature(bias, rank), x_hat, _per_feature(weight, rank))
-        ctx.save_for_backward(x_hat, inv_std, weight)
+        x_hat.mul_(per_feature(inv_std, rank))
+        y = torch.addcmul(per_feature(bias, rank), x_hat, per_feature(weight, rank))
+        # x rather than x_hat, as torch's layer does: the same memory, and a double backward
+        # needs the input itself (x_hat is recomputed in backward at the cost of one operation)
+        ctx.save_for_backward(x, mean, inv_std, weight)
+        ctx.eps = eps
         ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable(mean, var)
         return y, mean, var
@@ -53,23 +64,83 @@ class _BatchNormTrain(torch.autograd.Function):
     def backward(ctx, grad_y: Tensor | None, _grad_mean, _grad_var):
         if grad_y is None:
             return None, None, None, None
-        x_hat, inv_std, weight = ctx.saved_tensors
+        x, mean, inv_std, weight = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: this backward will be differentiated
+            return (*_batch_norm_backward(x, weight, grad_y, ctx.eps), None)
         rank = grad_y.dim()
-        dims = (0,) if rank == 2 else (0, 2, 3)
+        dims = Norm.reduce_dims(grad_y)
         m = grad_y.numel() // grad_y.shape[1]
+        x_hat = torch.sub(x, per_feature(mean, rank)).mul_(per_feature(inv_std, rank))
         grad_bias = grad_y.sum(dims)
         grad_weight = (grad_y * x_hat).sum(dims)
         grad_x = None
         if ctx.needs_input_grad[0]:
             # dx = gamma / sqrt(var_B + eps) * (dy - (dbeta + x_hat * dgamma) / m)
-            grad_x = torch.addcmul(_per_feature(grad_bias, rank), x_hat,
-                                   _per_feature(grad_weight, rank))
+            grad_x = torch.addcmul(per_feature(grad_bias, rank), x_hat,
+                                   per_feature(grad_weight, rank))
             grad_x = torch.sub(grad_y, grad_x, alpha=1.0 / m)
-            grad_x.mul_(_per_feature(weight * inv_std, rank))
+            grad_x.mul_(per_feature(weight * inv_std, rank))
         return grad_x, grad_weight, grad_bias, None
 
 
-class BatchNorm(Norm):
+def _batch_norm_backward(x: Tensor, weight: Tensor, grad_y: Tensor, eps: float):
+    """(dx, dgamma, dbeta) of :class:`_BatchNormTrain`, differentiable in x, gamma and dy."""
+    rank, dims = x.dim(), Norm.reduce_dims(x)
+    m = x.numel() // x.shape[1]
+    mean = x.mean(dims)
+    centered = x - per_feature(mean, rank)
+    inv_std = (centered.square().mean(dims) + eps).rsqrt()
+    x_hat = centered * per_feature(inv_std, rank)
+    grad_bias = grad_y.sum(dims)
+    grad_weight = (grad_y * x_hat).sum(dims)
+    grad_x = per_feature(weight * inv_std, rank) * (
+        grad_y - (per_feature(grad_bias, rank) + x_hat * per_feature(grad_weight, rank)) / m)
+    return grad_x, grad_weight, grad_bias
+
+
+class PopulationStatistics:
+    """``inference=population``: at the end of training, Alg. 2 replaces the running statistics.
+
+    For the layers that hold BN's ``running_mean`` and ``running_var`` (see :meth:`running`).
+    """
+
+    inference: str
+
+    def running(self) -> tuple[Tensor, Tensor]:
+        return self.running_mean, self.running_var
+
+    def finishes_training(self) -> bool:
+        return self.inference == "population"
+
+    def finish_training(self, model: nn.Module, inputs: list[Tensor]) -> None:
+        for buffer, value in zip(self.running(), _input_statistics(model, self, inputs), strict=True):
+            buffer.copy_(value)
+
+
+class TorchBatchNorm(PopulationStatistics, Norm):
+    """torch's native layer, the reference (``norm.impl=torch``), honouring the frozen mode."""
+
+    uses_batch_statistics = True
+    supports_sync = True
+
+    def __init__(self, num_features: int, dims: int = 2, momentum: float | None = BNOptions.momentum,
+                 eps: float = BNOptions.eps, inference: str = BNOptions.inference) -> None:
+        super().__init__()
+        self.bn = (nn.BatchNorm1d if dims == 2 else nn.BatchNorm2d)(num_features, eps, momentum)
+        self.inference = inference
+
+    def running(self) -> tuple[Tensor, Tensor]:
+        return self.bn.running_mean, self.bn.running_var
+
+    def forward(self, x: Tensor) -> Tensor:
+        bn = self.bn
+        if self.training and not self.update_stats:
+            return F.batch_norm(x, None, None, bn.weight, bn.bias, True, 0.0, bn.eps)
+        return bn(x)
+
+
+@register_norm("bn", BNOptions)
+class BatchNorm(PopulationStatistics, Norm):
     """y = gamma * (x - mu_B) / sqrt(var_B + eps) + beta, per feature (Ioffe & Szegedy, Alg. 1).
 
     Conventions of ``torch.nn.BatchNorm{1,2}d``: ``running = (1 - momentum) * running +
@@ -77,18 +148,34 @@ class BatchNorm(Norm):
     batch variance, normalization with the biased one, running statistics in eval mode.
     The backward pass is the paper's closed form (:class:`_BatchNormTrain`), not autograd's
     graph of the forward: same gradients, a fraction of the operations.
+
+    ``inference=population`` replaces the running statistics at the end of training with the
+    population estimates of Alg. 2 (:meth:`finish_training`, run by the trainer); until then,
+    and with ``moving``, eval mode uses the moving averages.
     """
 
-    def __init__(self, num_features: int, dims: int = 2, momentum: float | None = 0.1,
-                 eps: float = 1e-5, inference: str = "moving") -> None:
+    uses_batch_statistics = True
+    supports_sync = True
+    native: type[Norm] = TorchBatchNorm  # impl=torch
+
+    def __init__(self, num_features: int, dims: int = 2, momentum: float | None = BNOptions.momentum,
+                 eps: float = BNOptions.eps, inference: str = BNOptions.inference) -> None:
         super().__init__()
         self.num_features, self.dims, self.momentum, self.eps = num_features, dims, momentum, eps
-        self.inference = inference  # moving | population (applied by the trainer, see build_bn)
+        self.inference = inference
         self.weight = nn.Parameter(torch.ones(num_features))
         self.bias = nn.Parameter(torch.zeros(num_features))
         self.register_buffer("running_mean", torch.zeros(num_features))
         self.register_buffer("running_var", torch.ones(num_features))
         self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+
+    @classmethod
+    def build(cls, num_features: int, dims: int = 2, impl: str = BNOptions.impl, **options) -> Norm:
+        """``impl=scratch``: this class; ``impl=torch``: its :attr:`native` twin, the reference."""
+        layers = {"scratch": cls, "torch": cls.native}
+        if impl not in layers:
+            raise ValueError(f"impl={impl!r} is not valid: expected scratch or torch")
+        return layers[impl](num_features, dims, **options)
 
     def extra_repr(self) -> str:
         return (f"{self.num_features}, dims={self.dims}, momentum={self.momentum}, eps={self.eps}, "
@@ -108,7 +195,7 @@ class BatchNorm(Norm):
         else:
             scale = self.weight * (self.running_var + self.eps).rsqrt()
             shift = self.bias - self.running_mean * scale
-            y = torch.addcmul(_per_feature(shift, xf.dim()), xf, _per_feature(scale, xf.dim()))
+            y = torch.addcmul(per_feature(shift, xf.dim()), xf, per_feature(scale, xf.dim()))
         return y.to(x.dtype) if low else y
 
     @torch.no_grad()
@@ -123,36 +210,6 @@ class BatchNorm(Norm):
                              factor)
 
 
-class TorchBatchNorm(Norm):
-    """torch's native layer, the reference (``impl=torch``), honouring the frozen mode."""
-
-    def __init__(self, num_features: int, dims: int = 2, momentum: float | None = 0.1,
-                 eps: float = 1e-5) -> None:
-        super().__init__()
-        self.bn = (nn.BatchNorm1d if dims == 2 else nn.BatchNorm2d)(num_features, eps, momentum)
-
-    def forward(self, x: Tensor) -> Tensor:
-        bn = self.bn
-        if self.training and not self.update_stats:
-            return F.batch_norm(x, None, None, bn.weight, bn.bias, True, 0.0, bn.eps)
-        return bn(x)
-
-
-@register_norm("bn")
-def build_bn(num_features: int, dims: int = 2, impl: str = "scratch", momentum: float = 0.1,
-             eps: float = 1e-5, inference: str = "moving") -> Norm:
-    """``impl=scratch``: :class:`BatchNorm`; ``impl=torch``: :class:`TorchBatchNorm`.
-
-    ``inference=population`` is carried out by the trainer at the end of training with
-    :func:`estimate_population_statistics`; until then both use the moving averages.
-    """
-    if impl == "torch":
-        return TorchBatchNorm(num_features, dims, momentum=momentum, eps=eps)
-    if impl != "scratch":
-        raise ValueError(f"bn: impl={impl!r} is not valid: expected scratch or torch")
-    return BatchNorm(num_features, dims, momentum=momentum, eps=eps, inference=inference)
-
-
 # ---------------------------------------------------------------- Algorithm 2: population statistics
 class _Reached(Exception):
     """Raised by a forward pre-hook to stop the forward pass once a layer's input is known."""
@@ -164,26 +221,7 @@ def _batch_norms(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, kinds) and m.running_var is not None]
 
 
-def _inputs(batch) -> Tensor:
-    return batch[0] if isinstance(batch, (tuple, list)) else batch
-
-
-def _forward_order(model: nn.Module, layers: list[nn.Module], x: Tensor) -> list[nn.Module]:
-    """``layers`` in the order a forward pass on ``x`` reaches them."""
-    order: dict[int, nn.Module] = {}
-
-    def record(module: nn.Module, args) -> None:
-        order.setdefault(id(module), module)
-
-    hooks = [layer.register_forward_pre_hook(record) for layer in layers]
-    try:
-        model(x)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return list(order.values())
-
-
+@torch.no_grad()
 def _input_statistics(model: nn.Module, layer: nn.Module, data: list[Tensor]) -> tuple[Tensor, Tensor]:
     """Mean over batches of mu_B and of the unbiased m_B / (m_B - 1) * sigma_B^2 of ``layer``'s input."""
     means: list[Tensor] = []
@@ -231,16 +269,9 @@ def estimate_population_statistics(model: nn.Module, batches: Iterable,
     or the trainer's training stream; reading a stream advances it, so the trainer calls this
     once, at the end of training). Returns the number of batches used.
     """
-    data = [_inputs(b) for b in itertools.islice(iter(batches), num_batches)]
-    if not data:
-        raise ValueError("estimate_population_statistics needs at least one batch")
-    was_training = model.training
-    model.eval()
-    try:
-        for layer in _forward_order(model, _batch_norms(model), data[0]):
-            mean, var = _input_statistics(model, layer, data)
-            layer.running_mean.copy_(mean)
-            layer.running_var.copy_(var)
-    finally:
-        model.train(was_training)
-    return len(data)
+    def replace(layer: nn.Module, inputs: list[Tensor]) -> None:
+        mean, var = _input_statistics(model, layer, inputs)
+        layer.running_mean.copy_(mean)
+        layer.running_var.copy_(var)
+
+    return in_forward_order(model, _batch_norms(model), batches, num_batches, replace)

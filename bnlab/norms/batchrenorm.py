@@ -2,14 +2,30 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
 
-from bnlab.norms import register_norm
-from bnlab.norms.base import Norm
-from bnlab.norms.batchnorm import LOW_PRECISION
+from bnlab.bounds import at_least, non_negative, positive, unit_interval
+from bnlab.norms.base import LOW_PRECISION, Norm, per_feature
+from bnlab.norms.registry import NormOptions, register_norm
 
 
+@dataclass
+class BRNOptions(NormOptions):
+    """``norm=brn``: the defaults are the paper's Sec. 4 schedule."""
+
+    momentum: float = unit_interval(0.01)
+    eps: float = positive(1e-5)
+    r_max: float = at_least(3.0, 1, "a number")
+    d_max: float = non_negative(5.0)
+    warmup_steps: int = at_least(5000, 0)
+    ramp_steps: int = at_least(35000, 0)  # r_max reaches its value at warmup + ramp (paper: 40k steps)
+    d_ramp_steps: int = at_least(20000, 0)  # d_max reaches its value at warmup + d_ramp (paper: 25k)
+
+
+@register_norm("brn", BRNOptions)
 class BatchRenorm(Norm):
     """Batch renormalization, per feature (Ioffe 2017, Alg. 1).
 
@@ -29,10 +45,13 @@ class BatchRenorm(Norm):
     ``d_ramp_steps`` (a ramp of 0 steps jumps to the final value right after warm-up).
     """
 
-    def __init__(self, num_features: int, dims: int = 2, momentum: float = 0.01,
-                 eps: float = 1e-5, r_max: float = 3.0, d_max: float = 5.0,
-                 warmup_steps: int = 5000, ramp_steps: int = 35000,
-                 d_ramp_steps: int = 20000) -> None:
+    uses_batch_statistics = True
+
+    def __init__(self, num_features: int, dims: int = 2, momentum: float = BRNOptions.momentum,
+                 eps: float = BRNOptions.eps, r_max: float = BRNOptions.r_max,
+                 d_max: float = BRNOptions.d_max, warmup_steps: int = BRNOptions.warmup_steps,
+                 ramp_steps: int = BRNOptions.ramp_steps,
+                 d_ramp_steps: int = BRNOptions.d_ramp_steps) -> None:
         super().__init__()
         if r_max < 1 or d_max < 0:
             raise ValueError(f"brn: need r_max >= 1 and d_max >= 0, got r_max={r_max}, d_max={d_max}")
@@ -74,9 +93,6 @@ class BatchRenorm(Norm):
         r_max, d_max = self.limits((self.num_batches_tracked - 1).clamp(min=0))
         return {"r_max": r_max.item(), "d_max": d_max.item()}
 
-    def _shape(self, v: Tensor, rank: int) -> Tensor:
-        return v if rank == 2 else v.view(-1, 1, 1)
-
     def forward(self, x: Tensor) -> Tensor:
         if x.dtype in LOW_PRECISION:  # statistics in float32 under autocast, as torch's BN does
             return self._renorm(x.float()).to(x.dtype)
@@ -87,10 +103,10 @@ class BatchRenorm(Norm):
         if not self.training:
             scale = self.weight / self.running_std
             shift = self.bias - self.running_mean * scale
-            return x * self._shape(scale, rank) + self._shape(shift, rank)
-        dims = (0,) if rank == 2 else (0, 2, 3)
+            return x * per_feature(scale, rank) + per_feature(shift, rank)
+        dims = self.reduce_dims(x)
         mean = x.mean(dims)
-        centered = x - self._shape(mean, rank)
+        centered = x - per_feature(mean, rank)
         std = (centered.square().mean(dims) + self.eps).sqrt()
         with torch.no_grad():  # r and d are constants for backprop (stop_gradient)
             r_max, d_max = self.limits()
@@ -100,13 +116,5 @@ class BatchRenorm(Norm):
                 self.running_mean.lerp_(mean, self.momentum)
                 self.running_std.lerp_(std, self.momentum)
                 self.num_batches_tracked.add_(1)
-        x_hat = centered * self._shape(r / std, rank) + self._shape(d, rank)
-        return x_hat * self._shape(self.weight, rank) + self._shape(self.bias, rank)
-
-
-@register_norm("brn")
-def build_brn(num_features: int, dims: int = 2, momentum: float = 0.01, eps: float = 1e-5,
-              r_max: float = 3.0, d_max: float = 5.0, warmup_steps: int = 5000,
-              ramp_steps: int = 35000, d_ramp_steps: int = 20000) -> Norm:
-    return BatchRenorm(num_features, dims, momentum=momentum, eps=eps, r_max=r_max, d_max=d_max,
-                       warmup_steps=warmup_steps, ramp_steps=ramp_steps, d_ramp_steps=d_ramp_steps)
+        x_hat = centered * per_feature(r / std, rank) + per_feature(d, rank)
+        return x_hat * per_feature(self.weight, rank) + per_feature(self.bias, rank)

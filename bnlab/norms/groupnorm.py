@@ -2,14 +2,32 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+from omegaconf import DictConfig
 from torch import Tensor, nn
 
-from bnlab.norms import register_norm
-from bnlab.norms.base import Norm
-from bnlab.norms.batchnorm import LOW_PRECISION
+from bnlab.bounds import at_least, invalid, positive
+from bnlab.norms.base import LOW_PRECISION, Norm, per_feature
+from bnlab.norms.registry import NormOptions, register_norm
 
 
+@dataclass
+class GNOptions(NormOptions):
+    """``norm=gn``."""
+
+    groups: int = at_least(2, 1)  # divides every default width (LeNet's 6 channels included)
+    eps: float = positive(1e-5)
+
+    @classmethod
+    def check(cls, norm: DictConfig, widths: list[int]) -> None:
+        if any(w % norm.groups for w in widths):
+            raise invalid("norm.groups", norm.groups,
+                          f"a divisor of every hidden width ({', '.join(map(str, widths))})")
+
+
+@register_norm("gn", GNOptions)
 class GroupNorm(Norm):
     """Statistics per sample over each group of C / G consecutive channels (Wu & He 2018, Eq. 1-3).
 
@@ -20,7 +38,8 @@ class GroupNorm(Norm):
     and ``groups=C`` instance normalization. Same in train and eval mode.
     """
 
-    def __init__(self, num_features: int, dims: int = 2, groups: int = 2, eps: float = 1e-5) -> None:
+    def __init__(self, num_features: int, dims: int = 2, groups: int = GNOptions.groups,
+                 eps: float = GNOptions.eps) -> None:
         super().__init__()
         if groups < 1 or num_features % groups != 0:
             raise ValueError(f"gn: num_features={num_features} is not divisible by groups={groups}; "
@@ -42,11 +61,4 @@ class GroupNorm(Norm):
         mean = grouped.mean(2, keepdim=True)
         centered = grouped - mean
         x_hat = (centered * (centered.square().mean(2, keepdim=True) + self.eps).rsqrt()).view_as(x)
-        if x.dim() == 2:
-            return torch.addcmul(self.bias, x_hat, self.weight)
-        return torch.addcmul(self.bias.view(-1, 1, 1), x_hat, self.weight.view(-1, 1, 1))
-
-
-@register_norm("gn")
-def build_gn(num_features: int, dims: int = 2, groups: int = 2, eps: float = 1e-5) -> Norm:
-    return GroupNorm(num_features, dims, groups=groups, eps=eps)
+        return torch.addcmul(per_feature(self.bias, x.dim()), x_hat, per_feature(self.weight, x.dim()))

@@ -2,12 +2,16 @@
 
 from torch import Tensor
 
-from bnlab.norms import register_norm
 from bnlab.norms.base import Norm
+from bnlab.norms.registry import register_norm
 
 
 @register_norm("none")
 class Identity(Norm):
+    """y = x. No shift of its own, so the layer before it keeps its bias."""
+
+    replaces_bias = False
+
     def __init__(self, num_features: int, dims: int = 2) -> None:
         super().__init__()
 

@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
-from bnlab.norms import register_norm
-from bnlab.norms.base import Norm
+from dataclasses import dataclass
+
+from bnlab.bounds import positive
 from bnlab.norms.groupnorm import GroupNorm
+from bnlab.norms.registry import NormOptions, register_norm
 
 
+@dataclass
+class LNOptions(NormOptions):
+    """``norm=ln``."""
+
+    eps: float = positive(1e-5)
+
+
+@register_norm("ln", LNOptions)
 class LayerNorm(GroupNorm):
     """Statistics per sample over all of its features, then a per-feature affine (Ba et al. 2016).
 
@@ -18,13 +28,8 @@ class LayerNorm(GroupNorm):
     W). No batch statistics: train and eval mode compute the same thing.
     """
 
-    def __init__(self, num_features: int, dims: int = 2, eps: float = 1e-5) -> None:
+    def __init__(self, num_features: int, dims: int = 2, eps: float = LNOptions.eps) -> None:
         super().__init__(num_features, dims, groups=1, eps=eps)
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, dims={self.dims}, eps={self.eps}"
-
-
-@register_norm("ln")
-def build_ln(num_features: int, dims: int = 2, eps: float = 1e-5) -> Norm:
-    return LayerNorm(num_features, dims, eps=eps)

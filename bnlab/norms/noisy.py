@@ -2,12 +2,31 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+from omegaconf import DictConfig
 from torch import Tensor
 
-from bnlab.norms import register_norm
-from bnlab.norms.base import Norm
-from bnlab.norms.batchnorm import BatchNorm, TorchBatchNorm
+from bnlab.bounds import invalid, non_negative, positive
+from bnlab.norms.batchnorm import BatchNorm, BNOptions, TorchBatchNorm
+from bnlab.norms.registry import register_norm
+
+
+@dataclass
+class NoisyBNOptions(BNOptions):
+    """``norm=noisy_bn``: BN's options and the noise's (Santurkar et al. 2018, Sec. 2)."""
+
+    mean_range: float = non_negative(0.5)
+    std_low: float = positive(1.0)
+    std_high: float = 1.25  # >= std_low (checked below)
+    mean_jitter: float = non_negative(0.1)
+    std_jitter: float = non_negative(0.1)
+
+    @classmethod
+    def check(cls, norm: DictConfig, widths: list[int]) -> None:
+        if norm.std_high < norm.std_low:
+            raise invalid("norm.std_high", norm.std_high, f"a number >= norm.std_low ({norm.std_low})")
 
 
 class NoiseInjection:
@@ -22,9 +41,11 @@ class NoiseInjection:
         m ~ U(mu - mean_jitter, mu + mean_jitter),  s ~ N(sigma, std_jitter^2),  a <- s * a + m
 
     Noise only in training mode. Draws come from torch's global RNG, which the trainer seeds and
-    checkpoints. ``hold_noise=True`` reuses the last sample (drawing one only if none of the
-    input's shape is held). A draw outside a real training step (``update_stats=False`` or
-    ``hold_noise=True``) leaves the global RNG as it found it, so measuring never shifts training.
+    checkpoints, one layer after another in the order of the forward pass, in a training step
+    and in a measurement pass alike: a measurement (:func:`bnlab.norms.frozen_stats`) restores
+    the RNG when it ends, so each of its layers sees the noise that layer will draw in the next
+    training step (for an input of the same shape) and training is not shifted. ``hold_noise=True``
+    reuses the last sample (drawing one only if none of the input's shape is held).
     """
 
     mean_range: float
@@ -33,8 +54,10 @@ class NoiseInjection:
     mean_jitter: float
     std_jitter: float
 
-    def _init_noise(self, mean_range: float, std_low: float, std_high: float,
-                    mean_jitter: float, std_jitter: float) -> None:
+    def _init_noise(self, mean_range: float = NoisyBNOptions.mean_range,
+                    std_low: float = NoisyBNOptions.std_low, std_high: float = NoisyBNOptions.std_high,
+                    mean_jitter: float = NoisyBNOptions.mean_jitter,
+                    std_jitter: float = NoisyBNOptions.std_jitter) -> None:
         if mean_range < 0 or mean_jitter < 0 or std_jitter < 0 or std_low > std_high:
             raise ValueError(
                 f"noisy_bn: need mean_range, mean_jitter, std_jitter >= 0 and std_low <= std_high, "
@@ -52,60 +75,46 @@ class NoiseInjection:
         s = sigma + torch.randn(like.shape, **opts) * self.std_jitter
         return s, m
 
-    def add_noise(self, a: Tensor, training_step: bool) -> Tensor:
+    def add_noise(self, a: Tensor) -> Tensor:
         held = self.noise
-        if (self.hold_noise and held is not None and held[0].shape == a.shape
+        if not (self.hold_noise and held is not None and held[0].shape == a.shape
                 and held[0].device == a.device):
-            s, m = held
-        elif training_step and not self.hold_noise:
-            s, m = self.draw_noise(a)
-        else:
-            devices = [a.device] if a.device.type == "cuda" else []
-            with torch.random.fork_rng(devices=devices):
-                s, m = self.draw_noise(a)
-        self.noise = (s, m)
+            held = self.draw_noise(a)
+        self.noise = held
+        s, m = held
         return torch.addcmul(m, s, a)
-
-
-class NoisyBatchNorm(NoiseInjection, BatchNorm):
-    """:class:`BatchNorm`, then :class:`NoiseInjection` in training mode."""
-
-    def __init__(self, num_features: int, dims: int = 2, momentum: float | None = 0.1,
-                 eps: float = 1e-5, inference: str = "moving", mean_range: float = 0.5,
-                 std_low: float = 1.0, std_high: float = 1.25, mean_jitter: float = 0.1,
-                 std_jitter: float = 0.1) -> None:
-        BatchNorm.__init__(self, num_features, dims, momentum=momentum, eps=eps, inference=inference)
-        self._init_noise(mean_range, std_low, std_high, mean_jitter, std_jitter)
-
-    def forward(self, x: Tensor) -> Tensor:
-        y = BatchNorm.forward(self, x)
-        return self.add_noise(y, self.update_stats) if self.training else y
 
 
 class NoisyTorchBatchNorm(NoiseInjection, TorchBatchNorm):
     """:class:`TorchBatchNorm` (``impl=torch``), then :class:`NoiseInjection` in training mode."""
 
-    def __init__(self, num_features: int, dims: int = 2, momentum: float | None = 0.1,
-                 eps: float = 1e-5, mean_range: float = 0.5, std_low: float = 1.0,
-                 std_high: float = 1.25, mean_jitter: float = 0.1, std_jitter: float = 0.1) -> None:
-        TorchBatchNorm.__init__(self, num_features, dims, momentum=momentum, eps=eps)
-        self._init_noise(mean_range, std_low, std_high, mean_jitter, std_jitter)
+    supports_sync = False  # a cross-replica copy would lose the noise
+
+    def __init__(self, num_features: int, dims: int = 2, momentum: float | None = BNOptions.momentum,
+                 eps: float = BNOptions.eps, inference: str = BNOptions.inference,
+                 **noise: float) -> None:
+        TorchBatchNorm.__init__(self, num_features, dims, momentum=momentum, eps=eps, inference=inference)
+        self._init_noise(**noise)
 
     def forward(self, x: Tensor) -> Tensor:
         y = TorchBatchNorm.forward(self, x)
-        return self.add_noise(y, self.update_stats) if self.training else y
+        return self.add_noise(y) if self.training else y
 
 
-@register_norm("noisy_bn")
-def build_noisy_bn(num_features: int, dims: int = 2, impl: str = "scratch", momentum: float = 0.1,
-                   eps: float = 1e-5, inference: str = "moving", mean_range: float = 0.5,
-                   std_low: float = 1.0, std_high: float = 1.25, mean_jitter: float = 0.1,
-                   std_jitter: float = 0.1) -> Norm:
-    noise = {"mean_range": mean_range, "std_low": std_low, "std_high": std_high,
-             "mean_jitter": mean_jitter, "std_jitter": std_jitter}
-    if impl == "torch":
-        return NoisyTorchBatchNorm(num_features, dims, momentum=momentum, eps=eps, **noise)
-    if impl != "scratch":
-        raise ValueError(f"noisy_bn: impl={impl!r} is not valid: expected scratch or torch")
-    return NoisyBatchNorm(num_features, dims, momentum=momentum, eps=eps, inference=inference,
-                          **noise)
+@register_norm("noisy_bn", NoisyBNOptions)
+class NoisyBatchNorm(NoiseInjection, BatchNorm):
+    """:class:`BatchNorm`, then :class:`NoiseInjection` in training mode (``impl=torch``:
+    :class:`NoisyTorchBatchNorm`)."""
+
+    supports_sync = False  # a cross-replica copy would lose the noise
+    native = NoisyTorchBatchNorm
+
+    def __init__(self, num_features: int, dims: int = 2, momentum: float | None = BNOptions.momentum,
+                 eps: float = BNOptions.eps, inference: str = BNOptions.inference,
+                 **noise: float) -> None:
+        BatchNorm.__init__(self, num_features, dims, momentum=momentum, eps=eps, inference=inference)
+        self._init_noise(**noise)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = BatchNorm.forward(self, x)
+        return self.add_noise(y) if self.training else y

@@ -11,7 +11,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from bnlab.norms.batchnorm import LOW_PRECISION, BatchNorm, TorchBatchNorm
+from bnlab.norms.base import LOW_PRECISION, Norm, per_feature
+from bnlab.norms.batchnorm import BatchNorm, TorchBatchNorm
 
 
 def _replicas() -> int:
@@ -20,7 +21,8 @@ def _replicas() -> int:
 
 class _AllReduceSum(torch.autograd.Function):
     """y = sum_r x_r on every replica r. Each replica's loss depends on the same y, so the
-    gradient for x_r is the sum over replicas of dL_q/dy: the backward pass all-reduces too."""
+    gradient for x_r is the sum over replicas of dL_q/dy: the backward pass all-reduces too,
+    differentiably, so double backward (Hessian-vector products) is exact as well."""
 
     @staticmethod
     def forward(ctx, x: Tensor) -> Tensor:
@@ -30,9 +32,9 @@ class _AllReduceSum(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:
-        grad = grad.clone()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
-        return grad
+        # Through the function itself, not a bare all_reduce, so that a double backward
+        # (create_graph=True) sees the sum over replicas too: its own derivative, once more.
+        return _AllReduceSum.apply(grad)
 
 
 def _global_sum(t: Tensor) -> Tensor:
@@ -62,9 +64,6 @@ class SyncBatchNorm(BatchNorm):
     this one alike.
     """
 
-    def _view(self, v: Tensor) -> Tensor:
-        return v.view(1, -1) if self.dims == 2 else v.view(1, -1, 1, 1)
-
     def forward(self, x: Tensor) -> Tensor:
         low = x.dtype in LOW_PRECISION  # statistics in float32 under autocast, as BatchNorm does
         xf = x.float() if low else x
@@ -76,11 +75,11 @@ class SyncBatchNorm(BatchNorm):
             count_and_sums = torch.cat([xf.new_full((1,), float(local_count)), xf.sum(dims)])
             count_and_sums = _global_sum(count_and_sums)
             count, mean = count_and_sums[0], count_and_sums[1:] / count_and_sums[0]
-            var = _global_sum((xf - self._view(mean)).square().sum(dims)) / count
+            var = _global_sum((xf - per_feature(mean, xf.dim())).square().sum(dims)) / count
             if self.update_stats:
                 self._update_running(mean.detach(), var.detach(), count.detach())
         scale = self.weight * torch.rsqrt(var + self.eps)
-        y = xf * self._view(scale) + self._view(self.bias - mean * scale)
+        y = xf * per_feature(scale, xf.dim()) + per_feature(self.bias - mean * scale, xf.dim())
         return y.to(x.dtype) if low else y
 
     @torch.no_grad()
@@ -96,7 +95,7 @@ def _sync_copy(layer: BatchNorm | TorchBatchNorm) -> SyncBatchNorm:
     source = layer.bn if isinstance(layer, TorchBatchNorm) else layer
     dims = layer.dims if isinstance(layer, BatchNorm) else (2 if isinstance(source, nn.BatchNorm1d) else 4)
     sync = SyncBatchNorm(source.num_features, dims, momentum=source.momentum, eps=source.eps,
-                         inference=getattr(layer, "inference", "moving"))
+                         inference=layer.inference)
     sync.load_state_dict(source.state_dict())
     sync.train(layer.training)
     sync.update_stats = layer.update_stats
@@ -104,14 +103,14 @@ def _sync_copy(layer: BatchNorm | TorchBatchNorm) -> SyncBatchNorm:
 
 
 def convert_sync(model: nn.Module) -> nn.Module:
-    """Replace every bnlab BN layer (``BatchNorm``, ``TorchBatchNorm``) of ``model`` in place.
+    """Replace every layer of ``model`` that ``supports_sync`` by a :class:`SyncBatchNorm`, in place.
 
-    Parameters, buffers, mode and device are copied. Only these exact types are swapped:
-    subclasses add behaviour of their own (noisy BN's noise) that a plain swap would lose.
-    Returns ``model``.
+    Those are bnlab's BN layers (``BatchNorm``, ``TorchBatchNorm``; not their subclasses that
+    add behaviour a plain swap would lose, such as noisy BN's noise). Parameters, buffers, mode
+    and device are copied. Returns ``model``.
     """
     for name, child in model.named_children():
-        if type(child) in (BatchNorm, TorchBatchNorm):
+        if isinstance(child, Norm) and child.supports_sync and not isinstance(child, SyncBatchNorm):
             setattr(model, name, _sync_copy(child))
         else:
             convert_sync(child)

@@ -29,17 +29,56 @@ ones. Eigendecompositions run in float64 and have hand-written backward passes:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
 
-from bnlab.norms import register_norm
-from bnlab.norms.base import Norm
+from bnlab.bounds import at_least, choice, optional_at_least, positive, unit_interval
+from bnlab.norms.base import LOW_PRECISION, Norm
+from bnlab.norms.registry import NormOptions, register_norm
 
 METHODS = ("zca", "pca", "iter")
 
 
+@dataclass
+class WhiteningOptions(NormOptions):
+    """``norm=zca`` and ``norm=pca``; the others extend it."""
+
+    group_size: int | None = optional_at_least(16, 1, "the whole layer")
+    momentum: float = unit_interval(0.1)
+    eps: float = positive(1e-5)
+
+
+@dataclass
+class IterNormOptions(WhiteningOptions):
+    """``norm=iternorm``."""
+
+    iters: int = at_least(5, 1)
+
+
+@dataclass
+class WhitenOptions(IterNormOptions):
+    """``norm=whiten``: any of the three, by ``method``."""
+
+    method: str = choice("zca", *METHODS)
+
+
+def _refuse_double_backward(method: str) -> None:
+    """Our eigendecomposition backwards are first-order only: differentiating them would be wrong."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"bnlab whitening ({method}: norm={method} or norm=whiten norm.method={method}) does not "
+            "support double backward (create_graph=True, e.g. Hessian-vector products): its "
+            "eigendecomposition has a hand-written first-order backward. Use norm=iternorm "
+            "(norm.method=iter), whose matrix products autograd differentiates to any order.")
+
+
 class _InverseSqrtSPD(torch.autograd.Function):
-    """W = (Sigma_0 + eps I)^-1/2 for a batch of symmetric PSD matrices, exact backward."""
+    """W = (Sigma_0 + eps I)^-1/2 for a batch of symmetric PSD matrices, exact backward.
+
+    First order only: a double backward raises (see :func:`_refuse_double_backward`).
+    """
 
     @staticmethod
     def forward(ctx, sigma0: Tensor, eps: float) -> Tensor:
@@ -50,6 +89,7 @@ class _InverseSqrtSPD(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_w: Tensor):
+        _refuse_double_backward("zca")
         u, s = ctx.saved_tensors
         # Daleckii-Krein: dL/dSigma = U (K o U^T G U) U^T, K_ij = divided difference of s^-1.
         k = -1.0 / (s.unsqueeze(-1) * s.unsqueeze(-2) * (s.unsqueeze(-1) + s.unsqueeze(-2)))
@@ -58,7 +98,10 @@ class _InverseSqrtSPD(torch.autograd.Function):
 
 
 class _BroadenedEigh(torch.autograd.Function):
-    """Eigenvalues (ascending) and eigenvectors of symmetric matrices; broadened backward."""
+    """Eigenvalues (ascending) and eigenvectors of symmetric matrices; broadened backward.
+
+    First order only: a double backward raises (see :func:`_refuse_double_backward`).
+    """
 
     @staticmethod
     def forward(ctx, sigma: Tensor, broadening: float) -> tuple[Tensor, Tensor]:
@@ -70,6 +113,7 @@ class _BroadenedEigh(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_lam: Tensor | None, grad_u: Tensor | None):
+        _refuse_double_backward("pca")
         lam, u = ctx.saved_tensors
         inner = torch.zeros_like(u)
         if grad_u is not None:
@@ -118,6 +162,7 @@ def iterative_whitening(sigma0: Tensor, eps: float, iters: int) -> Tensor:
     return z * trace.rsqrt()
 
 
+@register_norm("whiten", WhitenOptions)
 class BatchWhitening(Norm):
     """Batch whitening over groups of ``group_size`` consecutive features (see module docstring).
 
@@ -128,9 +173,11 @@ class BatchWhitening(Norm):
     running + momentum * batch``), as DBN and IterNorm do.
     """
 
-    def __init__(self, num_features: int, dims: int = 2, method: str = "zca",
-                 group_size: int | None = 16, iters: int = 5, momentum: float = 0.1,
-                 eps: float = 1e-5) -> None:
+    uses_batch_statistics = True
+
+    def __init__(self, num_features: int, dims: int = 2, method: str = WhitenOptions.method,
+                 group_size: int | None = WhitenOptions.group_size, iters: int = WhitenOptions.iters,
+                 momentum: float = WhitenOptions.momentum, eps: float = WhitenOptions.eps) -> None:
         super().__init__()
         if method not in METHODS:
             raise ValueError(f"whiten: method={method!r} is not valid: expected one of {METHODS}")
@@ -172,7 +219,7 @@ class BatchWhitening(Norm):
     def _whiten(self, x: Tensor) -> Tensor:
         c = self.num_features
         features = x.t() if x.dim() == 2 else x.transpose(0, 1).reshape(c, -1)  # (C, m)
-        if features.dtype in (torch.float16, torch.bfloat16):
+        if features.dtype in LOW_PRECISION:
             features = features.float()
         if self.training:
             mean = features.mean(1)
@@ -205,9 +252,26 @@ class BatchWhitening(Norm):
         return y.view(c, n, h, w_).transpose(0, 1)
 
 
-@register_norm("whiten")
-def build_whiten(num_features: int, dims: int = 2, method: str = "zca",
-                 group_size: int | None = 16, iters: int = 5, momentum: float = 0.1,
-                 eps: float = 1e-5) -> Norm:
-    return BatchWhitening(num_features, dims, method=method, group_size=group_size, iters=iters,
-                          momentum=momentum, eps=eps)
+# One option of its own per method, so that `-m norm=bn,zca,pca,iternorm` is one sweep.
+@register_norm("zca", WhiteningOptions)
+class ZCAWhitening(BatchWhitening):
+    """``norm=zca``: :class:`BatchWhitening` with ``method=zca`` (decorrelated BN, Huang et al. 2018)."""
+
+    def __init__(self, num_features: int, dims: int = 2, **options) -> None:
+        super().__init__(num_features, dims, method="zca", **options)
+
+
+@register_norm("pca", WhiteningOptions)
+class PCAWhitening(BatchWhitening):
+    """``norm=pca``: :class:`BatchWhitening` with ``method=pca``."""
+
+    def __init__(self, num_features: int, dims: int = 2, **options) -> None:
+        super().__init__(num_features, dims, method="pca", **options)
+
+
+@register_norm("iternorm", IterNormOptions)
+class IterNorm(BatchWhitening):
+    """``norm=iternorm``: :class:`BatchWhitening` with ``method=iter`` (Huang et al. 2019)."""
+
+    def __init__(self, num_features: int, dims: int = 2, **options) -> None:
+        super().__init__(num_features, dims, method="iter", **options)
