@@ -126,8 +126,8 @@ class TrainLoopConfig:
     steps: int = at_least(8000, 1)
     epochs: int | None = optional_at_least(None, 1, "use train.steps")  # when set, replaces steps
     batch_size: int = at_least(60, 1)
-    # An integer, or "auto": a fixed number of evaluations per run (see evaluation_steps).
-    eval_every: Any = bounded(1000, lambda v: v == EVAL_AUTO or (isinstance(v, int) and v >= 1),
+    # An integer, or "auto": a fixed number of evaluations per run (bnlab.evaluation.eval_interval).
+    eval_every: Any = bounded(EVAL_AUTO, lambda v: v == EVAL_AUTO or (isinstance(v, int) and v >= 1),
                               f"an integer >= 1 or {EVAL_AUTO}")
     eval_batch_size: int = at_least(10000, 1)
     log_every: int = at_least(50, 1)
@@ -152,6 +152,8 @@ class Config:
     data: Any = MISSING
     optim: Any = MISSING
     probe: Any = MISSING
+    # A preset's claims about its paper (docs/report.md): read by `bnlab report`, not by training.
+    claims: list[Any] = field(default_factory=list)
 
 
 MODEL_SCHEMAS: dict[str, type] = {"mlp": MLPConfig, "cnn": CNNConfig, "vgg": VGGConfig}

@@ -1,10 +1,12 @@
-"""Activation statistics on a fixed probe batch: per-layer moments, drift, percentiles, saturation.
+"""Activation statistics on a fixed probe batch: per-layer moments, drift, percentiles, saturation,
+batch noise.
 
-Every ``probe.every`` steps the model runs, in train mode, without gradients and without touching
-running statistics, on a batch drawn once from the training split. For each hidden layer K it
-reads three points, ``pre`` (layer output), ``norm`` (norm output) and ``act`` (activation
-output); per feature j (a unit, or a channel over N, H, W) it takes the mean mu_j and the biased
-variance var_j and logs (eps = 1e-5):
+Every ``probe.every`` steps the model runs without gradients and without touching running
+statistics on a batch drawn once from the training split: in train mode (batch statistics, the
+network that is trained), in eval mode (running statistics, no noise: the network that is
+evaluated), or both (``probe.mode``). For each hidden layer K it reads three points, ``pre``
+(layer output), ``norm`` (norm output) and ``act`` (activation output); per feature j (a unit, or
+a channel over N, H, W) it takes the mean mu_j and the biased variance var_j and logs (eps = 1e-5):
 
     act/layerK/<point>/mean, /var   mean_j mu_j, mean_j var_j
     drift/layerK/<point>/mean       RMS_j (mu_j(t) - mu_j(t')) / sqrt(var_j(t') + eps)
@@ -12,25 +14,31 @@ variance var_j and logs (eps = 1e-5):
     drift0/layerK/<point>/...       the same with t' = the first probe (before training)
     pct/layerK/p15, p50, p85        percentiles of the nonlinearity input of unit ``probe.unit``
     sat/layerK                      fraction of nonlinearity inputs x with f'(x) < 0.1 max f'
+    batchnoise/layerK/mean, /std    RMS over units and chunks of the training batch size of
+                                    (mu_cj - mu_j) / sqrt(var_j + eps) and
+                                    0.5 * log((var_cj + eps) / (var_j + eps)) at the nonlinearity input
 
-where t' is the previous probe for ``drift`` (logged from the second probe on). The statistic
-functions below are pure, so tests check them against direct computations.
+where t' is the previous probe for ``drift`` (logged from the second probe on) and c a chunk.
+The eval-mode view logs the same tags under the prefix ``infer/``, with its own first and previous
+probe. The statistic functions below are pure, so tests check them against direct computations.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from omegaconf import DictConfig
 from torch import Tensor
 
-from bnlab.data import Dataset, Split
-from bnlab.evaluation import evaluate, loss_function
+from bnlab.config import world_size
+from bnlab.data import Dataset
+from bnlab.evaluation import loss_function
 from bnlab.ics import gradient_ics, preserved_rng
 from bnlab.models import Net
-from bnlab.norms import frozen_stats, uses_batch_statistics
+from bnlab.norms import frozen_stats
 
 POINTS = ("pre", "norm", "act")
 PERCENTILES = (15, 50, 85)
@@ -38,6 +46,9 @@ DRIFT_EPS = 1e-5
 SATURATION_LEVEL = 0.1  # "saturated": the derivative is below 10% of its maximum
 # The probe batch's own stream; the batch stream uses `seed` and `seed + 1`.
 PROBE_SEED_OFFSET = 7919
+# probe.mode -> the views measured: (tag prefix, train mode?)
+TRAIN_VIEW, INFER_VIEW = ("", True), ("infer/", False)
+MODE_VIEWS = {"train": (TRAIN_VIEW,), "eval": (INFER_VIEW,), "both": (TRAIN_VIEW, INFER_VIEW)}
 
 
 # ---------------------------------------------------------------- pure statistics
@@ -135,37 +146,76 @@ def saturated_fraction(x: Tensor, bounds: tuple[float, float]) -> Tensor:
     return ((x < lo) | (x > hi)).double().mean()
 
 
+def batch_noise(x: Tensor, chunk_size: int, mean: Tensor | None = None, var: Tensor | None = None,
+                eps: float = DRIFT_EPS) -> tuple[Tensor, Tensor]:
+    """How far the statistics of batches of ``chunk_size`` stray from those of the whole of x.
+
+    x (N, C) or (N, C, H, W) is cut into n = N // chunk_size chunks c of consecutive rows (the
+    rest is dropped); with mu_j, var_j the moments of x (``mean``, ``var`` if already known) and
+    mu_cj, var_cj those of chunk c (biased variance, as BN normalizes)::
+
+        mean noise = RMS_{c,j} (mu_cj - mu_j) / sqrt(var_j + eps)
+        std noise  = RMS_{c,j} 0.5 * log((var_cj + eps) / (var_j + eps))   (log sigma_cj / sigma_j)
+
+    the shift and log-scale a BN layer normalizing by a chunk's statistics instead of the
+    whole batch's applies to unit j. Float64 scalars; ValueError if no chunk fits.
+    """
+    n = x.shape[0] // chunk_size
+    if n == 0:
+        raise ValueError(f"batch_noise: no chunk of {chunk_size} in a batch of {x.shape[0]}")
+    if mean is None or var is None:
+        mean, var = feature_moments(x)
+    chunks = x[: n * chunk_size].unflatten(0, (n, chunk_size)).float()
+    dims = (1,) if x.dim() == 2 else (1, *range(3, chunks.dim()))
+    chunk_mean = chunks.mean(dims, keepdim=True)
+    chunk_var = (chunks - chunk_mean).square_().mean(dims)
+    shift, scale = drift(chunk_mean.flatten(1).double(), chunk_var.double(), mean, var, eps)
+    return rms(shift), rms(scale)  # RMS over chunks of the per-chunk RMS over units
+
+
 # ---------------------------------------------------------------- the prober
+@dataclass
+class View:
+    """One network the probes measure: train mode (prefix "") or eval mode ("infer/"), with its
+    own first and previous probe statistics (per layer, (3, C) float64 mu_j and var_j)."""
+
+    prefix: str
+    train_mode: bool
+    first: list[tuple[Tensor, Tensor]] | None = None
+    prev: list[tuple[Tensor, Tensor]] | None = None
+
+
 class Prober:
     """Measures a model's activations on a fixed probe batch; the trainer calls it.
 
     ``probe`` logs the statistics of the module docstring, ``ics`` the gradient-based ICS of
-    :mod:`bnlab.ics`, ``eval_extras`` the train-mode test accuracy of batch-statistic norms.
-    None of them changes training: running statistics are frozen, torch's global RNG state is
-    restored, and the probe batch comes from a private generator.
+    :mod:`bnlab.ics`, ``landscape`` the loss landscape of :mod:`bnlab.landscape`. None of them
+    changes training: running statistics are frozen, torch's global RNG state is restored, and
+    the probe batch comes from a private generator.
     """
 
     def __init__(self, cfg: DictConfig, model: Net, data: Dataset, device: torch.device) -> None:
         self.cfg, self.model, self.device = cfg.probe, model, torch.device(device)
         self.ics_every = int(cfg.probe.ics_every)
-        self.batch_statistics = uses_batch_statistics(model)  # train mode differs from eval mode
+        self.landscape_every = int(cfg.probe.get("landscape_every", 0))
+        self.views = [View(prefix, train) for prefix, train in MODE_VIEWS[cfg.probe.get("mode", "train")]]
         self.task = getattr(data, "task", "classification")
         self.bounds = saturation_bounds(str(cfg.activation.name))
         self.fractions = percentile_fractions(self.device)
+        # The batch one norm layer sees in a training step: a replica's share under torchrun.
+        synced = bool(cfg.norm.get("sync", False))
+        self.chunk_size = max(1, int(cfg.train.batch_size) // (1 if synced else world_size()))
         generator = torch.Generator().manual_seed(int(cfg.seed) + PROBE_SEED_OFFSET)
         index = torch.randperm(len(data.train), generator=generator)[: self.cfg.batch_size]
         self.x = data.train.x[index.to(data.train.x.device)].to(self.device)
-        # Per layer, (3, C) float64 tensors of mu_j and var_j at the points (pre, norm, act).
-        self.first: list[tuple[Tensor, Tensor]] | None = None
-        self.prev: list[tuple[Tensor, Tensor]] | None = None
 
     # -- activation statistics
     @torch.no_grad()
-    def _record_points(self) -> list[dict[str, Tensor]]:
+    def _record_points(self, train_mode: bool) -> list[dict[str, Tensor]]:
         blocks = self.model.blocks
         taps: list[dict[str, Tensor]] = [{} for _ in blocks]
         was_training = self.model.training
-        self.model.train()
+        self.model.train(train_mode)
         try:
             # Noisy layers draw from the global RNG: restore it so training sees the same stream.
             with preserved_rng(self.device), frozen_stats(self.model):
@@ -179,21 +229,41 @@ class Prober:
         return taps
 
     def probe(self, step: int, recorder) -> None:
-        """Measure the probe batch at ``step`` and log every probe tag in one call."""
+        """Measure the probe batch at ``step`` in each view and log every probe tag in one call."""
         if not self.model.blocks:  # a linear classifier: no hidden layer to probe
             return
-        taps = self._record_points()
+        tags: list[str] = []
+        values: list[Tensor] = []
+        measured = []
+        for view in self.views:
+            taps = self._record_points(view.train_mode)
+            moments = self._statistics(view, taps, tags, values)
+            if self._wants_histograms(step):
+                for k, (tap, block) in enumerate(zip(taps, self.model.blocks, strict=True), start=1):
+                    point = block.nonlinearity_input
+                    recorder.histogram(f"{view.prefix}hist/layer{k}/{point}",
+                                       tap[point].detach().float().cpu(), step)
+            measured.append((view, moments))
+        numbers = torch.cat(values).tolist()  # the one host sync
+        recorder.scalars(step, dict(zip(tags, numbers, strict=True)))
+        if step == 0:
+            recorder.layout(self.layout())
+        for view, moments in measured:
+            if view.first is None:
+                view.first = moments
+            view.prev = moments
+
+    def _statistics(self, view: View, taps: list[dict[str, Tensor]], tags: list[str],
+                    values: list[Tensor]) -> list[tuple[Tensor, Tensor]]:
+        """Append the view's tags and (device) values; returns its moments per layer."""
         moments = []
         for tap in taps:
             mean, var = feature_moments(torch.cat([tap[p] for p in POINTS], dim=1))
             moments.append((mean.view(len(POINTS), -1), var.view(len(POINTS), -1)))
-        first = self.first if self.first is not None else moments
-
-        tags: list[str] = []
-        values: list[Tensor] = []
+        first = view.first if view.first is not None else moments
 
         def add(names: list[str], tensor: Tensor) -> None:
-            tags.extend(names)
+            tags.extend(view.prefix + name for name in names)
             values.append(tensor.reshape(-1))
 
         for k, (tap, (mean, var)) in enumerate(zip(taps, moments, strict=True), start=1):
@@ -201,29 +271,23 @@ class Prober:
             per_point = [f"{layer}/{p}" for p in POINTS]
             add([f"act/{n}/mean" for n in per_point], mean.mean(-1))
             add([f"act/{n}/var" for n in per_point], var.mean(-1))
-            refs = [first[k - 1]] + ([self.prev[k - 1]] if self.prev is not None else [])
+            refs = [first[k - 1]] + ([view.prev[k - 1]] if view.prev is not None else [])
             kinds = ["drift0", "drift"][: len(refs)]
             ref_mean = torch.stack([m for m, _ in refs])
             ref_var = torch.stack([v for _, v in refs])
             mean_drift, var_drift = drift(mean, var, ref_mean, ref_var)  # (len(refs), 3)
             add([f"{kind}/{n}/mean" for kind in kinds for n in per_point], mean_drift)
             add([f"{kind}/{n}/var" for kind in kinds for n in per_point], var_drift)
-            x = tap[self.model.blocks[k - 1].nonlinearity_input]
+            point = self.model.blocks[k - 1].nonlinearity_input
+            x = tap[point]
             percentiles = unit_percentiles(x, self.cfg.unit, self.fractions)
             add([f"pct/{layer}/p{q}" for q in PERCENTILES], percentiles)
             add([f"sat/{layer}"], saturated_fraction(x, self.bounds))
-
-        numbers = torch.cat(values).tolist()  # the one host sync
-        recorder.scalars(step, dict(zip(tags, numbers, strict=True)))
-        if self._wants_histograms(step):
-            for k, (tap, block) in enumerate(zip(taps, self.model.blocks, strict=True), start=1):
-                point = block.nonlinearity_input
-                recorder.histogram(f"hist/layer{k}/{point}", tap[point].detach().float().cpu(), step)
-        if step == 0:
-            recorder.layout(self.layout())
-        if self.first is None:
-            self.first = moments
-        self.prev = moments
+            if x.shape[0] >= self.chunk_size:
+                i = POINTS.index(point)
+                noise = batch_noise(x, self.chunk_size, mean[i], var[i])
+                add([f"batchnoise/{layer}/mean", f"batchnoise/{layer}/std"], torch.stack(noise))
+        return moments
 
     def _wants_histograms(self, step: int) -> bool:
         """True at the first probe at or after each multiple of ``hist_every``."""
@@ -233,19 +297,32 @@ class Prober:
     def layout(self) -> dict[str, dict[str, list]]:
         """TensorBoard custom-scalars charts: one per metric with all layers, pct per layer."""
         charts: dict[str, dict[str, list]] = {}
-        for kind in ("act", "drift", "drift0"):
-            charts[f"probes: {kind}"] = {
-                f"{kind}/{point}/{stat}": ["Multiline", [rf"^{kind}/layer\d+/{point}/{stat}$"]]
-                for point in POINTS for stat in ("mean", "var")
+        for view in self.views:
+            pre, title = view.prefix, "probes" if view.train_mode else "probes (inference network)"
+            for kind in ("act", "drift", "drift0"):
+                charts[f"{title}: {kind}"] = {
+                    f"{pre}{kind}/{point}/{stat}": ["Multiline", [rf"^{pre}{kind}/layer\d+/{point}/{stat}$"]]
+                    for point in POINTS for stat in ("mean", "var")
+                }
+            charts[f"{title}: pct"] = {
+                f"{pre}pct/layer{k}": ["Multiline", [rf"^{pre}pct/layer{k}/p\d+$"]]
+                for k in range(1, len(self.model.blocks) + 1)
             }
-        charts["probes: pct"] = {
-            f"pct/layer{k}": ["Multiline", [rf"^pct/layer{k}/p\d+$"]]
-            for k in range(1, len(self.model.blocks) + 1)
-        }
-        charts["probes: sat"] = {"sat": ["Multiline", [r"^sat/layer\d+$"]]}
-        if self.cfg.ics_every > 0:
+            charts[f"{title}: sat"] = {f"{pre}sat": ["Multiline", [rf"^{pre}sat/layer\d+$"]]}
+            charts[f"{title}: batchnoise"] = {
+                f"{pre}batchnoise/{stat}": ["Multiline", [rf"^{pre}batchnoise/layer\d+/{stat}$"]]
+                for stat in ("mean", "std")
+            }
+        if self.ics_every > 0:
             charts["probes: ics"] = {f"ics/{stat}": ["Multiline", [rf"^ics/layer\d+/{stat}$"]]
                                      for stat in ("l2", "cos")}
+        if self.landscape_every > 0:
+            charts["probes: landscape"] = {
+                "landscape/loss_min, loss_max": ["Multiline", [r"^landscape/loss_m(in|ax)$"]],
+                "landscape/loss_range": ["Multiline", [r"^landscape/loss_range$"]],
+                "landscape/grad_change": ["Multiline", [r"^landscape/grad_change$"]],
+                "landscape/beta": ["Multiline", [r"^landscape/beta$"]],
+            }
         return charts
 
     # -- gradient-based ICS
@@ -267,30 +344,35 @@ class Prober:
             values[f"ics/layer{k}/cos"] = numbers[n + k - 1]
         recorder.scalars(step, values)
 
-    # -- evaluation
-    def eval_extras(self, model: Net, split: Split, batch_size: int) -> dict[str, float]:
-        """``test/acc_train_mode`` (``test/loss_train_mode`` for regression): the test metric
-        with batch statistics (frozen running statistics), for batch-statistic norms only.
+    # -- loss landscape along the gradient
+    def landscape(self, step: int, model: Net, optimizer: torch.optim.Optimizer, x: Tensor,
+                  y: Tensor, recorder) -> None:
+        """Log ``landscape/*`` (:mod:`bnlab.landscape`) at the batch (x, y) of the update about to
+        be made, with step sizes scaled by the learning rate in force."""
+        from bnlab.landscape import landscape
 
-        The gap to ``test/acc`` shows how far the running estimates are from the batch statistics.
-        """
-        if not self.batch_statistics:
-            return {}
-        with preserved_rng(self.device):  # noisy layers draw noise in train mode
-            loss, acc = evaluate(model, split, batch_size, train_mode=True, task=self.task)
-        if self.task == "classification":
-            return {"test/acc_train_mode": acc}
-        return {"test/loss_train_mode": loss}
+        lr = float(optimizer.param_groups[0]["lr"])
+        stats = landscape(model, x, y, lr, loss_function(self.task))
+        numbers = torch.stack(list(stats.values())).tolist()
+        recorder.scalars(step, {f"landscape/{k}": v for k, v in zip(stats, numbers, strict=True)})
 
     # -- checkpoints
     def state_dict(self) -> dict[str, Any]:
-        """First and previous probe statistics (CPU tensors: loadable with weights_only=True)."""
+        """First and previous probe statistics of each view (CPU tensors: loadable with
+        weights_only=True); the train view's at the top level, the inference view's under "infer"."""
         def pack(moments):
             if moments is None:
                 return None
             return [{"mean": m.cpu(), "var": v.cpu()} for m, v in moments]
 
-        return {"first": pack(self.first), "prev": pack(self.prev)}
+        state: dict[str, Any] = {}
+        for view in self.views:
+            refs = {"first": pack(view.first), "prev": pack(view.prev)}
+            if view.train_mode:
+                state.update(refs)
+            else:
+                state["infer"] = refs
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         def unpack(packed):
@@ -298,4 +380,6 @@ class Prober:
                 return None
             return [(p["mean"].to(self.device), p["var"].to(self.device)) for p in packed]
 
-        self.first, self.prev = unpack(state.get("first")), unpack(state.get("prev"))
+        for view in self.views:
+            refs = state if view.train_mode else state.get("infer", {})
+            view.first, view.prev = unpack(refs.get("first")), unpack(refs.get("prev"))

@@ -1,10 +1,10 @@
-"""``bnlab report``: compare runs -- which variant converged faster, by how much, over how many seeds.
+"""``bnlab report``: compare runs -- which variant converged faster, by how much, over how many
+seeds, and whether the preset's claims hold.
 
-Runs are read only through the run directory contract (:mod:`bnlab.runs`). Runs whose config
-differs only in ``seed`` (and bookkeeping keys) form a group; each group's numbers are the mean
-and sample standard deviation over its completed runs (its seeds). Output: a table on the
-terminal, and in the output folder ``report.md`` (tables and figures), ``summary.csv`` (one row
-per group) and PNG figures.
+Runs are read only through the run directory contract (:mod:`bnlab.runs`); their numbers come
+from :mod:`bnlab.report_data`, the claims' verdicts from :mod:`bnlab.claims`. Output: tables on
+the terminal, and in the output folder ``report.md`` (tables and figures), ``summary.csv`` (one
+row per group), ``pivot.csv`` (a metric against a swept key), ``claims.csv`` and PNG figures.
 
 matplotlib is imported only when drawing, and torch never: ``bnlab report --help`` stays fast.
 """
@@ -14,27 +14,30 @@ from __future__ import annotations
 import argparse
 import csv
 import math
-import re
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import numpy as np
-
+from bnlab.claims import ALPHA, MIN_SEEDS, Judgement, NotJudged, Side, claim_metrics, judge_all
 from bnlab.errors import UserError
-from bnlab.runs import NO_SUMMARY, Run, Series, find_runs, load_scalars
+from bnlab.report_data import (
+    AUTO,
+    Group,
+    Report,
+    axis_figure_name,
+    build_report,
+    display_key,
+    display_value,
+    higher_is_better,
+    mean_std,
+    value_key,
+)
+from bnlab.runs import NO_SUMMARY, find_runs, load_scalars
 
-# Config keys that never make two runs different experiments.
-IGNORED_KEYS = {"seed", "device", "resume", "train.progress", "train.threads", "data.root",
-                "data.download"}
 # The tags a report reads; everything else in scalars.csv is skipped unparsed.
 REPORT_TAGS = ("test/acc", "test/loss", "train/loss", "perf/steps_per_s",
                "drift/layer*/norm/mean", "drift/layer*/pre/mean", "sat/layer*", "pct/layer*",
-               "ics/layer*")
-AUTO = "auto"
-MISSING = object()
+               "ics/layer*", "landscape/*", "batchnoise/layer*")
 
 DESCRIPTION = """Compare runs: a table per group of runs that differ only in seed, report.md,
 summary.csv and PNG figures.
@@ -56,283 +59,28 @@ EPILOG = """columns:
   saturation Lk   fraction of saturated nonlinearity inputs at the last probe (sat/layerK)
   wall, steps/s   wall time of the run (summary.json) and mean training speed (perf/steps_per_s)
 
---target auto: the best --metric value that every completed run reached (the lowest of their
-best values), so every variant is timed to the same accuracy, as Ioffe & Szegedy (2015,
-Table 2) timed each variant to the best accuracy of the baseline.
+--target auto: the median over groups of each group's median best --metric (over its seeds):
+a group that never learned moves it by one rank, not down to chance. Groups whose mean steps
+differ by less than one evaluation interval are reported as a tie.
+
+--x KEY: the final and best --metric against the values of KEY, one line per group of the
+other keys (mean over seeds, band min to max; a log axis when the values span 10x or more),
+in <metric>_vs_<KEY>.png and a pivot table (report.md, pivot.csv). Drawn without --x when
+exactly one group key is numeric.
+
+claims: a preset's claims (its top-level claims: list, kept in each run's .hydra/config.yaml)
+are judged on the runs that carry them, with Welch's t-test, one-sided, p < 0.05 and at least
+3 seeds per group: reproduced, not reproduced (significant the other way) or inconclusive.
 
 examples:
   bnlab report outputs/multirun/2026-11-26/14-03-11-ab12cd
   bnlab report outputs --by norm,activation --target 0.95
-  bnlab report sweep --metric test/loss --target 0.3 --out /tmp/report"""
-
-
-# ---------------------------------------------------------------- grouping
-def comparable_keys(runs: Sequence[Run]) -> list[str]:
-    """Config keys whose values differ between ``runs`` and that split them into new groups.
-
-    Keys named in the runs' overrides come first (``norm`` before ``norm.momentum``); a key is
-    kept only when it splits some group the keys before it left together, so ``norm.momentum``
-    (set by ``norm=bn``, absent under ``norm=none``) does not repeat what ``norm`` says.
-    """
-    configs = [run.config for run in runs if run.config]
-    keys = {k for cfg in configs for k in cfg if k not in IGNORED_KEYS}
-    differing = {k for k in keys if len({_value_key(cfg.get(k, MISSING)) for cfg in configs}) > 1}
-    ordered = [k for k in _override_keys(runs, keys) if k in differing]
-    # Then group choices (``X.name``) before the options they bring, then the rest by name.
-    ordered += sorted(differing - set(ordered), key=lambda k: (not k.endswith(".name"), k))
-    kept: list[str] = []
-    partition = 1  # no key: every run in one group
-    for key in ordered:
-        finer = len({tuple(_value_key(cfg.get(k, MISSING)) for k in [*kept, key])
-                     for cfg in configs})
-        if finer > partition:
-            kept.append(key)
-            partition = finer
-    return kept
-
-
-def _override_keys(runs: Sequence[Run], keys: set[str]) -> list[str]:
-    found: dict[str, None] = {}
-    for run in runs:
-        for override in run.overrides:
-            name = override.split("=", 1)[0].lstrip("+~")
-            for key in (name, f"{name}.name"):  # ``norm=bn`` sets the group choice norm.name
-                if key in keys:
-                    found[key] = None
-                    break
-    return list(found)
-
-
-def resolve_keys(names: Sequence[str], runs: Sequence[Run]) -> list[str]:
-    """``--by`` names to config keys (``norm`` means ``norm.name``); UserError for unknown ones."""
-    known = {k for run in runs for k in run.config}
-    keys = []
-    for name in names:
-        if name in known:
-            keys.append(name)
-        elif f"{name}.name" in known:
-            keys.append(f"{name}.name")
-        else:
-            differing = ", ".join(display_key(k) for k in comparable_keys(runs)) or "none"
-            raise UserError(f"--by {name}: no run has this config key "
-                            f"(keys that differ between these runs: {differing})")
-    return keys
-
-
-def display_key(key: str) -> str:
-    """``norm.name`` is written ``norm``, as in the override ``norm=bn`` that chose it."""
-    return key[: -len(".name")] if key.endswith(".name") else key
-
-
-def display_value(value: Any) -> str:
-    if value is MISSING:
-        return "unset"
-    if value is None:
-        return "null"
-    if isinstance(value, tuple):
-        return "[" + ", ".join(display_value(v) for v in value) + "]"
-    return str(value)
-
-
-def _value_key(value: Any) -> Any:
-    # Hashable and comparable across types, for sets and sorting (MISSING sorts first).
-    if value is MISSING:
-        return (0, "")
-    if isinstance(value, bool) or value is None:
-        return (1, str(value))
-    if isinstance(value, (int, float)):
-        return (2, float(value))
-    return (3, str(value))
-
-
-# ---------------------------------------------------------------- per-run numbers
-@dataclass
-class RunStats:
-    """The numbers of one run, read from its scalars and summary."""
-
-    final_acc: float | None = None
-    best_acc: float | None = None
-    target_step: int | None = None  # None: the run never reached the target
-    final_train_loss: float | None = None
-    drift: dict[int, float] = field(default_factory=dict)  # layer -> mean over probes
-    saturation: dict[int, float] = field(default_factory=dict)  # layer -> last probe
-    wall_s: float | None = None
-    steps_per_s: float | None = None
-
-
-def higher_is_better(metric: str) -> bool:
-    return not metric.rsplit("/", 1)[-1].endswith("loss")
-
-
-def first_step_reaching(series: Series, target: float, up: bool = True) -> int | None:
-    """The first logged step where the value is >= ``target`` (``up``) or <= it, else None."""
-    hit = series.values >= target if up else series.values <= target
-    index = np.flatnonzero(hit)
-    return int(series.steps[index[0]]) if len(index) else None
-
-
-def nonlinearity_point(run: Run) -> str:
-    """The probe point that feeds the activation: the norm's output before_act, ``pre`` after."""
-    return "pre" if run.config.get("norm.position") == "after_act" else "norm"
-
-
-def layer_tags(scalars: dict[str, Series], pattern: str) -> dict[int, str]:
-    """``{K: tag}`` for tags matching ``pattern`` with ``{K}`` for the layer number."""
-    regex = re.compile("^" + re.escape(pattern).replace(r"\{K\}", r"(\d+)") + "$")
-    found = {}
-    for tag in scalars:
-        match = regex.match(tag)
-        if match:
-            found[int(match.group(1))] = tag
-    return dict(sorted(found.items()))
-
-
-def _last(series: Series | None) -> float | None:
-    return float(series.values[-1]) if series is not None and len(series.values) else None
-
-
-def _finite_mean(values: np.ndarray) -> float | None:
-    values = values[np.isfinite(values)]
-    return float(values.mean()) if len(values) else None
-
-
-def run_stats(run: Run, metric: str, target: float) -> RunStats:
-    scalars = run.scalars
-    acc = scalars.get("test/acc")
-    stats = RunStats(final_acc=_last(acc),
-                     best_acc=float(np.nanmax(acc.values)) if acc is not None else None,
-                     final_train_loss=_last(scalars.get("train/loss")))
-    if metric in scalars:
-        stats.target_step = first_step_reaching(scalars[metric], target, higher_is_better(metric))
-    point = nonlinearity_point(run)
-    for layer, tag in layer_tags(scalars, "drift/layer{K}/" + point + "/mean").items():
-        mean = _finite_mean(scalars[tag].values)
-        if mean is not None:
-            stats.drift[layer] = mean
-    for layer, tag in layer_tags(scalars, "sat/layer{K}").items():
-        stats.saturation[layer] = _last(scalars[tag])
-    if "perf/steps_per_s" in scalars:
-        stats.steps_per_s = _finite_mean(scalars["perf/steps_per_s"].values)
-    wall = run.summary.get("wall_s")
-    stats.wall_s = float(wall) if isinstance(wall, (int, float)) else None
-    return stats
-
-
-def auto_target(runs: Sequence[Run], metric: str) -> float | None:
-    """The best value of ``metric`` that every run reached: the worst of the runs' best values."""
-    up = higher_is_better(metric)
-    bests = []
-    for run in runs:
-        series = run.scalars.get(metric)
-        if series is not None and np.isfinite(series.values).any():
-            bests.append(np.nanmax(series.values) if up else np.nanmin(series.values))
-    if not bests:
-        return None
-    return float(min(bests) if up else max(bests))
-
-
-# ---------------------------------------------------------------- groups
-@dataclass
-class Group:
-    """Runs with the same values of the group keys; numbers over the completed ones."""
-
-    values: tuple  # one per group key
-    label: str
-    runs: list[Run]
-    stats: list[RunStats] = field(default_factory=list)  # one per completed run
-
-    @property
-    def completed(self) -> list[Run]:
-        return [run for run in self.runs if run.status == "completed"]
-
-    def counts(self) -> dict[str, int]:
-        counts: dict[str, int] = {}
-        for run in self.runs:
-            counts[run.status] = counts.get(run.status, 0) + 1
-        return counts
-
-    def values_of(self, name: str) -> list[float]:
-        return [v for s in self.stats if (v := getattr(s, name)) is not None and math.isfinite(v)]
-
-    def layer_values(self, name: str) -> dict[int, list[float]]:
-        layers: dict[int, list[float]] = {}
-        for s in self.stats:
-            for layer, v in getattr(s, name).items():
-                if v is not None and math.isfinite(v):
-                    layers.setdefault(layer, []).append(v)
-        return dict(sorted(layers.items()))
-
-    def reached(self) -> tuple[list[int], int]:
-        """Steps of the runs that reached the target, and how many completed runs there are."""
-        return [s.target_step for s in self.stats if s.target_step is not None], len(self.stats)
-
-
-def make_groups(runs: Sequence[Run], keys: Sequence[str]) -> list[Group]:
-    by_values: dict[tuple, list[Run]] = {}
-    for run in runs:
-        values = tuple(run.config.get(k, MISSING) for k in keys)
-        by_values.setdefault(values, []).append(run)
-    groups = []
-    for values, members in sorted(by_values.items(),
-                                  key=lambda item: tuple(_value_key(v) for v in item[0])):
-        label = ", ".join(f"{display_key(k)}={display_value(v)}" for k, v in zip(keys, values, strict=True))
-        members.sort(key=lambda run: (_value_key(run.seed), str(run.path)))
-        groups.append(Group(values=values, label=label or "all runs", runs=members))
-    return groups
-
-
-def mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
-    """Mean and sample standard deviation (ddof=1; None for fewer than two values)."""
-    if not values:
-        return None, None
-    arr = np.asarray(values, dtype=np.float64)
-    return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else None
-
-
-# ---------------------------------------------------------------- the report
-@dataclass
-class Report:
-    roots: list[Path]
-    runs: list[Run]
-    keys: list[str]
-    groups: list[Group]
-    metric: str
-    target: float | None
-    target_note: str
-    layers: list[int]
-
-    @property
-    def excluded(self) -> list[Run]:
-        return [run for run in self.runs if run.status != "completed"]
-
-
-def build_report(runs: list[Run], roots: list[Path], by: Sequence[str] | None = None,
-                 metric: str = "test/acc", target: float | str = AUTO) -> Report:
-    """Group ``runs``, choose the target, and compute every completed run's numbers."""
-    keys = resolve_keys(by, runs) if by else comparable_keys(runs)
-    # A run without a readable config belongs to no group; it is listed with the others.
-    groups = make_groups([run for run in runs if run.config], keys)
-    completed = [run for run in runs if run.status == "completed"]
-    if completed and not any(metric in run.scalars for run in completed):
-        raise UserError(f"--metric {metric}: no completed run logged this tag "
-                        "(for example test/acc, test/loss or train/loss)")
-    if target == AUTO:
-        value = auto_target(completed, metric)
-        better = "highest" if higher_is_better(metric) else "lowest"
-        note = (f"auto: the {better} {metric} that every completed run reached"
-                if value is not None else f"auto: no completed run logged {metric}")
-    else:
-        value, note = float(target), "given with --target"
-    for group in groups:
-        group.stats = [run_stats(run, metric, value if value is not None else math.nan)
-                       for run in group.completed]
-    layers = sorted({layer for g in groups for s in g.stats
-                     for layer in [*s.drift, *s.saturation]})
-    return Report(roots, runs, keys, groups, metric, value, note, layers)
+  bnlab report sweep --metric test/loss --target 0.3 --out /tmp/report
+  bnlab report sweep --x train.batch_size"""
 
 
 def main(argv: list[str]) -> int:
-    """``bnlab report PATH... [--out DIR] [--by KEY,...] [--metric TAG] [--target VALUE]``."""
+    """``bnlab report PATH... [--out DIR] [--by KEY,...] [--metric TAG] [--target VALUE] [--x KEY]``."""
     args = parse_args(argv)
     try:
         runs = find_runs(args.paths)
@@ -341,21 +89,27 @@ def main(argv: list[str]) -> int:
             print(f"bnlab: error: no runs under {where} (a run directory holds .hydra/config.yaml)",
                   file=sys.stderr)
             return 2
-        load_scalars(runs, tags=[*REPORT_TAGS, args.metric])
+        load_scalars(runs, tags=[*REPORT_TAGS, *([args.metric] if args.metric else []),
+                                 *claim_metrics(runs)])
         roots = [Path(p).expanduser().resolve() for p in args.paths]
-        report = build_report(runs, roots, args.by, args.metric, args.target)
+        report = build_report(runs, roots, args.by, args.metric, args.target, args.x)
+        claims = judge_all(runs, report.keys)
         out = Path(args.out) if args.out else Path(args.paths[0]) / "report"
         out.mkdir(parents=True, exist_ok=True)
         figures = draw_figures(report, out)
         write_summary_csv(report, out / "summary.csv")
-        (out / "report.md").write_text(render_markdown(report, figures))
+        if report.axis:
+            write_pivot_csv(report, out / "pivot.csv")
+        if any(claims):
+            write_claims_csv(*claims, out / "claims.csv")
+        (out / "report.md").write_text(render_markdown(report, figures, claims))
     except UserError as err:
         print(f"bnlab: error: {err}", file=sys.stderr)
         return 2
     except OSError as err:  # an output folder that cannot be written
         print(f"bnlab: error: {err}", file=sys.stderr)
         return 2
-    print_terminal(report, out, figures)
+    print_terminal(report, out, figures, claims)
     return 0
 
 
@@ -368,10 +122,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="where report.md, summary.csv and figures go (default: PATH/report)")
     parser.add_argument("--by", metavar="KEY,...", type=_key_list,
                         help="group by these config keys (default: the keys that differ)")
-    parser.add_argument("--metric", default="test/acc", metavar="TAG",
-                        help="the tag timed by 'steps to target' (default: test/acc)")
+    parser.add_argument("--metric", metavar="TAG",
+                        help="the tag timed by 'steps to target' (default: test/acc, or "
+                             "test/loss for runs without accuracy)")
     parser.add_argument("--target", default=AUTO, type=_target, metavar="VALUE",
                         help="the value of --metric to reach (default: auto, see below)")
+    parser.add_argument("--x", metavar="KEY",
+                        help="plot the final and best --metric against this swept key")
     return parser.parse_args(argv)
 
 
@@ -398,6 +155,8 @@ def _target(text: str) -> float | str:
 def _fmt(value: float | None, digits: int = 3) -> str:
     if value is None or not math.isfinite(value):
         return "—"
+    if abs(value) < 1e-12:  # rounding noise, e.g. the spread of equal values
+        value = 0.0
     if value != 0 and abs(value) < 10 ** -digits:
         return f"{value:.{digits - 1}g}"
     return f"{value:.{digits}f}"
@@ -468,8 +227,17 @@ def table_rows(report: Report) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+def eval_resolution(report: Report) -> int | None:
+    """The longest interval between two evaluations of --metric in any run (None: unknown)."""
+    intervals = [s.eval_interval for g in report.groups for s in g.stats if s.eval_interval]
+    return max(intervals) if intervals else None
+
+
 def headline(report: Report) -> str:
-    """One sentence: which group reached the target first, and by how much."""
+    """One sentence: which group reached the target first, and by how much.
+
+    Mean step counts closer than one evaluation interval cannot be told apart: a tie.
+    """
     if report.target is None:
         return f"No completed run logged {report.metric}."
     timed = []
@@ -484,12 +252,23 @@ def headline(report: Report) -> str:
     if timed:
         timed.sort(key=lambda item: item[0])
         best, slow = timed[0], timed[-1]
-        parts.append(f"Fastest to {target_text(report)}: {best[1].label}, {best[0]:,.0f} steps "
-                     f"(mean over {best[2]}/{best[3]} seeds)")
-        if len(timed) > 1 and best[0] > 0:
-            parts[-1] += (f", {slow[0] / best[0]:.2g}x fewer than {slow[1].label} "
-                          f"({slow[0]:,.0f} steps)")
-        parts[-1] += "."
+        resolution = eval_resolution(report)
+        tied = [t for t in timed[1:] if t[0] - best[0] < (resolution or 1)]
+        every = f"one evaluation interval ({resolution:,} steps)" if resolution else "one step"
+        if len(timed) > 1 and len(tied) == len(timed) - 1:
+            parts.append(f"A tie: all {len(timed)} groups that reached {target_text(report)} did "
+                         f"so at {best[0]:,.0f}-{slow[0]:,.0f} steps (means over seeds), within "
+                         f"{every} of each other.")
+        else:
+            parts.append(f"Fastest to {target_text(report)}: {best[1].label}, {best[0]:,.0f} "
+                         f"steps (mean over {best[2]}/{best[3]} seeds)")
+            if tied:
+                parts[-1] += (f", tied within {every} with "
+                              + ", ".join(t[1].label for t in tied))
+            if len(timed) > 1 and best[0] > 0:
+                parts[-1] += (f"; {slow[0] / best[0]:.2g}x fewer than {slow[1].label} "
+                              f"({slow[0]:,.0f} steps)")
+            parts[-1] += "."
     if never:
         parts.append(f"Never reached it: {', '.join(never)}.")
     return " ".join(parts) or "No group has a completed run."
@@ -497,7 +276,7 @@ def headline(report: Report) -> str:
 
 def describe(report: Report) -> str:
     """What was compared: runs, groups and their keys, seeds."""
-    seeds = sorted({run.seed for run in report.runs if run.seed is not None}, key=_value_key)
+    seeds = sorted({run.seed for run in report.runs if run.seed is not None}, key=value_key)
     keys = ", ".join(display_key(k) for k in report.keys) or "nothing (one group)"
     if len(seeds) > 10:
         seed_text = f"{len(seeds)} seeds averaged within each group"
@@ -531,8 +310,139 @@ def excluded_rows(report: Report) -> list[list[str]]:
     return rows
 
 
+# ---------------------------------------------------------------- a metric against a swept key
+def pivot_rows(report: Report, name: str) -> tuple[list[str], list[list[str]]]:
+    """Groups x values of the swept key: mean ± std over seeds of ``name`` (final_metric or
+    best_metric); ``(k/n, ...)`` when only k of a cell's n runs completed, and what the others did."""
+    axis = report.axis
+    others = [display_key(k) for k in report.keys if k != axis.key]
+    header = [", ".join(others) or "group",
+              *(f"{display_key(axis.key)}={display_value(v)}" for v in axis.values)]
+    rows = []
+    for label, line in axis.lines:
+        row = [label]
+        for value in axis.values:
+            g = axis.group(line, value)
+            if g is None:
+                row.append("—")
+                continue
+            text = _fmt_mean_std(g.values_of(name), _digits(report.metric))
+            done = len(g.completed)
+            others = ", ".join(f"{n} {status}" for status, n in sorted(g.counts().items())
+                               if status != "completed")
+            row.append(text if not others else f"{text} ({done}/{len(g.runs)}; {others})")
+        rows.append(row)
+    return header, rows
+
+
+def _digits(metric: str) -> int:
+    return 3 if higher_is_better(metric) else 4
+
+
+def write_pivot_csv(report: Report, path: Path) -> None:
+    """The pivot at full precision: per group of the other keys, one row per statistic
+    (final and best --metric, mean and std over seeds, completed runs), one column per value."""
+    axis = report.axis
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["group", "statistic", *(display_value(v) for v in axis.values)])
+        for label, line in axis.lines:
+            cells = [axis.group(line, v) for v in axis.values]
+            for name, what in (("final_metric", "final"), ("best_metric", "best")):
+                spreads = [mean_std(g.values_of(name)) if g else (None, None) for g in cells]
+                writer.writerow([label, f"{what}_{report.metric}_mean", *(m for m, _ in spreads)])
+                writer.writerow([label, f"{what}_{report.metric}_std", *(s for _, s in spreads)])
+            writer.writerow([label, "completed", *(len(g.completed) if g else 0 for g in cells)])
+
+
+# ---------------------------------------------------------------- claims
+VERDICT_STYLE = {"reproduced": "green", "not reproduced": "red", "inconclusive": "yellow"}
+
+
+def _fmt_side(side: Side, steps: bool, digits: int) -> str:
+    mean, std = mean_std(side.values)
+    if mean is None:
+        text = "—"
+    elif steps:
+        text = f"{mean:,.0f}" if std is None else f"{mean:,.0f} ± {std:,.0f}"
+    else:
+        text = _fmt_mean_std(side.values, digits)
+    notes = [f"n={side.n}"]
+    if side.diverged:
+        notes.append(f"{side.diverged} diverged")
+    if side.not_finite:
+        notes.append(f"{side.not_finite} not finite")
+    if side.not_reached:
+        notes.append(f"{side.not_reached} never reached")
+    return f"{side.label} {text} ({', '.join(notes)})"
+
+
+def _fmt_p(p: float | None) -> str:
+    if p is None:
+        return "p —"
+    return "p < 0.001" if p < 0.001 else f"p = {p:.2g}"
+
+
+def measured_text(j: Judgement) -> str:
+    """Each comparison: both sides' mean ± std over seeds, n, and the one-sided p."""
+    steps = j.claim.statistic == "steps_to_target"
+    digits = _digits(j.claim.metric)
+    parts = []
+    for c in j.comparisons:
+        prefix = f"{c.label}: " if c.label else ""
+        parts.append(f"{prefix}{_fmt_side(c.better, steps, digits)} vs "
+                     f"{_fmt_side(c.than, steps, digits)}, {_fmt_p(c.p_claimed)}")
+    return "; ".join(parts)
+
+
+def claim_what(j: Judgement) -> str:
+    c = j.claim
+    what = c.statistic.replace("_", " ") + (f" {c.target:g}" if c.target is not None else "")
+    return f"{c.metric}, {what}, {c.direction} is better"
+
+
+def claim_rows(judged: list[Judgement]) -> tuple[list[str], list[list[str]]]:
+    header = ["claim", "source", "published", "measured here (mean ± std over seeds)", "verdict"]
+    rows = [[f"{j.claim.id}: {j.claim.text} ({claim_what(j)})", j.claim.source,
+             "—" if j.claim.published is None else str(j.claim.published),
+             measured_text(j), f"{j.verdict} ({j.reason})"] for j in judged]
+    return header, rows
+
+
+RULE_TEXT = (f"Verdicts: Welch's t-test on the per-seed values, one-sided; `reproduced` when "
+             f"the claimed winner is ahead with p < {ALPHA:g} in every comparison (at each value "
+             f"of the keys that vary besides the compared ones); `not reproduced` when some "
+             f"comparison is significant the other way (p < {ALPHA:g}/k for k comparisons); "
+             f"`inconclusive` otherwise, and with fewer than {MIN_SEEDS} seeds on a side. "
+             f"Diverged runs count with their last evaluation.")
+
+
+def write_claims_csv(judged: list[Judgement], not_judged: list[NotJudged], path: Path) -> None:
+    """One row per comparison of each judged claim, then one per claim not judged."""
+    columns = ["claim", "text", "source", "metric", "statistic", "direction", "published",
+               "comparison", "better", "better_mean", "better_std", "better_n", "better_diverged",
+               "than", "than_mean", "than_std", "than_n", "than_diverged", "p_claimed",
+               "p_opposite", "comparison_verdict", "verdict", "reason"]
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(columns)
+        for j in judged:
+            c = j.claim
+            for comp in j.comparisons:
+                row = [c.id, c.text, c.source, c.metric, c.statistic, c.direction, c.published,
+                       comp.label]
+                for side in (comp.better, comp.than):
+                    row += [side.label, *mean_std(side.values), side.n, side.diverged]
+                row += [comp.p_claimed, comp.p_opposite, comp.verdict, j.verdict, j.reason]
+                writer.writerow(["" if v is None else v for v in row])
+        for nj in not_judged:
+            row = [nj.id, nj.text, nj.source] + [""] * (len(columns) - 5) + ["not judged", nj.reason]
+            writer.writerow(row)
+
+
 # ---------------------------------------------------------------- outputs
-def print_terminal(report: Report, out: Path, figures: list[tuple[str, str]]) -> None:
+def print_terminal(report: Report, out: Path, figures: list[tuple[str, str]],
+                   claims: tuple[list[Judgement], list[NotJudged]] = ([], [])) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -545,6 +455,22 @@ def print_terminal(report: Report, out: Path, figures: list[tuple[str, str]]) ->
         table.add_row(*row)
     console.print(table)
     console.print(headline(report))
+    judged, not_judged = claims
+    if judged:
+        header, rows = claim_rows(judged)
+        listing = Table(*header, title="Claims", header_style="bold")
+        for j, row in zip(judged, rows, strict=True):
+            listing.add_row(*row[:-1], f"[{VERDICT_STYLE[j.verdict]}]{row[-1]}[/]")
+        console.print(listing)
+    for nj in not_judged:
+        console.print(f"Claim {nj.id} not judged: {nj.reason}.", highlight=False)
+    if report.axis:
+        header, rows = pivot_rows(report, "final_metric")
+        listing = Table(*header, title=f"final {report.metric} (mean ± std over seeds)",
+                        header_style="bold")
+        for row in rows:
+            listing.add_row(*row)
+        console.print(listing)
     excluded = excluded_rows(report)
     if excluded:
         listing = Table("run", "status", "what happened", title="Runs not averaged",
@@ -552,8 +478,10 @@ def print_terminal(report: Report, out: Path, figures: list[tuple[str, str]]) ->
         for row in excluded:
             listing.add_row(*row)
         console.print(listing)
-    console.print(f"Wrote {out / 'report.md'}, {out / 'summary.csv'} and {len(figures)} figure(s).",
-                  highlight=False)
+    written = ", ".join(str(out / name) for name in ["report.md", "summary.csv",
+                        *(["pivot.csv"] if report.axis else []),
+                        *(["claims.csv"] if any(claims) else [])])
+    console.print(f"Wrote {written} and {len(figures)} figure(s).", highlight=False)
 
 
 def _md_table(header: list[str], rows: list[list[str]]) -> str:
@@ -566,7 +494,8 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def render_markdown(report: Report, figures: list[tuple[str, str]]) -> str:
+def render_markdown(report: Report, figures: list[tuple[str, str]],
+                    claims: tuple[list[Judgement], list[NotJudged]] = ([], [])) -> str:
     header, rows = table_rows(report)
     roots = ", ".join(f"`{p}`" for p in report.roots)
     parts = [
@@ -583,13 +512,31 @@ def render_markdown(report: Report, figures: list[tuple[str, str]]) -> str:
         "probe, in units of its previous standard deviation); *saturation Lk* is `sat/layerK` "
         "at the last probe; *steps/s* is the mean of `perf/steps_per_s`.", "",
     ]
+    judged, not_judged = claims
+    if judged or not_judged:
+        parts += ["## Claims", ""]
+        if judged:
+            parts += [_md_table(*claim_rows(judged)), "", RULE_TEXT, ""]
+        if not_judged:
+            parts += ["Not judged on these runs:", ""]
+            parts += [f"- {nj.id} ({nj.source}): {nj.reason}" for nj in not_judged] + [""]
+    axis_figure = axis_figure_name(report.metric, report.axis.key) if report.axis else None
+    if report.axis:
+        key = display_key(report.axis.key)
+        parts += [f"## {report.metric} against {key}", ""]
+        if any(name == axis_figure for _, name in figures):
+            parts += [f"![{report.metric} against {key}]({axis_figure})", ""]
+        for name, what in (("final_metric", "final"), ("best_metric", "best")):
+            parts += [f"{what.capitalize()} {report.metric}, mean ± std over seeds:", "",
+                      _md_table(*pivot_rows(report, name)), ""]
     excluded = excluded_rows(report)
     if excluded:
         parts += ["## Runs not averaged", "",
                   _md_table(["run", "status", "what happened"], excluded), ""]
-    if figures:
+    others = [(title, name) for title, name in figures if name != axis_figure]
+    if others:
         parts += ["## Figures", ""]
-        for title, name in figures:
+        for title, name in others:
             parts += [f"### {title}", "", f"![{title}]({name})", ""]
     parts += ["## All runs", "", _md_table(*run_table(report)), ""]
     return "\n".join(parts)

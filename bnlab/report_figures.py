@@ -1,4 +1,5 @@
-"""The PNG figures of ``bnlab report``: learning curves, drift, percentiles (Ioffe Fig. 1), ICS.
+"""The PNG figures of ``bnlab report``: learning curves, drift, percentiles (Ioffe Fig. 1), ICS,
+loss landscape (Santurkar Fig. 4), and a metric against a swept key.
 
 Each curve is a group's mean over its completed runs (seeds) with a band from their minimum to
 their maximum. Imported only when a report draws: matplotlib (Agg backend) costs a second.
@@ -10,14 +11,22 @@ import math
 import textwrap
 from functools import reduce
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
+from bnlab.report_data import (
+    Axis,
+    Group,
+    Report,
+    axis_figure_name,
+    best_of,
+    display_key,
+    display_value,
+    higher_is_better,
+    layer_tags,
+    nonlinearity_point,
+)
 from bnlab.runs import Series
-
-if TYPE_CHECKING:
-    from bnlab.report import Group, Report
 
 STYLE = {"font.size": 11, "axes.titlesize": 12, "axes.labelsize": 11, "legend.fontsize": 10,
          "xtick.labelsize": 10, "ytick.labelsize": 10, "figure.titlesize": 13,
@@ -37,8 +46,12 @@ def draw_all(report: Report, out: Path) -> list[tuple[str, str]]:
     colors = {g.label: plt.get_cmap("tab10" if len(report.groups) <= 10 else "tab20")(i % 20)
               for i, g in enumerate(report.groups)}
     drawn = []
+    axis = report.axis
     with plt.rc_context(STYLE):
         for title, name, draw in [
+            *([(f"{report.metric} against {display_key(axis.key)}",
+                axis_figure_name(report.metric, axis.key),
+                lambda: metric_vs_key(axis, report.metric))] if axis else []),
             ("Test accuracy", "test_acc.png",
              lambda: curves(groups, colors, "test/acc", "Test accuracy", "test accuracy")),
             ("Training loss", "train_loss.png",
@@ -50,6 +63,8 @@ def draw_all(report: Report, out: Path) -> list[tuple[str, str]]:
              "percentiles.png", lambda: percentiles(groups)),
             ("Gradient-based internal covariate shift (Santurkar et al. 2018)", "ics.png",
              lambda: ics(groups, colors)),
+            ("Loss landscape along the gradient (Santurkar et al. 2018, Fig. 4)", "landscape.png",
+             lambda: landscape(groups, colors)),
         ]:
             fig = draw()
             if fig is not None:
@@ -159,8 +174,6 @@ def wrap(text: str, width: int = 40) -> str:
 
 def layers_with(groups: list[Group], tag_pattern: str) -> list[int]:
     """Layer numbers K for which some completed run logged ``tag_pattern.format(K=K)``."""
-    from bnlab.report import layer_tags
-
     found = set()
     for g in groups:
         for run in g.completed:
@@ -190,8 +203,6 @@ def curves(groups: list[Group], colors: dict, tag: str, title: str, ylabel: str,
 
 
 def drift(groups: list[Group], colors: dict):
-    from bnlab.report import nonlinearity_point
-
     layers = layers_with(groups, "drift/layer{K}/norm/mean") or layers_with(
         groups, "drift/layer{K}/pre/mean")
     if not layers:
@@ -273,4 +284,119 @@ def ics(groups: list[Group], colors: dict):
     fig.suptitle("Gradient change of each layer caused by the update of the layers below "
                  "(Santurkar et al. 2018)")
     legend_below(fig, list(axes.flat))
+    return fig
+
+
+def metric_vs_key(axis: Axis, metric: str):
+    """Final and best ``metric`` against the swept key: per line, the mean over seeds with
+    markers and the seeds' min..max as a band; a log x axis when the values span 10x or more.
+
+    Diverged runs are not averaged (as in the tables) but shown, as crosses at their last
+    evaluation: a learning rate where every seed diverged must not look like a missing point."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullLocator
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6), layout="constrained", sharey=True)
+    cmap = plt.get_cmap("tab10" if len(axis.lines) <= 10 else "tab20")
+    positions = (axis.values if axis.numeric
+                 else list(range(len(axis.values))))  # categories: evenly spaced
+    drawn = False
+    for ax, (name, what) in zip(axes, [("final_metric", "final"), ("best_metric", "best")],
+                                strict=True):
+        for i, (label, line) in enumerate(axis.lines):
+            xs, mean, low, high, n = [], [], [], [], []
+            for x, value in zip(positions, axis.values, strict=True):
+                g = axis.group(line, value)
+                values = g.values_of(name) if g is not None else []
+                if values:
+                    xs.append(x)
+                    mean.append(float(np.mean(values)))
+                    low.append(min(values))
+                    high.append(max(values))
+                    n.append(len(values))
+            color = cmap(i % 20)
+            crosses = diverged_points(axis, line, positions, metric, what)
+            if crosses:
+                ax.plot(*zip(*crosses, strict=True), "x", color=color, ms=8, mew=2)
+            if not xs:
+                continue
+            drawn = True
+            seeds = f"n={min(n)}" if min(n) == max(n) else f"n={min(n)}-{max(n)}"
+            ax.plot(xs, mean, "o-", color=color, lw=1.8, ms=5, label=f"{label} ({seeds})")
+            if max(n) > 1:
+                ax.fill_between(xs, low, high, color=color, alpha=0.18, lw=0)
+        if axis.log:
+            ax.set_xscale("log")
+        ax.set_xticks(positions, [display_value(v) for v in axis.values])
+        ax.xaxis.set_minor_locator(NullLocator())  # only the swept values are labelled
+        ax.set_xlabel(display_key(axis.key) + (" (log scale)" if axis.log else ""))
+        ax.set_title(f"{what} {metric}")
+        ax.ticklabel_format(axis="y", useOffset=False)
+    if not drawn:
+        plt.close(fig)
+        return None
+    axes[0].set_ylabel(metric)
+    if any(line.get_marker() == "x" for ax in axes for line in ax.lines):
+        axes[0].plot([], [], "x", color="0.3", ms=8, mew=2, label="diverged run (last evaluation)")
+    fig.suptitle(f"{metric} against {display_key(axis.key)} (line: mean over seeds; "
+                 "band: min to max)")
+    legend_below(fig, axes[:1])
+    return fig
+
+
+def diverged_points(axis: Axis, line: dict, positions: list, metric: str,
+                    what: str) -> list[tuple[float, float]]:
+    """(x, final or best ``metric``) of each diverged run of a line."""
+    points = []
+    for x, value in zip(positions, axis.values, strict=True):
+        g = axis.group(line, value)
+        for run in g.runs if g is not None else []:
+            series = run.scalars.get(metric) if run.status == "diverged" else None
+            if series is None or not len(series.values):
+                continue
+            y = series.values[-1] if what == "final" else best_of(series, higher_is_better(metric))
+            if y is not None and np.isfinite(y):
+                points.append((x, float(y)))
+    return points
+
+
+def landscape(groups: list[Group], colors: dict):
+    """Santurkar et al. (2018), Fig. 4: loss range, gradient change and effective beta along the
+    gradient over training; per group the mean over seeds, bands from their minimum to maximum
+    (the loss panel shades between the seeds' mean loss_min and mean loss_max, as their 4(a))."""
+    drawn = [g for g in groups if group_series(g, lambda run: "landscape/beta")]
+    if not drawn:
+        return None
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(14.5, 4.8), layout="constrained")
+    positive = {0: True, 1: True, 2: True}
+    for g in drawn:
+        lows = group_series(g, lambda run: "landscape/loss_min")
+        highs = group_series(g, lambda run: "landscape/loss_max")
+        if lows and len(lows) == len(highs):
+            steps, values = align(lows + highs)
+            with np.errstate(all="ignore"):
+                low, high = np.nanmean(values[:len(lows)], 0), np.nanmean(values[len(lows):], 0)
+            steps, low, high = thin(steps, low, high)
+            axes[0].fill_between(steps, low, high, color=colors[g.label], alpha=0.3, lw=0,
+                                 label=f"{g.label} (n={len(lows)})")
+            for edge in (low, high):
+                axes[0].plot(steps, edge, color=colors[g.label], lw=0.8)
+            positive[0] &= bool(np.all(low[np.isfinite(low)] > 0))
+        for i, tag in ((1, "landscape/grad_change"), (2, "landscape/beta")):
+            series = group_series(g, lambda run, t=tag: t)
+            if series:
+                plot_band(axes[i], series, colors[g.label], g.label)
+                positive[i] &= all(np.all(s.values[np.isfinite(s.values)] > 0) for s in series)
+    for i, (title, ylabel) in enumerate([
+            ("(a) loss landscape", "loss along the gradient (min to max)"),
+            ("(b) gradient predictiveness", "max ‖∇L(θ − ηg) − g‖₂"),
+            ("(c) effective β-smoothness", "max ‖∇L(θ − ηg) − g‖₂ / ‖ηg‖₂")]):
+        axes[i].set_title(title)
+        axes[i].set_ylabel(ylabel)
+        format_axes(axes[i], log=positive[i] and bool(axes[i].collections or axes[i].lines))
+    fig.suptitle("Along the gradient at each measured step, η from 1/2 to 4 learning rates "
+                 "(Santurkar et al. 2018, Fig. 4; lines: mean over seeds, bands: min to max)")
+    legend_below(fig, list(axes))
     return fig

@@ -1,4 +1,4 @@
-"""Reads run directories back through the run directory contract (DESIGN.md, "A run directory").
+"""Reads run directories back (their files are described in docs/run-directory.md).
 
 A run directory holds ``.hydra/config.yaml`` and ``.hydra/overrides.yaml`` (Hydra's own),
 ``scalars.csv`` (``step,tag,value``, appended as training goes) and ``summary.json``. Any of the
@@ -22,11 +22,8 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from bnlab.errors import UserError
+from bnlab.rundir import CONFIG, OVERRIDES, SCALARS_CSV, SUMMARY_JSON
 
-CONFIG = Path(".hydra") / "config.yaml"
-OVERRIDES = Path(".hydra") / "overrides.yaml"
-SCALARS_CSV = "scalars.csv"
-SUMMARY_JSON = "summary.json"
 HEADER = b"step,tag,value"
 # Folders that never hold runs: a report's output, Hydra's and the trainer's own.
 SKIP_DIRS = {"report", ".hydra", "checkpoints", "__pycache__"}
@@ -52,6 +49,7 @@ class Run:
     config: dict[str, Any] = field(default_factory=dict)  # "optim.lr" -> 0.1; lists as tuples
     overrides: list[str] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
+    claims: list[Any] = field(default_factory=list)  # the preset's top-level claims: (not config)
     problems: list[str] = field(default_factory=list)  # what is wrong with the files, if anything
     _scalars: dict[str, Series] | None = None
     _damaged: bool = False
@@ -129,7 +127,11 @@ def load_run(path: Path) -> Run:
     """Read a run's config, overrides and summary (not its scalars: they are read on demand)."""
     run = Run(path=Path(path))
     try:
-        run.config = flatten(_load_yaml(path / CONFIG) or {})
+        raw = _load_yaml(path / CONFIG) or {}
+        # A preset's claims describe the experiment; they are never a key that splits groups.
+        claims = raw.pop("claims", None) if isinstance(raw, dict) else None
+        run.claims = list(claims) if isinstance(claims, list) else []
+        run.config = flatten(raw)
     except (OSError, ValueError) as err:
         run.problems.append(f".hydra/config.yaml unreadable: {_first_line(err)}")
         run._damaged = True

@@ -22,6 +22,7 @@ from bnlab.models import ACTIVATIONS, Block, Net, build_model
 from bnlab.norms import Norm, build_norm
 from bnlab.probes import (
     Prober,
+    batch_noise,
     drift,
     feature_moments,
     saturated_fraction,
@@ -136,6 +137,48 @@ def test_saturation_is_where_the_derivative_is_below_a_tenth_of_its_maximum(name
         assert got == 0.0
 
 
+def direct_batch_noise(x: torch.Tensor, chunk: int, eps: float = 1e-5) -> tuple[float, float]:
+    """Batch noise by the definition, one chunk and one feature at a time, in float64."""
+    x = x.double()
+    n, features = x.shape[0] // chunk, x.shape[1]
+    shifts, scales = [], []
+    for j in range(features):
+        whole = x[:, j].reshape(-1)
+        mu, var = whole.mean().item(), whole.var(unbiased=False).item()
+        for c in range(n):
+            part = x[c * chunk:(c + 1) * chunk, j].reshape(-1)
+            mu_c, var_c = part.mean().item(), part.var(unbiased=False).item()
+            shifts.append((mu_c - mu) / math.sqrt(var + eps))
+            scales.append(math.log(math.sqrt(var_c + eps) / math.sqrt(var + eps)))
+    return (math.sqrt(sum(v * v for v in shifts) / len(shifts)),
+            math.sqrt(sum(v * v for v in scales) / len(scales)))
+
+
+@pytest.mark.parametrize("shape,chunk", [((100, 6), 16), ((30, 4, 3, 3), 7)])
+def test_batch_noise_matches_the_definition(shape, chunk):
+    x = torch.randn(*shape) * torch.linspace(0.5, 3, shape[1]).view(1, -1, *[1] * (len(shape) - 2)) + 2
+    mean_noise, std_noise = batch_noise(x, chunk)
+    expected = direct_batch_noise(x, chunk)  # the rows past the last whole chunk are dropped
+    assert mean_noise.item() == pytest.approx(expected[0], rel=1e-5)
+    assert std_noise.item() == pytest.approx(expected[1], rel=1e-5)
+
+
+def test_batch_noise_vanishes_for_large_chunks_and_is_large_for_chunks_of_two():
+    torch.manual_seed(0)
+    x = torch.randn(4096, 16) * 2 + 1
+    noise = {chunk: [t.item() for t in batch_noise(x, chunk)] for chunk in (2, 8, 64, 512, 2048, 4096)}
+    assert noise[4096] == [0.0, 0.0]  # one chunk: the whole batch
+    for kind in (0, 1):  # the mean noise, then the std noise
+        values = [noise[c][kind] for c in sorted(noise)]
+        assert values == sorted(values, reverse=True), values  # shrinks as chunks grow
+    # Gaussian units: the chunk mean strays by ~1/sqrt(B) of a std, log sigma by ~1/sqrt(2B).
+    assert noise[2][0] == pytest.approx(1 / math.sqrt(2), rel=0.1)
+    assert noise[64][0] == pytest.approx(1 / 8, rel=0.1)
+    assert noise[2][1] > 0.5 and noise[2048][1] < 0.05
+    with pytest.raises(ValueError, match="no chunk"):
+        batch_noise(x[:10], 16)
+
+
 # ---------------------------------------------------------------- probes in a run
 def test_bn_standardizes_the_norm_point_at_the_first_probe(tmp_path, digits_overrides):
     tables = {}
@@ -183,6 +226,83 @@ def test_probe_logs_the_direct_computation_on_its_batch(digits):
     assert recorder.calls == [0]  # one call per probe
 
 
+def test_eval_view_logs_the_inference_network_under_infer(digits):
+    prober, model = make_prober(digits, "norm=bn", "activation=tanh", "probe.mode=eval",
+                                "train.batch_size=50")
+    with torch.no_grad():  # running statistics far from the probe batch's own
+        for block in model.blocks:
+            block.norm.running_mean.uniform_(-1, 1)
+            block.norm.running_var.uniform_(0.5, 3)
+    recorder = Recorder()
+    prober.probe(0, recorder)
+    logged = recorder.values[0]
+    assert all(tag.startswith("infer/") for tag in logged)  # eval only: no train-mode tags
+    with torch.no_grad():
+        h = prober.x.flatten(1)
+        for k, block in enumerate(model.blocks, start=1):
+            pre = block.layer(h)
+            norm = block.norm
+            normed = F.batch_norm(pre, norm.running_mean, norm.running_var, norm.weight, norm.bias,
+                                  False, 0.0, 1e-5)
+            h = torch.tanh(normed)
+            for point, t in (("pre", pre), ("norm", normed), ("act", h)):
+                assert logged[f"infer/act/layer{k}/{point}/mean"] == pytest.approx(
+                    t.mean(0).mean().item(), abs=1e-5)
+                assert logged[f"infer/act/layer{k}/{point}/var"] == pytest.approx(
+                    t.var(0, unbiased=False).mean().item(), rel=1e-4)
+            assert logged[f"infer/drift0/layer{k}/norm/mean"] == 0.0
+            p = np.percentile(normed[:, 0].numpy(), [15, 50, 85])
+            assert [logged[f"infer/pct/layer{k}/p{q}"] for q in (15, 50, 85)] == pytest.approx(p, rel=1e-4)
+            t = math.atanh(math.sqrt(0.9))
+            assert logged[f"infer/sat/layer{k}"] == pytest.approx((normed.abs() > t).float().mean().item())
+            expected = direct_batch_noise(normed, 50)
+            assert [logged[f"infer/batchnoise/layer{k}/{s}"] for s in ("mean", "std")] == pytest.approx(
+                expected, rel=1e-4)
+            # Not standardized: the running statistics are not the probe batch's.
+            assert abs(logged[f"infer/act/layer{k}/norm/var"] - 1) > 0.05
+
+
+def test_both_views_log_what_each_mode_logs_alone_with_their_own_references(digits):
+    recorders = {mode: Recorder() for mode in ("train", "eval", "both")}
+    for mode, recorder in recorders.items():
+        prober, model = make_prober(digits, "norm=bn", f"probe.mode={mode}")
+        for step in range(3):
+            prober.probe(step, recorder)
+            with torch.no_grad():  # a stand-in for training: weights and running statistics move
+                torch.manual_seed(step)
+                for p in model.parameters():
+                    p.add_(0.05 * torch.randn_like(p))
+                for block in model.blocks:
+                    block.norm.running_mean.add_(0.1)
+    train, infer, both = (recorders[m].values for m in ("train", "eval", "both"))
+    for step in range(3):
+        assert both[step] == {**train[step], **infer[step]}
+        assert not set(train[step]) & set(infer[step])
+    # The views see different networks: BN in train mode is standardized, in eval mode not.
+    assert infer[2]["infer/drift/layer2/norm/mean"] > 10 * train[2]["drift/layer2/norm/mean"]
+    assert "infer/drift/layer1/pre/mean" not in infer[0] and "infer/drift/layer1/pre/mean" in infer[1]
+
+
+def test_batch_noise_is_logged_at_the_nonlinearity_input_in_chunks_of_the_training_batch(digits):
+    prober, model = make_prober(digits, "norm=ln", "norm.position=after_act", "train.batch_size=32")
+    recorder = Recorder()
+    prober.probe(0, recorder)
+    with torch.no_grad():
+        taps = {}
+        model.blocks[1].taps = taps
+        model(prober.x)
+        model.blocks[1].taps = None
+    expected = direct_batch_noise(taps["pre"], 32)  # after_act: the nonlinearity input is `pre`
+    logged = recorder.values[0]
+    assert [logged["batchnoise/layer2/mean"], logged["batchnoise/layer2/std"]] == pytest.approx(
+        expected, rel=1e-4)
+    # A training batch larger than the probe batch: no chunk to measure, nothing logged.
+    prober, _ = make_prober(digits, "train.batch_size=300")
+    prober.probe(0, recorder := Recorder())
+    assert not any(tag.startswith("batchnoise/") for tag in recorder.values[0])
+    assert "act/layer1/norm/mean" in recorder.values[0]
+
+
 def test_probe_changes_no_running_statistics_rng_or_mode(digits):
     prober, model = make_prober(digits, "norm=bn")
     model.eval()
@@ -218,22 +338,30 @@ def test_drift_and_drift0_against_first_and_previous_probe(digits):
 
 
 def test_histograms_and_layout(digits):
-    prober, model = make_prober(digits, "probe.every=20", "probe.hist_every=50", "norm.position=after_act")
+    prober, model = make_prober(digits, "probe.every=20", "probe.hist_every=50", "norm.position=after_act",
+                                "probe.mode=both", "probe.landscape_every=20", "probe.ics_every=20")
     recorder = Recorder()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = digits.train.x[:32], digits.train.y[:32]
     for step in range(0, 201, 20):
         prober.probe(step, recorder)
+    prober.landscape(20, model, optimizer, x, y, recorder)
+    prober.ics(20, model, optimizer, x, y, recorder)
     # The first probe at or after each multiple of hist_every; the nonlinearity input is `pre`.
     assert {s for _, s in recorder.histograms} == {0, 60, 100, 160, 200}
-    assert {t for t, _ in recorder.histograms} == {f"hist/layer{k}/pre" for k in (1, 2, 3)}
+    assert {t for t, _ in recorder.histograms} == {f"{view}hist/layer{k}/pre" for k in (1, 2, 3)
+                                                   for view in ("", "infer/")}
     assert len(recorder.layouts) == 1
     charts = {c: spec for category in recorder.layouts[0].values() for c, spec in category.items()}
-    for tag in recorder.values[20]:
+    tags = set(recorder.values[20])
+    assert {"infer/batchnoise/layer3/std", "landscape/beta", "ics/layer2/cos"} <= tags
+    for tag in tags:
         assert any(re.match(rx, tag) for spec in charts.values() for rx in spec[1]), tag
 
 
 def test_resumed_prober_continues_drift_exactly(digits, tmp_path):
     recorders = [Recorder(), Recorder()]
-    prober, model = make_prober(digits, "norm=bn")
+    prober, model = make_prober(digits, "norm=bn", "probe.mode=both")
     prober.probe(0, recorders[0])
     with torch.no_grad():
         model.blocks[0].layer.weight.mul_(1.5)
@@ -243,12 +371,14 @@ def test_resumed_prober_continues_drift_exactly(digits, tmp_path):
         model.blocks[1].norm.bias.add_(0.3)
     prober.probe(2, recorders[0])
 
-    resumed, resumed_model = make_prober(digits, "norm=bn")
+    resumed, resumed_model = make_prober(digits, "norm=bn", "probe.mode=both")
     resumed_model.load_state_dict(model.state_dict())
     resumed.load_state_dict(torch.load(tmp_path / "probe.pt", weights_only=True))
     resumed.probe(2, recorders[1])
     assert recorders[1].values[2] == recorders[0].values[2]
     assert recorders[0].values[2]["drift/layer2/norm/mean"] > 0.1
+    assert recorders[0].values[2]["infer/drift/layer2/norm/mean"] > 0.1
+    assert recorders[0].values[2]["infer/drift0/layer1/pre/mean"] > 0.1
 
 
 # ---------------------------------------------------------------- probing never changes training
@@ -260,7 +390,8 @@ def test_training_is_identical_with_and_without_probes(tmp_path, data, norm):
     variants = {
         "off": ["probe=off"],
         "every_step": ["probe.every=1"],
-        "full": ["probe=full", "probe.every=1", "probe.ics_every=1", "probe.hist_every=10"],
+        "full": ["probe=full", "probe.every=1", "probe.ics_every=1", "probe.hist_every=10",
+                 "probe.mode=both", "probe.landscape_every=1"],
     }
     tables = {}
     for name, extra in variants.items():
@@ -272,6 +403,8 @@ def test_training_is_identical_with_and_without_probes(tmp_path, data, norm):
         assert tables[name]["test/loss"] == tables["off"]["test/loss"], name
     full = tables["full"]
     assert set(full["ics/layer3/l2"]) == set(range(1, 31))
+    assert set(full["landscape/beta"]) == set(range(1, 31))
+    assert 30 in full["infer/drift/layer3/act/mean"] and 30 in full["batchnoise/layer3/std"]
     assert 30 in tables["every_step"]["drift/layer3/act/mean"]
     # Layer 1 has no earlier layer: G' is G exactly, noise included (held, not redrawn).
     assert set(full["ics/layer1/l2"].values()) == {0.0}
@@ -401,24 +534,19 @@ def test_stochastic_layers_see_held_noise_and_training_is_unchanged(digits):
     assert torch.equal(runs[0], runs[1])
 
 
-def test_eval_extras_is_train_mode_accuracy_for_batch_statistic_norms(digits):
-    from bnlab.train import evaluate
-
-    prober, model = make_prober(digits, "norm=bn")
-    with torch.no_grad():
-        model.blocks[0].norm.running_mean.fill_(3.0)  # eval mode and train mode now disagree
-    expected = evaluate(model, digits.test, 100, train_mode=True)[1]
-    assert prober.eval_extras(model, digits.test, 100) == {"test/acc_train_mode": expected}
-    assert expected != evaluate(model, digits.test, 100)[1]
-    assert make_prober(digits, "norm=none")[0].eval_extras(model, digits.test, 100) == {}
-
-
 def test_state_dict_loads_with_weights_only(digits, tmp_path):
-    prober, _ = make_prober(digits)
+    prober, _ = make_prober(digits, "probe.mode=both")
     buffer = io.BytesIO()
     torch.save(prober.state_dict(), buffer)  # before any probe: nothing to carry
     buffer.seek(0)
-    assert torch.load(buffer, weights_only=True) == {"first": None, "prev": None}
+    assert torch.load(buffer, weights_only=True) == {"first": None, "prev": None,
+                                                     "infer": {"first": None, "prev": None}}
+    prober.probe(0, Recorder())
+    buffer = io.BytesIO()
+    torch.save(prober.state_dict(), buffer)
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True)
+    assert state["infer"]["first"][0]["var"].shape == (3, 100)  # (points, units) of layer 1
 
 
 def test_a_model_without_hidden_layers_logs_nothing(digits):
@@ -428,3 +556,29 @@ def test_a_model_without_hidden_layers_logs_nothing(digits):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     prober.ics(1, model, optimizer, digits.train.x[:8], digits.train.y[:8], recorder)
     assert recorder.calls == []
+
+
+def test_inference_batch_noise_and_landscape_tags_reach_csv_and_tensorboard(tmp_path):
+    """`bnlab train data=digits train.steps=200 probe.every=50 probe.mode=both
+    probe.landscape_every=100 train.threads=1` logs infer/, batchnoise/ and landscape/ tags."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    assert train_in_process(run, "data=digits", "train.steps=200", "probe.every=50", "probe.mode=both",
+                            "probe.landscape_every=100") == "completed"
+    csv_tags = read_scalars(run)
+    events = EventAccumulator(str(run), size_guidance={"scalars": 0}).Reload()
+    board = set(events.Tags()["scalars"])
+    for tag, steps in (("infer/drift/layer2/norm/mean", {50, 100, 150, 200}),
+                       ("infer/sat/layer3", {0, 50, 100, 150, 200}),
+                       ("batchnoise/layer1/mean", {0, 50, 100, 150, 200}),
+                       ("infer/batchnoise/layer3/std", {0, 50, 100, 150, 200}),
+                       ("landscape/loss_min", {100, 200}), ("landscape/loss_max", {100, 200}),
+                       ("landscape/loss_range", {100, 200}),
+                       ("landscape/grad_change", {100, 200}), ("landscape/beta", {100, 200})):
+        assert set(csv_tags[tag]) == steps, tag
+        assert tag in board, tag
+        assert {e.step for e in events.Scalars(tag)} == steps, tag
+        assert all(math.isfinite(v) for v in csv_tags[tag].values()), tag
+    for step in (100, 200):
+        assert csv_tags["landscape/loss_min"][step] <= csv_tags["landscape/loss_max"][step]

@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 
 from bnlab.errors import UserError
-from bnlab.report import build_report, main
+from bnlab.report import main
+from bnlab.report_data import build_report
 from bnlab.runs import _parse_careful, _parse_fast, find_runs, read_scalars
 
 from conftest import bnlab, compose, train_in_process
@@ -146,13 +147,12 @@ def test_groups_are_the_norms_and_numbers_match_scalars_csv(sweep, clean_report)
     assert f"{target:.4g}" in stdout
 
 
-def test_auto_target_is_the_worst_of_the_runs_best(sweep):
+def test_auto_target_is_the_median_of_the_groups_median_best(sweep):
     runs = find_runs([sweep])
     report = build_report(runs, [sweep])
-    bests = [max(v for _, v in csv_series(d)["test/acc"]) for d in sweep.iterdir()]
-    assert report.target == pytest.approx(min(bests))
-    # By construction every completed run reaches it.
-    assert all(s.target_step is not None for g in report.groups for s in g.stats)
+    group_medians = [statistics.median(max(v for _, v in csv_series(sweep / f"norm={n},seed={s}")
+                                           ["test/acc"]) for s in SEEDS) for n in NORMS]
+    assert report.target == pytest.approx(statistics.median(group_medians))
 
 
 def test_loss_metric_is_timed_downwards(sweep):
@@ -387,3 +387,428 @@ def test_hparams_are_written_into_the_runs_own_event_file(tmp_path):
     experiment = metadata.parse_experiment_plugin_data(content[metadata.EXPERIMENT_TAG])
     assert [m.name.tag for m in experiment.metric_infos] == ["test/acc"]
     assert events.Scalars("test/acc")[0].value == 0.75  # the value the dashboard shows
+
+
+# ---------------------------------------------------------------- synthetic runs
+_COMPOSED: dict[tuple, dict] = {}
+
+
+def synthetic_run(root: Path, overrides: list[str], acc: list[float], claims=(),
+                  status: str = "completed", every: int = 10) -> Path:
+    """A run directory as `bnlab train -m` leaves it, with made-up test/acc values (test/loss is
+    1 - acc): the composed config (with the preset's claims), overrides, scalars.csv, summary."""
+    import copy
+
+    from omegaconf import OmegaConf
+
+    base = tuple(o for o in overrides if not o.startswith("seed="))
+    if base not in _COMPOSED:
+        _COMPOSED[base] = OmegaConf.to_container(compose("train.progress=off", *base), resolve=True)
+    config = copy.deepcopy(_COMPOSED[base])
+    config["seed"] = next((int(o.split("=")[1]) for o in overrides if o.startswith("seed=")), 0)
+    config["claims"] = list(claims)
+    run_dir = root / ",".join(overrides)
+    (run_dir / ".hydra").mkdir(parents=True)
+    OmegaConf.save(OmegaConf.create(config), run_dir / ".hydra" / "config.yaml")
+    OmegaConf.save(OmegaConf.create(overrides), run_dir / ".hydra" / "overrides.yaml")
+    rows = ["step,tag,value"]
+    for i, value in enumerate(acc, 1):
+        rows += [f"{i * every},test/acc,{value!r}", f"{i * every},test/loss,{1 - value!r}"]
+    (run_dir / "scalars.csv").write_text("\n".join(rows) + "\n")
+    (run_dir / "summary.json").write_text(json.dumps(
+        {"status": status, "steps": len(acc) * every, "total_steps": len(acc) * every,
+         "wall_s": 1.0}))
+    return run_dir
+
+
+def sweep_of(root: Path, finals: dict[str, list[float]], claims=(), extra=(),
+             first: float = 0.5) -> Path:
+    """One run per (norm, seed): test/acc goes ``first`` -> the final value given per seed."""
+    for norm, values in finals.items():
+        for seed, value in enumerate(values):
+            synthetic_run(root, [f"norm={norm}", *extra, f"seed={seed}"], [first, value], claims)
+    return root
+
+
+def judged_on(root: Path):
+    from bnlab.claims import judge_all
+
+    runs = find_runs([root])
+    return judge_all(runs, build_report(runs, [root]).keys)
+
+
+BN_BETTER = {"id": "bn_better", "text": "BN ends more accurate", "source": "a paper, Fig. 1",
+             "metric": "test/acc", "statistic": "final", "direction": "higher",
+             "better": {"norm": "bn"}, "than": {"norm": "none"}, "published": 0.98}
+
+
+# ---------------------------------------------------------------- claims: the verdict rule
+def test_claim_reproduced_when_welch_test_is_significant_in_the_claimed_direction(tmp_path):
+    from scipy.stats import ttest_ind
+
+    bn, none = [0.90, 0.91, 0.93], [0.80, 0.83, 0.81]
+    (judgement,), not_judged = judged_on(sweep_of(tmp_path, {"bn": bn, "none": none}, [BN_BETTER]))
+    assert not_judged == []
+    (comparison,) = judgement.comparisons
+    assert judgement.verdict == "reproduced"
+    assert comparison.better.values == bn and comparison.than.values == none  # in seed order
+    reference = ttest_ind(bn, none, equal_var=False, alternative="greater").pvalue
+    assert comparison.p_claimed == pytest.approx(reference, rel=1e-9) and reference < 0.05
+    assert comparison.p_opposite == pytest.approx(1 - reference, rel=1e-9)
+
+
+def test_claim_not_reproduced_when_significant_the_other_way(tmp_path):
+    from scipy.stats import ttest_ind
+
+    bn, none = [0.80, 0.82, 0.81], [0.90, 0.91, 0.93]
+    (judgement,), _ = judged_on(sweep_of(tmp_path, {"bn": bn, "none": none}, [BN_BETTER]))
+    assert judgement.verdict == "not reproduced"
+    reference = ttest_ind(bn, none, equal_var=False, alternative="less").pvalue
+    assert judgement.comparisons[0].p_opposite == pytest.approx(reference, rel=1e-9)
+
+
+@pytest.mark.parametrize("bn,none,why", [
+    ([0.85, 0.90, 0.80], [0.86, 0.84, 0.85], "not significant"),
+    ([0.90, 0.91], [0.10, 0.11], "fewer than 3 seeds"),  # a huge gap, but two seeds
+])
+def test_claim_inconclusive_without_significance_or_seeds(tmp_path, bn, none, why):
+    (judgement,), _ = judged_on(sweep_of(tmp_path, {"bn": bn, "none": none}, [BN_BETTER]))
+    assert judgement.verdict == "inconclusive" and why in judgement.reason
+
+
+def test_claim_on_a_loss_and_with_zero_spread(tmp_path):
+    # Lower is better for a loss; identical seeds on both sides: any difference is certain.
+    claim = {**BN_BETTER, "id": "loss", "metric": "test/loss", "direction": "lower"}
+    (judgement,), _ = judged_on(sweep_of(tmp_path, {"bn": [0.9] * 3, "none": [0.8] * 3}, [claim]))
+    assert judgement.verdict == "reproduced"  # test/loss = 1 - acc: 0.1 vs 0.2
+    assert judgement.comparisons[0].better.values == pytest.approx([0.1] * 3)
+
+
+def test_claim_along_a_key_holds_only_if_it_holds_at_every_value(tmp_path):
+    claim = {**BN_BETTER, "id": "along_lr", "along": "optim.lr"}
+    finals = {  # lr -> (bn, none)
+        "0.1": ([0.90, 0.91, 0.93], [0.80, 0.83, 0.81]),
+        "1.0": ([0.90, 0.91, 0.93], [0.10, 0.11, 0.12]),
+        "3.0": ([0.50, 0.60, 0.40], [0.52, 0.49, 0.55]),  # no difference here
+    }
+    for lr, (bn, none) in finals.items():
+        sweep_of(tmp_path / "all", {"bn": bn, "none": none}, [claim], extra=[f"optim.lr={lr}"])
+        if lr != "3.0":
+            sweep_of(tmp_path / "two", {"bn": bn, "none": none}, [claim],
+                     extra=[f"optim.lr={lr}"])
+    (both,), _ = judged_on(tmp_path / "two")
+    assert both.verdict == "reproduced"
+    assert [c.label for c in both.comparisons] == ["optim.lr=0.1", "optim.lr=1.0"]
+    (three,), _ = judged_on(tmp_path / "all")
+    assert three.verdict == "inconclusive" and "1 of 3" in three.reason
+    assert [c.verdict for c in three.comparisons] == ["reproduced", "reproduced", "inconclusive"]
+
+
+def test_one_reversed_value_along_a_key_makes_it_not_reproduced(tmp_path):
+    claim = {**BN_BETTER, "id": "along_lr", "along": "optim.lr"}
+    sweep_of(tmp_path, {"bn": [0.90, 0.91, 0.93], "none": [0.80, 0.83, 0.81]}, [claim],
+             extra=["optim.lr=0.1"])
+    sweep_of(tmp_path, {"bn": [0.50, 0.51, 0.50], "none": [0.90, 0.91, 0.93]}, [claim],
+             extra=["optim.lr=1.0"])
+    (judgement,), _ = judged_on(tmp_path)
+    assert judgement.verdict == "not reproduced" and "0.025" in judgement.reason  # 0.05 / 2
+
+
+def test_steps_to_target_counts_a_run_that_never_reached_it_at_its_last_step(tmp_path):
+    claim = {**BN_BETTER, "id": "faster", "statistic": "steps_to_target", "target": 0.85}
+    del claim["direction"]  # fewer steps is better by default
+    for seed in range(3):
+        synthetic_run(tmp_path, ["norm=bn", f"seed={seed}"], [0.5, 0.9, 0.9, 0.9], [claim])
+        synthetic_run(tmp_path, ["norm=none", f"seed={seed}"],
+                      [0.5, 0.6, 0.7, 0.9 if seed else 0.8], [claim])  # seed 0 never gets there
+    (judgement,), _ = judged_on(tmp_path)
+    (comparison,) = judgement.comparisons
+    assert judgement.claim.direction == "lower" and judgement.verdict == "reproduced"
+    assert comparison.better.values == [20.0] * 3
+    assert sorted(comparison.than.values) == [40.0] * 3 and comparison.than.not_reached == 1
+
+
+def test_diverged_runs_are_judged_failed_and_killed_ones_are_not(tmp_path):
+    sweep_of(tmp_path, {"bn": [0.90, 0.91, 0.93]}, [BN_BETTER])
+    for seed, status in enumerate(["diverged", "diverged", "completed", "failed"]):
+        synthetic_run(tmp_path, ["norm=none", f"seed={seed}"], [0.5, 0.1 + seed / 100],
+                      [BN_BETTER], status=status)
+    (judgement,), _ = judged_on(tmp_path)
+    than = judgement.comparisons[0].than
+    assert than.runs == 3 and than.diverged == 2
+    assert than.values == pytest.approx([0.1, 0.11, 0.12])  # the failed run is left out
+    assert judgement.verdict == "reproduced"
+
+
+def test_claims_whose_groups_are_absent_or_unreadable_are_not_judged(tmp_path):
+    absent = {**BN_BETTER, "id": "vs_ln", "than": {"norm": "ln"}}
+    broken = {k: v for k, v in BN_BETTER.items() if k != "metric"} | {"id": "broken"}
+    bad_key = {**BN_BETTER, "id": "bad_key", "where": {"optim.nope": 1}}
+    judged, not_judged = judged_on(sweep_of(tmp_path, {"bn": [0.9] * 3, "none": [0.8] * 3},
+                                            [BN_BETTER, absent, broken, bad_key]))
+    assert [j.claim.id for j in judged] == ["bn_better"]
+    reasons = {nj.id: nj.reason for nj in not_judged}
+    assert reasons["vs_ln"] == "no runs with norm=ln"
+    assert "missing metric" in reasons["broken"]
+    assert "optim.nope" in reasons["bad_key"]
+
+
+def test_claims_table_in_terminal_report_md_and_claims_csv(tmp_path):
+    root = sweep_of(tmp_path / "sweep", {"bn": [0.90, 0.91, 0.93], "none": [0.80, 0.83, 0.81]},
+                    [BN_BETTER, {**BN_BETTER, "id": "vs_ln", "than": {"norm": "ln"}}])
+    code, stdout = run_main([str(root), "--out", str(tmp_path / "out")])
+    assert code == 0
+    assert "Claims" in stdout and "reproduced" in stdout and "vs_ln not judged" in stdout
+    markdown = (tmp_path / "out" / "report.md").read_text()
+    claims_md = markdown.split("## Claims")[1].split("\n## ")[0]
+    assert "| bn_better: BN ends more accurate" in claims_md and "| 0.98 |" in claims_md
+    assert "norm=bn 0.913 ± 0.015 (n=3) vs norm=none 0.813 ± 0.015 (n=3)" in claims_md
+    assert "reproduced (p < 0.05)" in claims_md and "- vs_ln (a paper, Fig. 1)" in claims_md
+    with open(tmp_path / "out" / "claims.csv") as f:
+        rows = {row["claim"]: row for row in csv.DictReader(f)}
+    assert rows["bn_better"]["verdict"] == "reproduced"
+    assert float(rows["bn_better"]["better_mean"]) == pytest.approx(statistics.mean([0.9, 0.91, 0.93]))
+    assert rows["bn_better"]["better_n"] == "3" and rows["vs_ln"]["verdict"] == "not judged"
+
+
+def test_claims_are_not_config_keys(tmp_path):
+    root = sweep_of(tmp_path, {"bn": [0.9], "none": [0.8]}, [BN_BETTER])
+    runs = find_runs([root])
+    assert all("claims" not in run.config and run.claims == [BN_BETTER] for run in runs)
+    # Two presets' claims differ, yet the runs still group by norm only.
+    synthetic_run(root, ["norm=bn", "seed=1"], [0.5, 0.9], [{**BN_BETTER, "id": "other"}])
+    assert build_report(find_runs([root]), [root]).keys == ["norm.name"]
+
+
+# ---------------------------------------------------------------- the target and ties
+def test_auto_target_is_not_dragged_down_by_a_group_that_never_learned(tmp_path):
+    for norm, best in [("bn", 0.95), ("ln", 0.90), ("none", 0.10)]:
+        for seed in range(2):
+            synthetic_run(tmp_path, [f"norm={norm}", f"seed={seed}"], [0.1, best])
+    report = build_report(find_runs([tmp_path]), [tmp_path])
+    assert report.target == pytest.approx(0.90)  # the worst run's best would be 0.10
+
+
+def test_equal_step_counts_are_a_tie_not_1x_fewer(tmp_path):
+    from bnlab.report import headline
+
+    for seed in range(2):
+        synthetic_run(tmp_path, ["norm=bn", f"seed={seed}"], [0.5, 0.95, 0.96])
+        synthetic_run(tmp_path, ["norm=none", f"seed={seed}"], [0.5, 0.93, 0.97])
+        synthetic_run(tmp_path, ["norm=ln", f"seed={seed}"], [0.5, 0.6, 0.7, 0.95])
+    runs = find_runs([tmp_path])
+    two = [run for run in runs if run.config["norm.name"] != "ln"]
+    tie = headline(build_report(two, [tmp_path], target=0.9))  # both at step 20
+    assert tie.startswith("A tie: all 2 groups") and "x fewer" not in tie
+    assert "within one evaluation interval (10 steps)" in tie
+    three = headline(build_report(runs, [tmp_path], target=0.9))
+    assert ("Fastest to test/acc ≥ 0.9: norm=bn, 20 steps (mean over 2/2 seeds), tied within "
+            "one evaluation interval (10 steps) with norm=none; 2x fewer than norm=ln (40 steps)"
+            in three)
+    ahead = headline(build_report(runs, [tmp_path], target=0.94))
+    assert "norm=bn, 20 steps (mean over 2/2 seeds); 2x fewer than norm=ln" in ahead
+
+
+# ---------------------------------------------------------------- a metric against a swept key
+@pytest.fixture(scope="module")
+def batch_sweep(tmp_path_factory) -> Path:
+    """The done-when sweep, small: norm=none,bn x train.batch_size=16,64 x seed=0,1 on digits."""
+    root = tmp_path_factory.mktemp("batch_sweep")
+    for norm in NORMS:
+        for batch in (16, 64):
+            for seed in SEEDS:
+                overrides = ["data=digits", f"norm={norm}", f"train.batch_size={batch}",
+                             f"seed={seed}", "train.steps=40", "probe=off", "optim.lr=0.5"]
+                run_dir = root / f"norm={norm},train.batch_size={batch},seed={seed}"
+                assert train_in_process(run_dir, *overrides) == "completed"
+                write_hydra_files(run_dir, overrides)
+    return root
+
+
+def test_x_draws_the_metric_against_the_key_with_a_pivot_table(batch_sweep, tmp_path):
+    from matplotlib.image import imread
+
+    out = tmp_path / "report"
+    code, stdout = run_main([str(batch_sweep), "--x", "train.batch_size", "--out", str(out)])
+    assert code == 0
+    image = imread(out / "test_acc_vs_train.batch_size.png")
+    assert image.shape[0] >= 300 and image.shape[1] >= 600
+    assert len(np.unique((image[..., :3] * 255).astype(int) @ [65536, 256, 1])) > 20
+    with open(out / "pivot.csv") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["group", "statistic", "16", "64"]
+    cells = {(r[0], r[1]): r[2:] for r in rows[1:]}
+    for norm in NORMS:
+        for column, batch in enumerate((16, 64)):
+            series = [csv_series(batch_sweep / f"norm={norm},train.batch_size={batch},seed={s}")
+                      ["test/acc"] for s in SEEDS]
+            final = [s[-1][1] for s in series]
+            best = [max(v for _, v in s) for s in series]
+            row = f"norm={norm}"
+            assert float(cells[row, "final_test/acc_mean"][column]) == pytest.approx(statistics.mean(final))
+            assert float(cells[row, "final_test/acc_std"][column]) == pytest.approx(statistics.stdev(final))
+            assert float(cells[row, "best_test/acc_mean"][column]) == pytest.approx(statistics.mean(best))
+            assert cells[row, "completed"][column] == "2"
+    markdown = (out / "report.md").read_text()
+    section = markdown.split("## test/acc against train.batch_size")[1].split("\n## ")[0]
+    assert "(test_acc_vs_train.batch_size.png)" in section
+    assert "| norm | train.batch_size=16 | train.batch_size=64 |" in section
+    assert "train.batch_size=64" in stdout
+    # Batch size is the sweep's one numeric key: the same figure without --x.
+    assert run_main([str(batch_sweep), "--out", str(tmp_path / "auto")])[0] == 0
+    assert (tmp_path / "auto" / "test_acc_vs_train.batch_size.png").is_file()
+
+
+def test_swept_key_axis_is_log_over_a_decade_and_only_for_one_numeric_key(tmp_path):
+    for lr in ("0.01", "0.1", "1.0"):
+        sweep_of(tmp_path / "lr", {"bn": [0.9, 0.92], "none": [0.8, 0.7]}, extra=[f"optim.lr={lr}"])
+        for momentum in ("0.0", "0.9"):  # two numeric keys: which one is x is not obvious
+            sweep_of(tmp_path / "two", {"bn": [0.9]},
+                     extra=[f"optim.lr={lr}", f"optim.momentum={momentum}"])
+    report = build_report(find_runs([tmp_path / "lr"]), [tmp_path / "lr"])
+    assert report.axis.key == "optim.lr" and report.axis.values == [0.01, 0.1, 1.0]
+    assert report.axis.log
+    assert [label for label, _ in report.axis.lines] == ["norm=bn", "norm=none"]
+    assert build_report(find_runs([tmp_path / "two"]), [tmp_path / "two"]).axis is None
+    code, _ = run_main([str(tmp_path / "lr"), "--out", str(tmp_path / "out")])
+    assert code == 0 and (tmp_path / "out" / "test_acc_vs_optim.lr.png").is_file()
+
+
+def test_x_with_a_key_that_does_not_vary_is_one_line(tmp_path, capsys):
+    root = sweep_of(tmp_path, {"bn": [0.9], "none": [0.8]})
+    assert main([str(root), "--x", "optim.lr", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--x optim.lr" in err and "norm" in err
+
+
+# ---------------------------------------------------------------- eval_every=auto
+def test_eval_every_auto_evaluates_twenty_times_whatever_the_length(tmp_path):
+    from bnlab.evaluation import EVALUATIONS_PER_RUN, eval_interval
+
+    assert EVALUATIONS_PER_RUN == 20
+    assert eval_interval(7, 100) == 7 and eval_interval("auto", 10) == 1
+    for total in (40, 1000, 1001, 8000):
+        every = eval_interval("auto", total)
+        evaluations = len(range(every, total + 1, every)) + (total % every != 0)
+        assert evaluations == min(total, 20)
+    assert compose().train.eval_every == "auto"  # the default
+    run_dir = tmp_path / "run"
+    assert train_in_process(run_dir, "data=digits", "train.steps=40", "probe=off") == "completed"
+    assert [s for s, _ in csv_series(run_dir)["test/acc"]] == list(range(2, 41, 2))
+
+
+# ---------------------------------------------------------------- module structure
+def test_report_modules_are_in_no_import_cycle():
+    import ast
+
+    package = Path(__file__).resolve().parent.parent / "bnlab"
+    modules = {p.stem: p for p in package.glob("*.py") if p.stem != "__init__"}
+    imports = {name: set() for name in modules}
+    for name, path in modules.items():
+        for node in ast.walk(ast.parse(path.read_text())):  # function-level imports included
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("bnlab."):
+                imports[name].add(node.module.split(".")[1])
+            elif isinstance(node, ast.Import):
+                imports[name] |= {a.name.split(".")[1] for a in node.names
+                                  if a.name.startswith("bnlab.")}
+
+    def reachable(start: str) -> set[str]:
+        seen, todo = set(), [start]
+        while todo:
+            for nxt in imports.get(todo.pop(), ()):
+                if nxt not in seen:
+                    seen.add(nxt)
+                    todo.append(nxt)
+        return seen
+
+    for name in ("report", "report_data", "report_figures", "claims", "runs"):
+        assert name not in reachable(name), f"bnlab.{name} imports itself through a cycle"
+    assert "report" not in reachable("report_figures") | reachable("claims")
+
+
+# ---------------------------------------------------------------- the presets' claims
+PRESETS = sorted(p.stem for p in (Path(__file__).resolve().parent.parent / "configs" /
+                                  "experiment").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_preset_states_claims_its_own_sweep_can_judge(preset):
+    """Each claim reads, and names keys and values that the preset's sweep produces."""
+    import yaml
+
+    from bnlab.claims import parse_claim
+    from bnlab.runs import flatten
+
+    raw = compose(f"experiment={preset}")
+    config = flatten({k: v for k, v in _plain(raw).items() if k != "claims"})
+    claims = [parse_claim(c) for c in _plain(raw)["claims"]]
+    assert claims, f"{preset} states no claims"
+    assert len({c.id for c in claims}) == len(claims)
+    path = Path(__file__).resolve().parent.parent / "configs" / "experiment" / f"{preset}.yaml"
+    swept = (yaml.safe_load(path.read_text()).get("hydra") or {}).get("sweeper", {}).get("params", {})
+    for claim in claims:
+        for name, value in [*claim.better.items(), *claim.than.items(), *claim.where.items()]:
+            key = name if name in config else f"{name}.name"
+            assert key in config, f"{preset}/{claim.id}: no config key {name}"
+            produced = {str(v) for v in str(swept[name]).split(",")} if name in swept else set()
+            values = value if isinstance(value, list) else [value]
+            for v in values:
+                assert (str(v) in produced or float_eq(v, produced) or v == config[key]), \
+                    f"{preset}/{claim.id}: {name}={v} is not in the preset's sweep"
+
+
+def _plain(node):
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(node, resolve=True)
+
+
+def float_eq(value, texts: set[str]) -> bool:
+    try:
+        return any(float(t) == float(value) for t in texts)
+    except (TypeError, ValueError):
+        return False
+
+
+def test_claims_stay_out_of_training_and_tensorboard_hparams(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import metadata
+
+    run_dir = tmp_path / "run"
+    overrides = ["experiment=lr_sensitivity", "data=digits", "train.steps=10", "probe=off"]
+    assert train_in_process(run_dir, *overrides) == "completed"
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    content = events.PluginTagToContent(metadata.PLUGIN_NAME)
+    start = metadata.parse_session_start_info_plugin_data(content[metadata.SESSION_START_INFO_TAG])
+    assert "optim.lr" in start.hparams and not any(k.startswith("claims") for k in start.hparams)
+
+
+# ---------------------------------------------------------------- scripts/reproduce.sh
+REPRODUCE = Path(__file__).resolve().parent.parent / "scripts" / "reproduce.sh"
+
+
+def test_reproduce_without_a_preset_is_one_line_and_exit_2():
+    for args in ([], ["norm=bn"]):  # an override where the preset should be
+        result = subprocess.run(["bash", str(REPRODUCE), *args], capture_output=True, text=True)
+        assert result.returncode == 2 and result.stdout == ""
+        assert result.stderr.startswith("usage: scripts/reproduce.sh <preset>")
+
+
+@pytest.mark.slow
+def test_reproduce_runs_the_ioffe_sweep_and_judges_every_claim(tmp_path):
+    import os
+
+    env = {**os.environ, "BNLAB": f"{sys.executable} -m bnlab", "SWEEP": str(tmp_path / "sweep"),
+           "N_JOBS": "2", "BNLAB_DATA": str(tmp_path / "data")}
+    result = subprocess.run(["bash", str(REPRODUCE), "ioffe_fig1", "data=digits", "train.steps=60",
+                             "probe.every=10", "probe.batch_size=200", "train.threads=1"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-2000:]
+    runs = find_runs([tmp_path / "sweep"])
+    assert sorted((r.config["norm.name"], r.seed) for r in runs) == [
+        (n, s) for n in ("bn", "none") for s in (0, 1, 2)]
+    claims = (tmp_path / "sweep" / "report" / "report.md").read_text().split("## Claims")[1]
+    for claim in runs[0].claims:
+        row = next(line for line in claims.splitlines() if line.startswith(f"| {claim['id']}:"))
+        assert any(f"| {v} (" in row for v in ("reproduced", "not reproduced", "inconclusive"))
