@@ -28,9 +28,9 @@ from torch import Tensor
 from bnlab import distributed
 from bnlab.checkpoint import load_checkpoint, rng_states, save_checkpoint, set_rng_states
 from bnlab.config import validate
-from bnlab.data import BatchStream, Dataset, load_dataset
+from bnlab.data import Dataset, check_sampler, load_dataset, make_batch_stream
 from bnlab.errors import UserError, WriteError
-from bnlab.evaluation import eval_interval, evaluate, loss_function
+from bnlab.evaluation import eval_interval, evaluate, loss_function, train_mode_metrics
 from bnlab.lock import RunLocked, hold
 from bnlab.models import Net, build_model
 from bnlab.norms import Norm, finish_training
@@ -120,9 +120,8 @@ class Trainer:
         # DDP only for the training step: evaluation, probes and checkpoints use the module itself.
         self.train_model = distributed.wrap(self.model, device)
         self.optimizer = build_optimizer(cfg.optim, self.model)
-        self.stream = BatchStream(data.train, tcfg.batch_size, cfg.seed,
-                                  augment=bool(cfg.data.get("augment", False)),
-                                  rank=rank, world_size=world_size)
+        self.stream = make_batch_stream(data.train, tcfg.batch_size, cfg.seed, cfg.data,
+                                        rank=rank, world_size=world_size)
         self.prober = None
         if cfg.probe.enabled:
             from bnlab.probes import Prober
@@ -262,9 +261,9 @@ class Trainer:
         values = {"test/loss": loss}
         if self.task == "classification":
             values["test/acc"] = acc
-        if self.prober is not None:
-            values.update(self.prober.eval_extras(self.model, self.data.test,
-                                                  self.cfg.train.eval_batch_size))
+        # Train-mode (batch statistics) metrics on test batches built like the training batches.
+        values.update(train_mode_metrics(self.model, self.data.test, self.cfg.train.batch_size,
+                                         self.cfg.seed, self.cfg.data, self.task))
         recorder.scalars(self.step, values)
         self.final.update(values)
         if self.task == "classification" and acc > self.best.get("test/acc", -1.0):
@@ -466,6 +465,7 @@ def run(cfg: DictConfig, run_dir: Path) -> str:
             seed_everything(cfg.seed)
             data = load_dataset(cfg.data, device)
             check_against_data(cfg, data.shape, len(data.train), data.num_classes, replica.world_size)
+            check_sampler(cfg.data, data, cfg.train.batch_size)
             trainer = Trainer(cfg, run_dir, device, data, rank=replica.rank,
                               world_size=replica.world_size)
             resumed = cfg.resume is not None

@@ -80,6 +80,25 @@ def test_sigkill_then_resume_gives_exactly_the_uninterrupted_scalars(tmp_path, r
     assert steps == sorted(set(steps)) and steps[-1] == 2400  # purge_step removed the killed tail
 
 
+def test_sigkill_then_resume_is_bit_identical_with_the_grouped_sampler(tmp_path):
+    # 128 batches a planned chunk, a checkpoint every 100 steps: resumes start mid-chunk.
+    grouped = ["data.sampler=grouped", "data.labels_per_batch=4", "train.batch_size=32",
+               "train.steps=600"]
+    reference = start(tmp_path / "reference", tmp_path, *grouped)
+    assert reference.wait(timeout=300) == 0, reference.stderr.read()
+    run = tmp_path / "run"
+    proc = start(run, tmp_path, *grouped)
+    wait_for_checkpoint(run, proc, 200)
+    proc.kill()
+    proc.wait()
+    assert json.loads((run / "summary.json").read_text())["status"] == "running"
+    resumed = bnlab("train", f"resume={run}", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    expected = scalars(tmp_path / "reference")
+    assert any(t == "test/acc_train_mode" for _, t, _ in expected)
+    assert scalars(run) == expected
+
+
 def test_sigint_checkpoints_marks_interrupted_and_resumes(tmp_path, reference):
     run = tmp_path / "run"
     proc = start(run, tmp_path)
