@@ -32,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bnlab.rundir import CONFIG, OVERRIDES, SCALARS_CSV, SUMMARY_JSON
+
 NORMS = ("none", "bn", "ln", "brn")
 LAYERS = (1, 2, 3)
 POINTS = ("pre", "norm", "act")
@@ -71,15 +73,14 @@ def value(tag: str, steps: np.ndarray, speed: float, rng: np.random.Generator) -
 def write_run(run_dir: Path, norm: str, seed: int, n_steps: int, every_step: bool) -> int:
     """One synthetic run directory; returns its number of scalars.csv rows."""
     rng = np.random.default_rng(seed * 100 + NORMS.index(norm))
-    (run_dir / ".hydra").mkdir(parents=True)
+    (run_dir / CONFIG).parent.mkdir(parents=True)
     config = {"seed": seed, "device": "cpu",
               "norm": {"name": norm, "position": "before_act"},
               "activation": {"name": "sigmoid"}, "model": {"name": "mlp", "widths": [100] * 3},
               "train": {"steps": n_steps, "log_every": 50, "eval_every": 500},
               "probe": {"every": 100, "unit": 0}}
-    (run_dir / ".hydra" / "config.yaml").write_text(json.dumps(config))  # JSON is YAML
-    (run_dir / ".hydra" / "overrides.yaml").write_text(json.dumps([f"norm={norm}",
-                                                                   f"seed={seed}"]))
+    (run_dir / CONFIG).write_text(json.dumps(config))  # JSON is YAML
+    (run_dir / OVERRIDES).write_text(json.dumps([f"norm={norm}", f"seed={seed}"]))
     if every_step:
         schedule = [(np.arange(1, n_steps + 1), EVERY_STEP_TAGS)]
     else:
@@ -94,12 +95,12 @@ def write_run(run_dir: Path, norm: str, seed: int, n_steps: int, every_step: boo
             rows.append((step, "".join(f"{step},{tag},{col[i]!r}\n"
                                        for tag, col in zip(tags, columns, strict=True))))
     rows.sort(key=lambda row: row[0])  # stable: one step's blocks stay together, in order
-    with open(run_dir / "scalars.csv", "w") as f:
+    with open(run_dir / SCALARS_CSV, "w") as f:
         f.write("step,tag,value\n")
         f.writelines(text for _, text in rows)
     summary = {"status": "completed", "steps": n_steps, "total_steps": n_steps,
                "wall_s": n_steps / 1000, "device": "cpu", "final": {}, "best": {}}
-    (run_dir / "summary.json").write_text(json.dumps(summary))
+    (run_dir / SUMMARY_JSON).write_text(json.dumps(summary))
     per_step = len(EVERY_STEP_TAGS) if every_step else None
     return n_steps * per_step if per_step else sum(len(s) * len(t) for s, t in schedule)
 
@@ -119,7 +120,7 @@ def bench_report(n_runs: int = 100, n_steps: int = 10_000, every_step: bool = Fa
     with tempfile.TemporaryDirectory(prefix="bnlab-bench-report-") as tmp:
         root = Path(tmp) / "sweep"
         rows = make_sweep(root, n_runs, n_steps, every_step)
-        size = sum(p.stat().st_size for p in root.rglob("scalars.csv"))
+        size = sum(p.stat().st_size for p in root.rglob(SCALARS_CSV))
         env = {**os.environ, "OPENBLAS_NUM_THREADS": "1"}
         start = time.perf_counter()
         result = subprocess.run([sys.executable, "-m", "bnlab", "report", str(root)],
