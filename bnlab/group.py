@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from bnlab.checkpoint import load_checkpoint
 from bnlab.config import validate
-from bnlab.data import load_dataset
+from bnlab.data import check_sampler, load_dataset
 from bnlab.errors import UserError
 from bnlab.lock import hold
 from bnlab.preflight import check_against_data
@@ -310,6 +310,7 @@ def build_group(jobs: Sequence[tuple[DictConfig, Path]], label: str = "batched")
     device = setup_process(cfgs[0])
     data = load_dataset(cfgs[0].data, device)
     check_against_data(cfgs[0], data.shape, len(data.train), data.num_classes)
+    check_sampler(cfgs[0].data, data, cfgs[0].train.batch_size)
     members, resumed = [], []
     for cfg, run_dir in jobs:
         seed_everything(cfg.seed)  # the model's initialization: the standalone run's
