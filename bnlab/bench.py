@@ -167,7 +167,7 @@ class Bench:
                  ratio=med([a / b for a, b in zip(r["trainer"], textbook, strict=True)]))
 
     def _auto_threads(self) -> int:
-        from bnlab.train import auto_threads
+        from bnlab.process import auto_threads
 
         return auto_threads(self.cfg(*MLP))
 
@@ -204,6 +204,51 @@ class Bench:
                      f"MLP 784-100-100-100-10, batch 60, {threads} thread(s); step time / native BN's",
                      ratio=med([n / v for n, v in zip(r["native"], r["variant"], strict=True)]))
 
+    # -- many seeds as one program: hydra/launcher=batched
+    def batched(self, seeds: int, steps: int, rounds: int, device: str) -> None:
+        """``seeds`` runs of the MLP (probes off) three ways, aggregate steps/s (runs x steps /
+        seconds of training; start-up and model building excluded): one vectorized program
+        (the batched launcher), one run after another in one process (the basic launcher),
+        and two processes sharing the seeds (joblib with n_jobs=2, cores // 2 threads each)."""
+        import concurrent.futures
+        import multiprocessing
+
+        overrides = [*MLP, "probe=off", f"train.steps={steps}", f"device={device}"]
+        threads = self._auto_threads()
+        total = seeds * steps
+        seed_lists = [list(range(seeds))[i::2] for i in range(2)]
+        # spawn: a forked child cannot use CUDA; warm each worker first (imports, data)
+        pool = concurrent.futures.ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn"))
+        try:
+            half = max(1, threads // 2)
+            list(pool.map(_train_seeds, [(self.data_name, overrides, [], 1, half)] * 2))
+
+            def parallel() -> float:
+                jobs = [(self.data_name, overrides, s, steps, half) for s in seed_lists]
+                t0 = time.perf_counter()
+                list(pool.map(_train_seeds, jobs))
+                return total / (time.perf_counter() - t0)
+
+            r = self.rounds({
+                "batched": lambda: total / _train_group(self.cfg, overrides, seeds, threads),
+                "sequential": lambda: total / _train_seeds((self.data_name, overrides, list(range(seeds)),
+                                                            steps, threads)),
+                "parallel": parallel,
+            }, rounds)
+        finally:
+            pool.shutdown()
+        med = statistics.median
+        where = f"{device}, {threads} thread(s)" if device == "cpu" else device
+        self.add("batched", f"MLP x{seeds} seeds: batched vs sequential", med(r["batched"]),
+                 med(r["sequential"]), "steps/s",
+                 f"aggregate steps/s, {steps} steps per run, {where}; sequential: the basic launcher's way",
+                 ratio=med([b / s for b, s in zip(r["batched"], r["sequential"], strict=True)]))
+        self.add("batched", f"MLP x{seeds} seeds: batched vs 2 parallel processes", med(r["batched"]),
+                 med(r["parallel"]), "steps/s",
+                 f"aggregate steps/s; 2 processes with {max(1, threads // 2)} thread(s) each, "
+                 "half the seeds each: joblib n_jobs=2's way",
+                 ratio=med([b / p for b, p in zip(r["batched"], r["parallel"], strict=True)]))
+
     # -- report
     def report(self, runs: int, steps: int) -> None:
         from bnlab.report_bench import bench_report
@@ -221,6 +266,51 @@ class Bench:
         help_ = _best_time(run("-m", "bnlab", "--help"), 5)
         self.add("startup", "bnlab --help vs python -c pass", help_, bare, "s",
                  "ratio = bnlab --help / python's bare start; < 1 s is the target")
+
+
+def _train_seeds(job: tuple) -> float:
+    """Train the MLP for each seed of ``seeds``, one after another in this process, as the
+    basic launcher does; returns the seconds of training (model building excluded)."""
+    data_name, overrides, seeds, steps, threads = job
+    from bnlab.config import compose
+    from bnlab.data import load_dataset
+    from bnlab.process import seed_everything, setup_process
+    from bnlab.train import Trainer
+
+    seconds = 0.0
+    for seed in seeds:
+        cfg = compose(f"data={data_name}", "train.progress=off", "train.eval_every=1000000",
+                      "train.checkpoint_every=1000000", *overrides, f"seed={seed}",
+                      f"train.steps={steps}", f"train.threads={threads}")
+        device = setup_process(cfg)
+        key = (data_name, str(device))
+        if key not in _DATA:
+            _DATA[key] = load_dataset(cfg.data, device)
+        data = _DATA[key]
+        seed_everything(seed)
+        with tempfile.TemporaryDirectory() as tmp:
+            trainer = Trainer(cfg, Path(tmp), device, data)
+            t0 = time.perf_counter()
+            trainer.run(resumed=False)
+            seconds += time.perf_counter() - t0
+    return seconds
+
+
+_DATA: dict = {}  # data sets loaded by _train_seeds in this process
+
+
+def _train_group(make_cfg, overrides: list[str], seeds: int, threads: int) -> float:
+    """Train ``seeds`` seeds of the MLP as one vectorized program; returns the seconds of
+    training (building the program excluded)."""
+    from bnlab.group import build_group
+
+    with tempfile.TemporaryDirectory() as tmp:
+        jobs = [(make_cfg(*overrides, f"seed={s}", f"train.threads={threads}"), Path(tmp) / str(s))
+                for s in range(seeds)]
+        for _, run_dir in jobs:
+            run_dir.mkdir()
+        group = build_group(jobs)
+        return _seconds(group.run)
 
 
 def print_table(rows: list[dict]) -> None:
@@ -250,8 +340,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=4000, help="MLP steps per measurement")
     parser.add_argument("--repeats", type=int, default=3,
                         help="rounds of paired measurements; each ratio is the median over rounds")
-    parser.add_argument("--only", default="trainer,probes,norms,report,startup",
+    parser.add_argument("--only", default="trainer,probes,norms,batched,report,startup",
                         help="comma-separated groups to run")
+    parser.add_argument("--seeds", type=int, default=16, help="runs of the batched group")
+    parser.add_argument("--device", default="cpu", help="device of the batched group: cpu or cuda")
     parser.add_argument("--report-runs", type=int, default=100)
     parser.add_argument("--report-steps", type=int, default=10_000)
     parser.add_argument("--out", default="bench.json", help="where to write the rows as JSON")
@@ -276,6 +368,8 @@ def main(argv: list[str] | None = None) -> int:
         bench.probes(args.steps, rounds)
     if "norms" in groups:
         bench.norms(max(100, args.steps // 10), max(1, rounds - 1))
+    if "batched" in groups:
+        bench.batched(args.seeds, max(50, args.steps // 10), max(1, rounds - 1), args.device)
     if "report" in groups:
         bench.report(args.report_runs, args.report_steps)
     if "startup" in groups:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+import io
 import random
 from pathlib import Path
 from typing import Any
@@ -10,7 +10,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from bnlab.errors import UserError
+from bnlab.errors import UserError, WriteError
+from bnlab.record import atomic_write
 
 
 def rng_states() -> dict[str, Any]:
@@ -35,14 +36,17 @@ def set_rng_states(states: dict[str, Any]) -> None:
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Write to a temporary file, fsync, then rename: a kill mid-write keeps the previous file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Serialize in memory, then write atomically (:func:`bnlab.record.atomic_write`): a kill or
+    a full disk mid-write keeps the previous checkpoint and leaves no temporary file. In memory
+    first, because torch's own file writer reports a full disk as a RuntimeError without errno.
+    """
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise WriteError(path.parent, err) from err
+    atomic_write(path, buffer.getbuffer())
 
 
 def load_checkpoint(path: Path, map_location: torch.device | str = "cpu") -> dict[str, Any]:

@@ -26,7 +26,11 @@ def _train(argv: list[str]) -> int:
 
     try:
         argv = resume_argv(argv)
-        if not any(a in ("--help", "-h", "--cfg", "-c", "--info", "--hydra-help") for a in argv):
+        shows = [a for a in argv if a in ("--cfg", "-c", "--info", "-i")]
+        if shows and any(a in ("-m", "--multirun") for a in argv):
+            raise UserError(f"{shows[0]} shows the config of one run and cannot be combined with -m; "
+                            "drop -m and give one value per key (a sweep's first job)")
+        if not any(a in ("--help", "-h", "--cfg", "-c", "--info", "-i", "--hydra-help") for a in argv):
             check_output_dir(argv)
     except UserError as err:
         print(f"bnlab: error: {err}", file=sys.stderr)

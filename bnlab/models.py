@@ -75,6 +75,19 @@ def _norm_factory(cfg_norm) -> tuple[NormFactory, bool]:
     return make, norm_class(name).replaces_bias
 
 
+def conv_plan(model) -> list[tuple[int, int, int] | str]:
+    """The feature extractor of ``cfg.model``: ``(out_channels, kernel_size, padding)`` for a
+    stride-1 conv block, ``"M"`` for a 2x2 pool, in order; empty for an MLP."""
+    if model.name == "cnn":
+        plan: list[tuple[int, int, int] | str] = []
+        for channels, padding in zip(model.channels, model.paddings, strict=True):
+            plan += [(int(channels), int(model.kernel_size), int(padding)), "M"]
+        return plan
+    if model.name == "vgg":
+        return [item if item == "M" else (int(item), 3, 1) for item in model.layers]
+    return []
+
+
 def build_model(cfg, in_shape: tuple[int, int, int], num_classes: int) -> Net:
     """The network of ``cfg.model`` for inputs of shape (C, H, W)."""
     make_norm, replaces_bias = _norm_factory(cfg.norm)
@@ -90,13 +103,7 @@ def build_model(cfg, in_shape: tuple[int, int, int], num_classes: int) -> Net:
     c, h, w = in_shape
     model = cfg.model
     if model.name in ("cnn", "vgg"):
-        if model.name == "cnn":
-            plan = []
-            for channels, padding in zip(model.channels, model.paddings, strict=True):
-                plan += [(channels, int(model.kernel_size), int(padding)), "M"]
-        else:
-            plan = [item if item == "M" else (int(item), 3, 1) for item in model.layers]
-        for item in plan:
+        for item in conv_plan(model):
             if item == "M":
                 pool = nn.MaxPool2d(2) if getattr(model, "pool", "max") == "max" else nn.AvgPool2d(2)
                 layers.append(pool)

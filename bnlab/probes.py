@@ -34,11 +34,11 @@ from omegaconf import DictConfig
 from torch import Tensor
 
 from bnlab.config import world_size
-from bnlab.data import Dataset, Split
-from bnlab.evaluation import evaluate, loss_function
+from bnlab.data import Dataset
+from bnlab.evaluation import loss_function
 from bnlab.ics import gradient_ics, preserved_rng
 from bnlab.models import Net
-from bnlab.norms import frozen_stats, uses_batch_statistics
+from bnlab.norms import frozen_stats
 
 POINTS = ("pre", "norm", "act")
 PERCENTILES = (15, 50, 85)
@@ -189,10 +189,9 @@ class Prober:
     """Measures a model's activations on a fixed probe batch; the trainer calls it.
 
     ``probe`` logs the statistics of the module docstring, ``ics`` the gradient-based ICS of
-    :mod:`bnlab.ics`, ``landscape`` the loss landscape of :mod:`bnlab.landscape`, ``eval_extras``
-    the train-mode test accuracy of batch-statistic norms. None of them changes training:
-    running statistics are frozen, torch's global RNG state is restored, and the probe batch
-    comes from a private generator.
+    :mod:`bnlab.ics`, ``landscape`` the loss landscape of :mod:`bnlab.landscape`. None of them
+    changes training: running statistics are frozen, torch's global RNG state is restored, and
+    the probe batch comes from a private generator.
     """
 
     def __init__(self, cfg: DictConfig, model: Net, data: Dataset, device: torch.device) -> None:
@@ -200,7 +199,6 @@ class Prober:
         self.ics_every = int(cfg.probe.ics_every)
         self.landscape_every = int(cfg.probe.get("landscape_every", 0))
         self.views = [View(prefix, train) for prefix, train in MODE_VIEWS[cfg.probe.get("mode", "train")]]
-        self.batch_statistics = uses_batch_statistics(model)  # train mode differs from eval mode
         self.task = getattr(data, "task", "classification")
         self.bounds = saturation_bounds(str(cfg.activation.name))
         self.fractions = percentile_fractions(self.device)
@@ -357,21 +355,6 @@ class Prober:
         stats = landscape(model, x, y, lr, loss_function(self.task))
         numbers = torch.stack(list(stats.values())).tolist()
         recorder.scalars(step, {f"landscape/{k}": v for k, v in zip(stats, numbers, strict=True)})
-
-    # -- evaluation
-    def eval_extras(self, model: Net, split: Split, batch_size: int) -> dict[str, float]:
-        """``test/acc_train_mode`` (``test/loss_train_mode`` for regression): the test metric
-        with batch statistics (frozen running statistics), for batch-statistic norms only.
-
-        The gap to ``test/acc`` shows how far the running estimates are from the batch statistics.
-        """
-        if not self.batch_statistics:
-            return {}
-        with preserved_rng(self.device):  # noisy layers draw noise in train mode
-            loss, acc = evaluate(model, split, batch_size, train_mode=True, task=self.task)
-        if self.task == "classification":
-            return {"test/acc_train_mode": acc}
-        return {"test/loss_train_mode": loss}
 
     # -- checkpoints
     def state_dict(self) -> dict[str, Any]:

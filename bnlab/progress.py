@@ -7,7 +7,8 @@ import time
 
 
 class Progress:
-    """``update`` at log steps; ``mode`` is rich | plain | off (``auto`` picks by the terminal)."""
+    """``update`` at log steps, ``evaluated`` after each evaluation; ``mode`` is
+    rich | plain | off (``auto`` picks by the terminal)."""
 
     def __init__(self, total: int, start: int, mode: str = "auto", label: str = "train",
                  lines: int = 10) -> None:
@@ -17,6 +18,7 @@ class Progress:
         self.last_line = start
         self.line_every = max(1, total // lines)
         self.t0 = time.perf_counter()
+        self.train_text = self.eval_text = ""  # the bar shows the last of each
         self.bar = None
         if mode == "rich":
             from rich.progress import (
@@ -39,11 +41,23 @@ class Progress:
     def update(self, step: int, metrics: dict[str, float]) -> None:
         text = "  ".join(f"{k} {v:.4g}" for k, v in metrics.items())
         if self.mode == "rich":
-            self.bar.update(self.task, completed=step, metrics=text)
+            self.train_text = text
+            self.bar.update(self.task, completed=step, metrics=f"{text}{self.eval_text}")
         elif self.mode == "plain" and (step - self.last_line >= self.line_every or step == self.total):
             self.last_line = step
-            elapsed = time.perf_counter() - self.t0
-            print(f"[{self.label}] step {step}/{self.total}  {text}  ({elapsed:.1f}s)", flush=True)
+            print(f"[{self.label}] step {step}/{self.total}  {text}  ({self._elapsed()})", flush=True)
+
+    def evaluated(self, step: int, metrics: dict[str, float]) -> None:
+        """Show an evaluation's results when it happens: in the bar, or as a line of its own."""
+        text = "  ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+        if self.mode == "rich":
+            self.eval_text = f"  | {text} @{step}"
+            self.bar.update(self.task, metrics=f"{self.train_text}{self.eval_text}")
+        elif self.mode == "plain":
+            print(f"[{self.label}] step {step}/{self.total}  {text}  ({self._elapsed()})", flush=True)
+
+    def _elapsed(self) -> str:
+        return f"{time.perf_counter() - self.t0:.1f}s"
 
     def message(self, text: str) -> None:
         if self.mode == "rich":

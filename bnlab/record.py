@@ -1,31 +1,65 @@
-"""One call writes a step's scalars to TensorBoard and to ``scalars.csv``; ``summary.json``.
+"""One call writes a step's scalars to TensorBoard and to ``scalars.csv``; atomic file writes.
 
 ``scalars.csv`` (``step,tag,value``) is appended and flushed as scalars happen, so a run killed
 at any moment leaves every logged step readable; reports read it, never the event files.
+A write that fails (no space left, no permission) raises :class:`bnlab.errors.WriteError`
+naming the file; atomic writes leave no temporary file behind.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
-from collections.abc import Mapping
+import threading
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-SCALARS_CSV = "scalars.csv"
-SUMMARY_JSON = "summary.json"
+from bnlab.errors import WriteError
+from bnlab.rundir import SCALARS_CSV
+
+
+def atomic_write(path: Path, content: str | bytes | memoryview) -> None:
+    """Write ``content`` via a temporary file, fsync and a rename: readers see the old file or
+    the new one, whole. On failure the temporary file is removed and :class:`WriteError` names
+    ``path``; the previous file is untouched."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "w" if isinstance(content, str) else "wb") as f:
+            f.write(content)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as err:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if isinstance(err, OSError):
+            raise WriteError(path, err) from err
+        raise
+
+
+def _json(data: Mapping[str, Any]) -> str:
+    return json.dumps(data, indent=2, sort_keys=True, default=str) + "\n"
 
 
 def write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:
-    """Write JSON via a temporary file and a rename: readers see the old or the new file, whole."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True, default=str)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, _json(data))
+
+
+def overwrite_json(path: Path, data: Mapping[str, Any]) -> None:
+    """Rewrite ``path`` in place: the last resort on a full disk, where the old file's blocks
+    are the only space left. Not atomic (a kill mid-write leaves a torn file, which readers
+    report as damaged), so only for saying that a run has failed."""
+    try:
+        with open(path, "r+") as f:
+            f.write(_json(data))
+            f.truncate()
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as err:
+        raise WriteError(path, err) from err
 
 
 def truncate_scalars(path: Path, after_step: int) -> None:
@@ -40,9 +74,34 @@ def truncate_scalars(path: Path, after_step: int) -> None:
             head = line.split(",", 1)[0]
             if head == "step" or (head.isdigit() and int(head) <= after_step):
                 keep.append(line)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(keep))
-    os.replace(tmp, path)
+    atomic_write(path, "".join(keep))
+
+
+def _quiet_tensorboard_thread(args: threading.ExceptHookArgs) -> None:
+    """TensorBoard's writer thread keeps its write error and raises it again at the next
+    write, where the Recorder turns it into one line: its own traceback is noise."""
+    if type(args.thread).__name__ == "_AsyncWriterThread" and isinstance(args.exc_value, OSError):
+        return
+    _default_excepthook(args)
+
+
+_default_excepthook = threading.excepthook
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """``os.write`` until all of ``data`` is written (a write may take only part of it)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+@contextlib.contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    """Name ``path`` in the error when a write inside fails."""
+    try:
+        yield
+    except OSError as err:
+        raise WriteError(path, err) from err
 
 
 class Recorder:
@@ -52,20 +111,26 @@ class Recorder:
         self.run_dir = Path(run_dir)
         self.enabled = enabled
         self.writer = None
-        self.csv = None
+        self.csv_fd = None
         if not enabled:  # ranks other than 0 under torch.distributed
             return
         from torch.utils.tensorboard import SummaryWriter
 
-        csv_path = self.run_dir / SCALARS_CSV
+        threading.excepthook = _quiet_tensorboard_thread
+        self.csv_path = self.run_dir / SCALARS_CSV
         if purge_step is not None:
-            truncate_scalars(csv_path, purge_step)
-        new = not csv_path.is_file() or csv_path.stat().st_size == 0
-        self.csv = open(csv_path, "a", buffering=1 << 16)
-        if new:
-            self.csv.write("step,tag,value\n")
+            truncate_scalars(self.csv_path, purge_step)
+        with _writing(self.csv_path):
+            # Unbuffered appends: each call is one write, undone whole if it fails (no half rows).
+            self.csv_fd = os.open(self.csv_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            self.csv_size = os.fstat(self.csv_fd).st_size
+        if self.csv_size == 0:
+            self._append("step,tag,value\n")
         # purge_step makes TensorBoard hide events at and after it from an earlier, killed attempt.
-        self.writer = SummaryWriter(str(self.run_dir), purge_step=purge_step, flush_secs=30)
+        with _writing(self.run_dir / "events.out.tfevents.*"):
+            self.writer = SummaryWriter(str(self.run_dir), purge_step=purge_step, flush_secs=30)
+        self.events_path = Path(getattr(self.writer.file_writer.event_writer, "_file_name",
+                                        self.run_dir / "events.out.tfevents.*"))
 
     def scalars(self, step: int, values: Mapping[str, float]) -> None:
         """Record ``{tag: value}`` at ``step`` in both sinks; the CSV is flushed at once."""
@@ -76,19 +141,32 @@ class Recorder:
         floats = {tag: float(value) for tag, value in values.items()}
         # One event holding every value of the step: add_scalar per tag costs ~55 us each.
         summary = Summary(value=[Summary.Value(tag=tag, simple_value=value) for tag, value in floats.items()])
-        self.writer.file_writer.add_summary(summary, step)
-        self.csv.write("".join(f"{step},{tag},{value!r}\n" if math.isfinite(value)
-                               else f"{step},{tag},{value}\n" for tag, value in floats.items()))
-        self.csv.flush()
+        with _writing(self.events_path):
+            self.writer.file_writer.add_summary(summary, step)
+        self._append("".join(f"{step},{tag},{value!r}\n" if math.isfinite(value)
+                             else f"{step},{tag},{value}\n" for tag, value in floats.items()))
+
+    def _append(self, text: str) -> None:
+        """Append ``text`` to scalars.csv; on failure the file is cut back to its whole rows."""
+        data = text.encode()
+        try:
+            _write_all(self.csv_fd, data)
+        except OSError as err:
+            with contextlib.suppress(OSError):  # cutting a file back needs no space
+                os.ftruncate(self.csv_fd, self.csv_size)
+            raise WriteError(self.csv_path, err) from err
+        self.csv_size += len(data)
 
     def histogram(self, tag: str, values, step: int) -> None:
         if self.enabled:
-            self.writer.add_histogram(tag, values, step)
+            with _writing(self.events_path):
+                self.writer.add_histogram(tag, values, step)
 
     def layout(self, layout: dict) -> None:
         """A TensorBoard custom-scalars layout (charts grouping tags)."""
         if self.enabled:
-            self.writer.add_custom_scalars(layout)
+            with _writing(self.events_path):
+                self.writer.add_custom_scalars(layout)
 
     def hparams(self, hparams: Mapping[str, Any], metrics: Mapping[str, float]) -> None:
         """TensorBoard HParams of this run: its config and the metrics to compare runs by.
@@ -113,16 +191,29 @@ class Recorder:
         summaries = hparams_summaries(
             {k: plain(v) for k, v in hparams.items() if v is not None},
             {k: float(v) for k, v in metrics.items()})
-        for summary in summaries:  # experiment, session start info, session end info
-            self.writer.file_writer.add_summary(summary)
+        with _writing(self.events_path):
+            for summary in summaries:  # experiment, session start info, session end info
+                self.writer.file_writer.add_summary(summary)
 
     def flush(self) -> None:
-        if self.enabled:
-            self.csv.flush()
-            self.writer.flush()
+        if self.enabled:  # scalars.csv has no buffer
+            with _writing(self.events_path):
+                self.writer.flush()
 
     def close(self) -> None:
-        if self.enabled:
-            self.csv.close()
+        """Flush and close both sinks; a write that fails here raises :class:`WriteError`."""
+        if not self.enabled:
+            return
+        self.enabled = False
+        os.close(self.csv_fd)
+        with _writing(self.events_path):
             self.writer.close()
-            self.enabled = False
+
+    def abandon(self) -> None:
+        """Close after a failure: whatever the sinks still hold is dropped, and nothing raises."""
+        if not self.enabled:
+            return
+        self.enabled = False
+        os.close(self.csv_fd)
+        with contextlib.suppress(Exception):
+            self.writer.close()

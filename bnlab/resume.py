@@ -9,13 +9,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from bnlab.errors import UserError
+from bnlab.rundir import CHECKPOINT, CONFIG, OVERRIDES
 
 # Keys a resumed run may change: where it runs, how it reports, and how far it goes.
 RESUMABLE_KEYS = ("device", "train.progress", "train.threads", "train.steps", "train.epochs")
 
 
 def run_files(run: Path) -> tuple[Path, Path, Path]:
-    return run / ".hydra" / "config.yaml", run / ".hydra" / "overrides.yaml", run / "checkpoints" / "last.pt"
+    return run / CONFIG, run / OVERRIDES, run / CHECKPOINT
 
 
 def _key(override: str) -> str:
@@ -32,10 +33,10 @@ def resume_argv(argv: list[str]) -> list[str]:
     if not run.is_dir():
         raise UserError(f"resume={values[-1]}: no such directory")
     if not config.is_file() or not overrides.is_file():
-        raise UserError(f"resume={values[-1]}: not a bnlab run directory (no .hydra/config.yaml)")
+        raise UserError(f"resume={values[-1]}: not a bnlab run directory (no {CONFIG})")
     if not checkpoint.is_file():
         raise UserError(f"resume={values[-1]}: the run has no checkpoint yet "
-                        "(checkpoints/last.pt); start it again instead")
+                        f"({CHECKPOINT}); start it again instead")
     if any(a in ("-m", "--multirun") for a in argv):
         raise UserError("resume= continues one run; it cannot be combined with -m")
 

@@ -1,4 +1,4 @@
-"""Reads run directories back through the run directory contract (DESIGN.md, "A run directory").
+"""Reads run directories back (their files are described in docs/run-directory.md).
 
 A run directory holds ``.hydra/config.yaml`` and ``.hydra/overrides.yaml`` (Hydra's own),
 ``scalars.csv`` (``step,tag,value``, appended as training goes) and ``summary.json``. Any of the
@@ -22,11 +22,8 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from bnlab.errors import UserError
+from bnlab.rundir import CONFIG, OVERRIDES, SCALARS_CSV, SUMMARY_JSON
 
-CONFIG = Path(".hydra") / "config.yaml"
-OVERRIDES = Path(".hydra") / "overrides.yaml"
-SCALARS_CSV = "scalars.csv"
-SUMMARY_JSON = "summary.json"
 HEADER = b"step,tag,value"
 # Folders that never hold runs: a report's output, Hydra's and the trainer's own.
 SKIP_DIRS = {"report", ".hydra", "checkpoints", "__pycache__"}

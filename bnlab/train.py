@@ -1,7 +1,9 @@
 """The training loop: optimizer, schedule, evaluation, probes, divergence, checkpoints.
 
 ``main`` is the Hydra task behind ``bnlab train``: it checks the config, trains, and turns the
-errors a user can cause into one line on stderr. ``Trainer`` holds one run's state.
+errors a user can cause into one line on stderr. ``Trainer`` holds one run's state; its loop is
+the step followed by one block of bookkeeping (:meth:`Trainer._after_step`). Setting up the
+process (threads, device, seeds) is :mod:`bnlab.process`; file names are :mod:`bnlab.rundir`.
 """
 
 from __future__ import annotations
@@ -9,11 +11,12 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import platform
 import shutil
 import signal
 import sys
 import time
+import traceback
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -22,114 +25,35 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
-from bnlab import __version__, distributed
+from bnlab import distributed
 from bnlab.checkpoint import load_checkpoint, rng_states, save_checkpoint, set_rng_states
 from bnlab.config import validate
-from bnlab.data import BatchStream, Dataset, load_dataset
-from bnlab.errors import UserError
-from bnlab.evaluation import eval_interval, evaluate, loss_function
+from bnlab.data import Dataset, check_sampler, load_dataset, make_batch_stream
+from bnlab.errors import UserError, WriteError
+from bnlab.evaluation import eval_interval, evaluate, loss_function, train_mode_metrics
+from bnlab.lock import RunLocked, hold
 from bnlab.models import Net, build_model
 from bnlab.norms import Norm, finish_training
+from bnlab.outcome import headline, read_summary, run_report, shown_path
+from bnlab.preflight import check_against_data
+from bnlab.process import (
+    device_name,
+    job_label,
+    progress_setting,
+    seed_everything,
+    setup_process,
+    versions,
+)
 from bnlab.progress import Progress
-from bnlab.record import SUMMARY_JSON, Recorder, write_json_atomic
+from bnlab.record import Recorder, overwrite_json, write_json_atomic
+from bnlab.rundir import CHECKPOINT, HYDRA_DIR, LOCK, SUMMARY_JSON, TRAIN_LOG
 
-CHECKPOINT = Path("checkpoints") / "last.pt"
-EXIT_USER_ERROR = 2
+EXIT_FAILED = 1  # an exception inside the run, a write that failed
+EXIT_USER_ERROR = 2  # a bad config or input, found before any work; a second writer
 EXIT_INTERRUPTED = 130
 
 
-# ---------------------------------------------------------------- process set-up
-def parallel_jobs() -> int:
-    """How many training processes share this machine's cores (parallel launcher or torchrun)."""
-    jobs = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        launcher = HydraConfig.get().launcher
-        n_jobs = launcher.get("n_jobs", None) if launcher is not None else None
-        if n_jobs:
-            jobs = max(jobs, int(n_jobs) if int(n_jobs) > 0 else os.cpu_count() or 1)
-    except (ValueError, AttributeError):
-        pass
-    return jobs
-
-
-def launcher_cpus() -> int | None:
-    """CPUs a cluster launcher reserved for each job (submitit's ``cpus_per_task``), if set."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        cpus = HydraConfig.get().launcher.get("cpus_per_task", None)
-    except (ValueError, AttributeError):
-        return None
-    return int(cpus) if cpus else None
-
-
-def auto_threads(cfg: DictConfig) -> int:
-    """``train.threads``, or the CPUs a cluster launcher reserved, or this process's share of
-    the cores: more threads than free cores collapse throughput (DESIGN.md, CPU facts)."""
-    if cfg.train.threads:
-        return int(cfg.train.threads)
-    reserved = launcher_cpus()
-    if reserved:
-        return reserved
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, (cores or 1) // parallel_jobs())
-
-
-def setup_process(cfg: DictConfig) -> torch.device:
-    """Flush subnormals, pick threads and device: without these, CPU timings are random."""
-    # Saturated sigmoids under BN produce subnormal floats that slow the CPU 20-30x.
-    torch.set_flush_denormal(True)
-    torch.set_num_threads(auto_threads(cfg))
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise UserError("device=cuda but no CUDA device is available; use device=cpu or device=auto")
-    if cfg.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(cfg.device)
-    return distributed.device_for(device)
-
-
-def progress_setting(requested: str) -> tuple[str, str]:
-    """(mode, label) of the progress display.
-
-    Jobs of a parallel launcher (and torchrun's processes) share one terminal, where live bars
-    would overwrite each other: there ``auto`` means plain lines labelled with the job's overrides.
-    """
-    if requested != "auto" or parallel_jobs() == 1:
-        return requested, "train"
-    label = "train"
-    try:
-        from hydra.core.hydra_config import HydraConfig
-        from hydra.types import RunMode
-
-        hydra_cfg = HydraConfig.get()
-        if hydra_cfg.mode == RunMode.MULTIRUN:
-            label = hydra_cfg.job.override_dirname or f"job {hydra_cfg.job.num}"
-    except ValueError:  # no Hydra context (tests calling run() directly)
-        pass
-    return "plain", label
-
-
-def seed_everything(seed: int) -> None:
-    import random
-
-    import numpy as np
-
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def versions() -> dict[str, str]:
-    import hydra
-    import torchvision
-
-    return {"bnlab": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "hydra": hydra.__version__, "python": platform.python_version()}
-
-
+# ---------------------------------------------------------------- optimizer and schedule
 def build_optimizer(cfg_optim: DictConfig, model: Net) -> torch.optim.Optimizer:
     params = list(model.parameters())
     if cfg_optim.name == "sgd":
@@ -156,7 +80,20 @@ def learning_rate(cfg_optim, step: int, total_steps: int) -> float:
 
 # ---------------------------------------------------------------- the run
 class Interrupted(Exception):
-    pass
+    """Raised in the loop after a first Ctrl-C or SIGTERM: checkpoint, then stop."""
+
+
+@dataclass(frozen=True)
+class Every:
+    """How often the bookkeeping after a step happens, read from the config once as plain ints:
+    an OmegaConf attribute read costs ~30 us, a tenth of a small CPU step."""
+
+    log: int
+    eval: int
+    probe: int  # 0: never
+    landscape: int  # 0: never (Santurkar et al.'s loss landscape along the gradient)
+    checkpoint: int
+    stop_on_divergence: bool
 
 
 class Trainer:
@@ -183,16 +120,21 @@ class Trainer:
         # DDP only for the training step: evaluation, probes and checkpoints use the module itself.
         self.train_model = distributed.wrap(self.model, device)
         self.optimizer = build_optimizer(cfg.optim, self.model)
-        self.stream = BatchStream(data.train, tcfg.batch_size, cfg.seed,
-                                  augment=bool(cfg.data.get("augment", False)),
-                                  rank=rank, world_size=world_size)
+        self.stream = make_batch_stream(data.train, tcfg.batch_size, cfg.seed, cfg.data,
+                                        rank=rank, world_size=world_size)
         self.prober = None
         if cfg.probe.enabled:
             from bnlab.probes import Prober
 
             self.prober = Prober(cfg, self.model, data, device)
         self.step_fn = self._make_step()
+        self.every = Every(log=int(tcfg.log_every), eval=eval_interval(tcfg.eval_every, self.total_steps),
+                           probe=int(cfg.probe.every) if self.prober is not None else 0,
+                           landscape=self.prober.landscape_every if self.prober is not None else 0,
+                           checkpoint=int(tcfg.checkpoint_every),
+                           stop_on_divergence=bool(tcfg.stop_on_divergence))
         self.step = 0
+        self.started = False  # run() began: summary.json is this run's now
         self.loss_sum = torch.zeros((), device=device)  # since the last log step, on the device
         self.correct_sum = torch.zeros((), device=device, dtype=torch.long)
         self.seen = 0
@@ -271,8 +213,7 @@ class Trainer:
         data = {
             "status": status, "steps": self.step, "total_steps": self.total_steps,
             "wall_s": round(self.wall(), 3), "device": str(self.device),
-            "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda"
-            else platform.processor() or platform.machine(),
+            "device_name": device_name(self.device),
             "threads": torch.get_num_threads(), "world_size": self.world_size,
             "versions": versions(), "final": self.final, "best": self.best,
             "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -320,9 +261,9 @@ class Trainer:
         values = {"test/loss": loss}
         if self.task == "classification":
             values["test/acc"] = acc
-        if self.prober is not None:
-            values.update(self.prober.eval_extras(self.model, self.data.test,
-                                                  self.cfg.train.eval_batch_size))
+        # Train-mode (batch statistics) metrics on test batches built like the training batches.
+        values.update(train_mode_metrics(self.model, self.data.test, self.cfg.train.batch_size,
+                                         self.cfg.seed, self.cfg.data, self.task))
         recorder.scalars(self.step, values)
         self.final.update(values)
         if self.task == "classification" and acc > self.best.get("test/acc", -1.0):
@@ -333,86 +274,104 @@ class Trainer:
 
     # -- the loop
     def run(self, resumed: bool) -> str:
-        cfg, tcfg = self.cfg, self.cfg.train
+        """Train to ``total_steps``; returns the status: completed, diverged or interrupted.
+
+        An exception leaves the files as they were at that moment (the recorder closed
+        without raising again); :func:`run` then marks the summary.
+        """
         self.t_start = time.perf_counter()
+        self.started = True
         recorder = Recorder(self.run_dir, purge_step=self.step + 1 if resumed else None,
                             enabled=self.is_writer)
-        mode, label = progress_setting(tcfg.progress) if self.is_writer else ("off", "train")
+        mode, label = progress_setting(self.cfg.train.progress) if self.is_writer else ("off", "train")
         progress = Progress(self.total_steps, self.step, mode, label=label)
-        self.summary("running")
-        if self.prober is not None and self.step == 0:
-            self.prober.probe(0, recorder)
-        status = "completed"
-        # Plain ints: an OmegaConf attribute read costs ~30 us, a tenth of a small CPU step.
-        log_every, eval_every = int(tcfg.log_every), eval_interval(tcfg.eval_every, self.total_steps)
-        checkpoint_every, stop_on_divergence = int(tcfg.checkpoint_every), bool(tcfg.stop_on_divergence)
-        probe_every = int(cfg.probe.every) if self.prober is not None else 0
-        landscape_every = self.prober.landscape_every if self.prober is not None else 0
-        cosine = cfg.optim.schedule == "cosine"
-        optim_cfg = OmegaConf.to_object(cfg.optim) if cosine else None
-        steps_since_log, train_time = 0, 0.0
-        t_mark = time.perf_counter()
         try:
-            while self.step < self.total_steps:
-                # Replicas stop together, at a log step where they agreed to (see _log_train).
-                if (self.stop_signal is not None and not self.distributed) or self.stop_agreed:
-                    raise Interrupted
-                x, y = next(self.stream)
-                if cosine:
-                    for group in self.optimizer.param_groups:
-                        group["lr"] = learning_rate(optim_cfg, self.step, self.total_steps)
-                if self.prober is not None and self.prober.wants_ics(self.step + 1):
-                    self.prober.ics(self.step + 1, self.model, self.optimizer, x, y, recorder)
-                if landscape_every and (self.step + 1) % landscape_every == 0:
-                    self.prober.landscape(self.step + 1, self.model, self.optimizer, x, y, recorder)
-                loss, correct = self.step_fn(x, y)
-                self.loss_sum += loss
-                self.correct_sum += correct
-                self.seen += 1
-                self.step += 1
-                steps_since_log += 1
-                step = self.step
-                last = step == self.total_steps
-                if step % log_every == 0 or last:
-                    if self.device.type == "cuda":
-                        torch.cuda.synchronize()
-                    train_time += time.perf_counter() - t_mark
-                    mean_loss = self._log_train(recorder, train_time, steps_since_log)
-                    steps_since_log, train_time = 0, 0.0
-                    if not math.isfinite(mean_loss):
-                        self.diverged_step = step
-                        progress.message(f"diverged: train/loss={mean_loss} at step {step}")
-                        if stop_on_divergence:
-                            status = "diverged"
-                            break
-                    shown = {"loss": mean_loss, "acc": self.final.get("train/acc", math.nan),
-                             "steps/s": self.final["perf/steps_per_s"]}
-                    progress.update(step, shown if self.task == "classification"
-                                    else {k: v for k, v in shown.items() if k != "acc"})
-                    t_mark = time.perf_counter()
-                if step % eval_every == 0 or last:
-                    if last:
-                        finish_training(self.model, self.stream)  # BN's inference=population
+            self.summary("running")
+            if self.prober is not None and self.step == 0:
+                self.prober.probe(0, recorder)
+            try:
+                status = self._loop(recorder, progress)
+                if status == "diverged":
                     self._evaluate(recorder)
-                if probe_every and step % probe_every == 0:
-                    self.prober.probe(step, recorder)
-                if step % checkpoint_every == 0 or last:
-                    self.save()
-                if step % log_every == 0 or last:
-                    t_mark = time.perf_counter()  # eval, probes and checkpoints are not train time
-            if status == "diverged" or self.diverged_step is not None:
-                status = "diverged"
-                self._evaluate(recorder)
-            self.save()
-            self._write_hparams(recorder)
-        except Interrupted:
-            self.save()
-            status = "interrupted"
-        finally:
+                self.save()
+                self._write_hparams(recorder)
+            except Interrupted:
+                self.save()
+                status = "interrupted"
             progress.close()
             recorder.close()
+        except BaseException:
+            progress.close()
+            recorder.abandon()
+            raise
         self.summary(status)
         return status
+
+    def _loop(self, recorder: Recorder, progress: Progress) -> str:
+        """Steps until the end or a divergence: the batch, the rate, the step, the bookkeeping."""
+        schedule = OmegaConf.to_object(self.cfg.optim) if self.cfg.optim.schedule == "cosine" else None
+        self._t_mark, self._log_step = time.perf_counter(), self.step
+        every = self.every
+        while self.step < self.total_steps:
+            # Replicas stop together, at a log step where they agreed to (see _log_train).
+            if (self.stop_signal is not None and not self.distributed) or self.stop_agreed:
+                raise Interrupted
+            x, y = next(self.stream)
+            if schedule is not None:
+                for group in self.optimizer.param_groups:
+                    group["lr"] = learning_rate(schedule, self.step, self.total_steps)
+            if self.prober is not None and self.prober.wants_ics(self.step + 1):
+                self.prober.ics(self.step + 1, self.model, self.optimizer, x, y, recorder)
+            if every.landscape and (self.step + 1) % every.landscape == 0:
+                self.prober.landscape(self.step + 1, self.model, self.optimizer, x, y, recorder)
+            loss, correct = self.step_fn(x, y)
+            self.loss_sum += loss
+            self.correct_sum += correct
+            self.seen += 1
+            self.step += 1
+            if self._after_step(recorder, progress):
+                return "diverged"
+        return "diverged" if self.diverged_step is not None else "completed"
+
+    def _after_step(self, recorder: Recorder, progress: Progress) -> bool:
+        """The step's bookkeeping, each part when due: log, evaluate, probe, checkpoint.
+
+        Returns True when the training loss diverged and the run stops (train.stop_on_divergence).
+        """
+        step, every = self.step, self.every
+        last = step == self.total_steps
+        logs = step % every.log == 0 or last
+        if logs and self._log(recorder, progress) and every.stop_on_divergence:
+            return True
+        if step % every.eval == 0 or last:
+            if last:
+                finish_training(self.model, self.stream)  # BN's inference=population
+            values = self._evaluate(recorder)
+            progress.evaluated(step, {k: v for k, v in values.items() if k in ("test/acc", "test/loss")})
+        if every.probe and step % every.probe == 0:
+            self.prober.probe(step, recorder)
+        if step % every.checkpoint == 0 or last:
+            self.save()
+        if logs:
+            self._t_mark = time.perf_counter()  # eval, probes and checkpoints are not train time
+        return False
+
+    def _log(self, recorder: Recorder, progress: Progress) -> bool:
+        """Log the training scalars and show them; True when the mean loss is not finite."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        train_time = time.perf_counter() - self._t_mark
+        mean_loss = self._log_train(recorder, train_time, self.step - self._log_step)
+        self._log_step = self.step
+        shown = {"loss": mean_loss, "acc": self.final.get("train/acc", math.nan),
+                 "steps/s": self.final["perf/steps_per_s"]}
+        progress.update(self.step, shown if self.task == "classification"
+                        else {k: v for k, v in shown.items() if k != "acc"})
+        if math.isfinite(mean_loss):
+            return False
+        self.diverged_step = self.step
+        progress.message(f"diverged: train/loss={mean_loss} at step {self.step}")
+        return True
 
     def _write_hparams(self, recorder: Recorder) -> None:
         """The run's config and final metrics for TensorBoard's HParams dashboard."""
@@ -424,69 +383,210 @@ class Trainer:
                          {k: v for k, v in self.final.items() if k.startswith(("test/", "train/"))})
 
 
-# ---------------------------------------------------------------- the Hydra task
-def _looks_like_fresh_run(run_dir: Path) -> bool:
-    """Only Hydra's own files: nothing a user would miss if the directory went away."""
-    return all(p.name in (".hydra", "train.log") for p in run_dir.iterdir())
+# ---------------------------------------------------------------- one run, whatever happens
+class _Signals:
+    """Ctrl-C and SIGTERM. The first asks a training run to checkpoint and stop at the next step
+    (before training has started, it interrupts at once); the second interrupts at once
+    (KeyboardInterrupt, so that summary.json still says ``interrupted``); a third leaves now."""
 
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir, self.trainer, self.count = run_dir, None, 0
 
-def _install_signal_handlers(trainer: Trainer) -> None:
-    def handle(signum, frame):  # first signal: checkpoint at the next step; second: leave now
-        if trainer.stop_signal is not None:
+    def __call__(self, signum: int, frame: Any) -> None:
+        self.count += 1
+        if self.count == 1 and self.trainer is not None:
+            self.trainer.stop_signal = signum
+            return
+        if self.count >= 3:
+            if self.trainer is not None and self.trainer.started:
+                _record_end(self.run_dir, self.trainer, "interrupted", None)
             os._exit(EXIT_INTERRUPTED)
-        trainer.stop_signal = signum
+        raise KeyboardInterrupt
 
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, handle)
+    @contextlib.contextmanager
+    def installed(self):
+        previous = {sig: signal.signal(sig, self) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield self
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+def _error_text(err: BaseException) -> str:
+    return str(err) if isinstance(err, (UserError, WriteError)) else f"{type(err).__name__}: {err}"
+
+
+def _record_end(run_dir: Path, trainer: Trainer | None, status: str, err: BaseException | None) -> bool:
+    """Make summary.json say how the run ended; False if even that cannot be written.
+
+    The trainer writes its whole summary; before it exists the last summary (a resumed run's)
+    or an empty one gets the status. On a full disk the atomic write needs room for a second
+    copy, so the file is rewritten in place as a last resort.
+    """
+    error = _error_text(err) if err is not None else None
+    if trainer is not None:
+        try:
+            trainer.summary(status, error)
+            return True
+        except Exception:  # the disk, or what failed the run failing again: write less
+            pass
+    data = {**(read_summary(run_dir) or {"steps": 0}), "status": status,
+            "updated": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    if trainer is not None:
+        data["steps"] = trainer.step
+    if error:
+        data["error"] = error
+    path = run_dir / SUMMARY_JSON
+    for write in (write_json_atomic, overwrite_json):
+        try:
+            write(path, data)
+            return True
+        except WriteError:
+            if not path.exists():
+                return False
+    return False
 
 
 def run(cfg: DictConfig, run_dir: Path) -> str:
-    """Train ``cfg`` in ``run_dir`` (resuming from its checkpoint when ``cfg.resume`` is set)."""
-    validate(cfg)
-    replica = distributed.init_process_group()  # a no-op outside torchrun
-    device = setup_process(cfg)
-    seed_everything(cfg.seed)
-    data = load_dataset(cfg.data, device)
-    if cfg.train.batch_size > len(data.train):
-        raise UserError(f"train.batch_size={cfg.train.batch_size} is not valid: the {data.name} "
-                        f"training split has only {len(data.train)} examples")
-    if cfg.probe.enabled and cfg.probe.batch_size > len(data.train):
-        raise UserError(f"probe.batch_size={cfg.probe.batch_size} is not valid: the {data.name} "
-                        f"training split has only {len(data.train)} examples")
-    trainer = Trainer(cfg, run_dir, device, data, rank=replica.rank, world_size=replica.world_size)
-    resumed = cfg.resume is not None
-    if resumed:
-        trainer.load_state_dict(load_checkpoint(run_dir / CHECKPOINT, device))
-    _install_signal_handlers(trainer)
-    return trainer.run(resumed)
+    """Train ``cfg`` in ``run_dir`` (resuming from its checkpoint when ``cfg.resume`` is set).
+
+    Returns completed, diverged or interrupted. Whatever ends it, summary.json tells the truth:
+    an exception marks the run ``failed`` with the error (``interrupted`` for Ctrl-C) before it
+    propagates, except a UserError or Ctrl-C before training starts, which leave the files as
+    they were (:func:`main` then removes a fresh directory).
+    """
+    trainer, writer = None, distributed.replica().is_writer
+    with _Signals(run_dir).installed() as signals:
+        try:
+            validate(cfg)
+            replica = distributed.init_process_group()  # a no-op outside torchrun
+            device = setup_process(cfg)
+            seed_everything(cfg.seed)
+            data = load_dataset(cfg.data, device)
+            check_against_data(cfg, data.shape, len(data.train), data.num_classes, replica.world_size)
+            check_sampler(cfg.data, data, cfg.train.batch_size)
+            trainer = Trainer(cfg, run_dir, device, data, rank=replica.rank,
+                              world_size=replica.world_size)
+            resumed = cfg.resume is not None
+            if resumed:
+                trainer.load_state_dict(load_checkpoint(run_dir / CHECKPOINT, device))
+            signals.trainer = trainer
+            return trainer.run(resumed)
+        except BaseException as err:
+            started = trainer is not None and trainer.started
+            interrupted = isinstance(err, KeyboardInterrupt)
+            if writer and interrupted and started:
+                _record_end(run_dir, trainer, "interrupted", None)
+            elif writer and not interrupted and (started or not isinstance(err, UserError)):
+                _record_end(run_dir, trainer, "failed", err)
+            raise
 
 
-def main(cfg: DictConfig) -> None:
-    """Hydra task of ``bnlab train``."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
+# ---------------------------------------------------------------- the Hydra task
 
-    hydra_cfg = HydraConfig.get()
-    run_dir = Path(hydra_cfg.runtime.output_dir)
-    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+def _looks_like_fresh_run(run_dir: Path) -> bool:
+    """Only Hydra's own files and the lock: nothing a user would miss if the directory went away."""
+    return all(p.name in (HYDRA_DIR, TRAIN_LOG, LOCK) for p in run_dir.iterdir())
+
+
+def _discard(run_dir: Path) -> None:
+    """Remove a run directory that holds nothing of a run, and Hydra's date folder if now empty."""
+    if run_dir.is_dir() and _looks_like_fresh_run(run_dir):
+        shutil.rmtree(run_dir, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            run_dir.parent.rmdir()
+
+
+def _log_traceback(run_dir: Path, err: BaseException) -> bool:
+    """Append ``err``'s traceback to the run's train.log; False if it cannot be written."""
+    text = "".join(traceback.format_exception(err))
+    stamp = datetime.now().isoformat(sep=" ", timespec="seconds")
+    try:
+        with open(run_dir / TRAIN_LOG, "a") as log:
+            log.write(f"[{stamp}] bnlab: the run failed\n{text}")
+        return True
+    except OSError:
+        return False
+
+
+def execute(cfg: DictConfig, run_dir: Path, multirun: bool) -> int:
+    """Run one job in ``run_dir`` while holding its lock, and say how it ended: the exit code.
+
+    A second writer is refused and touches nothing. A user error before training removes a
+    fresh run directory (a sweep keeps it, marked failed, for its report); any other exception
+    leaves the run marked failed, its traceback in train.log and one line on stderr.
+    """
+    writer = distributed.replica().is_writer
+    try:
+        with hold(run_dir) if writer else contextlib.nullcontext():
+            return _execute(cfg, run_dir, multirun, writer)
+    except RunLocked as err:
+        print(f"bnlab: error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except WriteError as err:  # the lock file itself
+        print(f"bnlab: error: {err}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+def _execute(cfg: DictConfig, run_dir: Path, multirun: bool, writer: bool) -> int:
+    resume_command = f"bnlab train resume={shown_path(run_dir)}"
     try:
         status = run(cfg, run_dir)
     except UserError as err:
         print(f"bnlab: error: {err}", file=sys.stderr)
-        if not distributed.replica().is_writer:
-            sys.exit(EXIT_USER_ERROR)  # rank 0 decides what happens to the shared directory
-        if cfg.resume is not None:
-            sys.exit(EXIT_USER_ERROR)  # the run's own files stay exactly as they were
-        if multirun:
-            # Keep the directory: a sweep's report lists this run as failed, and why.
-            write_json_atomic(run_dir / SUMMARY_JSON, {"status": "failed", "error": str(err)})
-            return
-        if run_dir.is_dir() and _looks_like_fresh_run(run_dir):
-            shutil.rmtree(run_dir, ignore_errors=True)
-            with contextlib.suppress(OSError):  # the date folder Hydra made for it, if now empty
-                run_dir.parent.rmdir()
-        sys.exit(EXIT_USER_ERROR)
+        if writer and cfg.resume is None and _looks_like_fresh_run(run_dir):
+            if multirun:  # a sweep's report lists this run as failed, and why
+                _record_end(run_dir, None, "failed", err)
+            else:
+                _discard(run_dir)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        if writer:
+            if cfg.resume is None and _looks_like_fresh_run(run_dir):
+                _discard(run_dir)
+                print("bnlab: interrupted before training started; nothing kept", file=sys.stderr)
+            else:
+                print(f"bnlab: interrupted; resume with: {resume_command}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as err:
+        if not writer:  # no log file of its own: the traceback goes to the terminal
+            traceback.print_exc()
+            return EXIT_FAILED
+        logged = _log_traceback(run_dir, err)
+        where = f"traceback in {shown_path(run_dir / TRAIN_LOG)}" if logged else "train.log not writable"
+        hint = f"; once fixed: {resume_command}" if isinstance(err, WriteError) and \
+            (run_dir / CHECKPOINT).is_file() else ""
+        print(f"bnlab: error: {_error_text(err)}; run {shown_path(run_dir)} failed ({where}){hint}",
+              file=sys.stderr)
+        if not logged:
+            traceback.print_exc()
+        return EXIT_FAILED
+    if not writer:
+        return 0
+    summary = read_summary(run_dir) or {"status": status}
+    if multirun:
+        print(f"bnlab: [{job_label()}] {headline(summary)}", flush=True)
+    else:
+        print(run_report(run_dir, summary), flush=True)
     if status == "interrupted":
-        if distributed.replica().is_writer:
-            print(f"bnlab: interrupted; resume with: bnlab train resume={run_dir}", file=sys.stderr)
-        sys.exit(EXIT_INTERRUPTED)
+        print(f"bnlab: interrupted; resume with: {resume_command}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return 0
+
+
+def main(cfg: DictConfig) -> None:
+    """Hydra task of ``bnlab train``: one run, or one job of a sweep.
+
+    A single run exits with the code of :func:`execute`. A sweep's job returns instead, so
+    that the launcher goes on with the other jobs (the sweep's end counts them), except when
+    interrupted, which ends the sweep.
+    """
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hydra_cfg = HydraConfig.get()
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    code = execute(cfg, Path(hydra_cfg.runtime.output_dir), multirun)
+    if code and (not multirun or code == EXIT_INTERRUPTED):
+        sys.exit(code)

@@ -11,7 +11,19 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from bnlab.data import IDX_FILES, BatchStream, DataError, Split, augment_batch, load_dataset, read_idx
+from bnlab.data import (
+    IDX_FILES,
+    BatchStream,
+    DataError,
+    GroupedBatchStream,
+    Split,
+    augment_batch,
+    load_dataset,
+    read_idx,
+)
+from bnlab.errors import UserError
+
+from conftest import compose, train_in_process
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:
@@ -187,3 +199,188 @@ def test_chunked_gathers_hand_out_the_same_batches_as_one_gather_per_batch():
     for _ in range(20):  # almost three epochs, across chunk and epoch boundaries
         (xa, ya), (xb, yb) = next(chunked), next(single)
         assert torch.equal(ya, yb) and torch.equal(xa, xb)
+
+
+# ---------------------------------------------------------------- binary inputs (data.binarize)
+def test_binarize_thresholds_at_half_the_maximum_before_standardizing(tmp_path):
+    arrays = tiny_mnist(tmp_path / "MNIST" / "raw", n_train=40)
+    pixels = arrays["train-images-idx3-ubyte"]
+    binary = torch.from_numpy((pixels > 127.5).astype(np.float32))
+    raw_cfg = data_cfg("mnist", tmp_path)
+    raw_cfg.binarize = True
+    data = load_dataset(raw_cfg, torch.device("cpu"))
+    assert torch.equal(data.train.x[:, 0], binary)  # 128 -> 1, 127 -> 0
+    assert set(data.test.x.unique().tolist()) == {0.0, 1.0}
+    std_cfg = data_cfg("mnist", tmp_path, normalize=True)
+    std_cfg.binarize = True
+    standardized = load_dataset(std_cfg, torch.device("cpu")).train.x[:, 0]
+    expected = (binary - binary.mean()) / binary.std()
+    torch.testing.assert_close(standardized, expected)
+
+
+def test_binarize_is_refused_for_a_regression_task():
+    with pytest.raises(UserError, match="data.binarize=true is not valid with data=linear"):
+        load_dataset(compose("data=linear", "data.binarize=true").data, torch.device("cpu"))
+
+
+# ---------------------------------------------------------------- grouped batches (Ioffe 2017, 4.3)
+def labelled_split(counts: list[int]) -> Split:
+    """Rows numbered 0..N-1 (x holds the row number), labels in blocks of the given sizes, shuffled."""
+    y = torch.cat([torch.full((n,), c) for c, n in enumerate(counts)])
+    y = y[torch.randperm(len(y), generator=torch.Generator().manual_seed(0))]
+    return Split(torch.arange(float(len(y))).view(-1, 1, 1, 1), y)
+
+
+def test_grouped_batches_hold_k_distinct_labels_times_m_examples():
+    split = labelled_split([30, 25, 41, 12, 19])  # unequal classes
+    stream = GroupedBatchStream(split, batch_size=12, labels_per_batch=3, seed=1, chunk_rows=40)
+    seen = {c: [] for c in range(5)}
+    for _ in range(60):  # many chunks, several passes over the smallest class
+        x, y = next(stream)
+        rows = x.flatten().long()
+        assert torch.equal(split.y[rows], y)  # x and y are the same examples
+        assert len(set(rows.tolist())) == 12  # no example twice in a batch
+        groups = y.view(3, 4)  # K groups of m consecutive rows, one label each, K labels
+        assert (groups == groups[:, :1]).all() and len(set(groups[:, 0].tolist())) == 3
+        for label, group in zip(groups[:, 0].tolist(), rows.view(3, 4), strict=True):
+            seen[label].extend(group.tolist())
+    for c, n in enumerate([30, 25, 41, 12, 19]):
+        usable = n // 4 * 4  # each permutation drops its last n mod m examples
+        for start in range(0, len(seen[c]) - usable + 1, usable):
+            assert len(set(seen[c][start:start + usable])) == usable  # once each per pass
+    # Labels are drawn uniformly: every class leads some batches.
+    assert all(len(v) > 0 for v in seen.values())
+
+
+def test_grouped_stream_is_seeded_and_resumes_exactly_mid_chunk():
+    split = labelled_split([20, 20, 20, 20])
+    first = GroupedBatchStream(split, batch_size=8, labels_per_batch=2, seed=3, chunk_rows=24)
+    same = GroupedBatchStream(split, batch_size=8, labels_per_batch=2, seed=3, chunk_rows=24)
+    other = GroupedBatchStream(split, batch_size=8, labels_per_batch=2, seed=4, chunk_rows=24)
+    batches = [next(first)[1] for _ in range(5)]  # 3 batches a chunk: stop inside the second
+    assert all(torch.equal(a, next(same)[1]) for a in batches)
+    assert not all(torch.equal(a, next(other)[1]) for a in batches)
+    state = first.state_dict()
+    expected = [next(first) for _ in range(20)]
+    resumed = GroupedBatchStream(split, batch_size=8, labels_per_batch=2, seed=99, chunk_rows=24)
+    resumed.load_state_dict(state)
+    for (xa, ya), (xb, yb) in zip(expected, (next(resumed) for _ in range(20)), strict=True):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+def test_grouped_shards_are_the_global_batch():
+    split = labelled_split([15, 15, 15])
+    whole = next(GroupedBatchStream(split, 12, 3, seed=5))[0]
+    shards = [next(GroupedBatchStream(split, 12, 3, seed=5, rank=r, world_size=2))[0] for r in range(2)]
+    assert torch.equal(torch.cat(shards), whole)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["data.labels_per_batch=12", "train.batch_size=24"],
+     "data.labels_per_batch=12 is not valid: data=digits has 10 classes"),
+    (["data=linear", "data.labels_per_batch=2"],
+     "data.sampler=grouped is not valid with data=linear: a regression has no labels"),
+    (["data.labels_per_batch=2", "train.batch_size=100"], None),  # the test split is too small
+])
+def test_grouped_sampler_that_cannot_build_its_batches_fails_before_training(tmp_path, overrides,
+                                                                              message):
+    if message is None:  # 2 labels x 50: the training split has 50 of every class, the test split not
+        digits = load_dataset(compose("data=digits").data, torch.device("cpu"))
+        counts = torch.bincount(digits.test.y)
+        assert torch.bincount(digits.train.y).min() >= 50 > counts.min()
+        message = (f"needs 50 examples of every class; class {int(counts.argmin())} of the digits "
+                   f"test split has {int(counts.min())}")
+    with pytest.raises(UserError) as err:
+        train_in_process(tmp_path / "run", "data=digits", "data.sampler=grouped", *overrides)
+    assert message in str(err.value) and "\n" not in str(err.value)
+    assert not (tmp_path / "run" / "scalars.csv").exists()
+
+
+def test_done_when_grouped_digits_run_trains(tmp_path):
+    run = tmp_path / "run"
+    assert train_in_process(run, "data=digits", "data.sampler=grouped", "data.labels_per_batch=2",
+                            "train.batch_size=20", "train.steps=100") == "completed"
+    rows = [line.split(",") for line in (run / "scalars.csv").read_text().splitlines()[1:]]
+    tags = {t for _, t, _ in rows}
+    assert {"train/loss", "test/acc", "test/acc_train_mode"} <= tags
+
+
+# ---------------------------------------------------------------- train-mode evaluation
+def trained_digits_model(*overrides: str):
+    """A digits MLP whose running statistics disagree with its batch statistics."""
+    from bnlab.models import build_model
+
+    cfg = compose("data=digits", *overrides)
+    data = load_dataset(cfg.data, torch.device("cpu"))
+    torch.manual_seed(0)
+    model = build_model(cfg, data.shape, data.num_outputs)
+    with torch.no_grad():
+        for module in model.modules():
+            if hasattr(module, "running_mean"):
+                module.running_mean.fill_(0.5)
+    return cfg, data, model
+
+
+@pytest.mark.parametrize("sampler", ["iid", "grouped"])
+def test_train_mode_evaluation_equals_a_direct_computation(sampler):
+    import copy
+    import math
+
+    import torch.nn.functional as F
+
+    from bnlab.data import make_batch_stream
+    from bnlab.evaluation import TRAIN_MODE_SEED_OFFSET, evaluate, evaluate_train_mode
+
+    cfg, data, model = trained_digits_model("norm=bn", f"data.sampler={sampler}",
+                                            "data.labels_per_batch=2", "train.batch_size=20")
+    state = copy.deepcopy(model.state_dict())
+    rng = torch.get_rng_state()
+    model.eval()
+    loss, acc = evaluate_train_mode(model, data.test, 20, cfg.seed, cfg.data)
+    # Nothing moved: running statistics, parameters, global RNG, the model's mode.
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    assert torch.equal(rng, torch.get_rng_state()) and not model.training
+
+    # Directly: ceil(360 / 20) = 18 batches of 20 from the training rule, on a copy in train mode.
+    direct = copy.deepcopy(model).train()
+    stream = make_batch_stream(data.test, 20, cfg.seed + TRAIN_MODE_SEED_OFFSET, cfg.data)
+    n_batches = math.ceil(len(data.test) / 20)
+    losses, hits = [], 0
+    with torch.no_grad():
+        for _ in range(n_batches):
+            x, y = next(stream)
+            if sampler == "grouped":  # 2 labels x 10 examples
+                assert len(y.unique()) == 2 and (torch.bincount(y)[y.unique()] == 10).all()
+            out = direct(x)
+            losses.append(F.cross_entropy(out, y, reduction="sum"))
+            hits += int((out.argmax(1) == y).sum())
+    assert acc == hits / (n_batches * 20)
+    assert loss == pytest.approx(float(torch.stack(losses).sum()) / (n_batches * 20), rel=1e-6)
+    assert acc != evaluate(model, data.test, 1000)[1]  # not the eval-mode network
+    # The same batches at every evaluation.
+    assert evaluate_train_mode(model, data.test, 20, cfg.seed, cfg.data) == (loss, acc)
+
+
+def test_train_mode_metrics_only_for_batch_statistic_norms():
+    from bnlab.evaluation import train_mode_metrics
+
+    for norm, expected in (("bn", True), ("brn", True), ("noisy_bn", True), ("whiten", True),
+                           ("ln", False), ("none", False)):
+        cfg, data, model = trained_digits_model(f"norm={norm}")
+        tags = train_mode_metrics(model, data.test, 32, cfg.seed, cfg.data)
+        assert (set(tags) == {"test/acc_train_mode"}) is expected, norm
+        assert expected or tags == {}
+
+
+@pytest.mark.parametrize("norm", ["bn", "noisy_bn"])
+def test_train_mode_evaluation_leaves_training_bit_identical(tmp_path, norm):
+    common = ["data=digits", f"norm={norm}", "data.sampler=grouped", "data.labels_per_batch=4",
+              "train.batch_size=32", "train.steps=60", "train.log_every=10", "probe=off"]
+    tables = []
+    for every in (10, 1000):  # train-mode evaluations at six steps, or at the last only
+        run = tmp_path / str(every)
+        assert train_in_process(run, *common, f"train.eval_every={every}") == "completed"
+        rows = [line.split(",") for line in (run / "scalars.csv").read_text().splitlines()[1:]]
+        tables.append({(s, t): v for s, t, v in rows if t.startswith("train/")})
+        assert sum(t == "test/acc_train_mode" for _, t, _ in rows) == (6 if every == 10 else 1)
+    assert tables[0] == tables[1]

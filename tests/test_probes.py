@@ -534,18 +534,6 @@ def test_stochastic_layers_see_held_noise_and_training_is_unchanged(digits):
     assert torch.equal(runs[0], runs[1])
 
 
-def test_eval_extras_is_train_mode_accuracy_for_batch_statistic_norms(digits):
-    from bnlab.train import evaluate
-
-    prober, model = make_prober(digits, "norm=bn")
-    with torch.no_grad():
-        model.blocks[0].norm.running_mean.fill_(3.0)  # eval mode and train mode now disagree
-    expected = evaluate(model, digits.test, 100, train_mode=True)[1]
-    assert prober.eval_extras(model, digits.test, 100) == {"test/acc_train_mode": expected}
-    assert expected != evaluate(model, digits.test, 100)[1]
-    assert make_prober(digits, "norm=none")[0].eval_extras(model, digits.test, 100) == {}
-
-
 def test_state_dict_loads_with_weights_only(digits, tmp_path):
     prober, _ = make_prober(digits, "probe.mode=both")
     buffer = io.BytesIO()

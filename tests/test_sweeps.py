@@ -78,10 +78,12 @@ def test_fixed_overrides_are_left_out_of_run_names() -> None:
 
 
 # ---------------------------------------------------------------- launchers and failing jobs
-@pytest.mark.parametrize("launcher", ["basic", "joblib"])
+@pytest.mark.parametrize("launcher", ["basic", "joblib", "batched"])
 def test_a_failing_and_a_diverging_job_do_not_stop_the_sweep(tmp_path: Path, launcher: str):
     """lr=1e6 without normalization diverges; batch 5000 > the digits training split is a user
-    error inside the task. The sweep still runs every job and records what happened to each."""
+    error inside the task. The sweep still runs every job and records what happened to each.
+    (batched: the two lr runs of batch 32 share a program; the two of batch 5000 cannot start
+    one, so they run one by one and fail as with the basic launcher.)"""
     sweep = tmp_path / "sweep"
     extra = ["hydra.launcher.n_jobs=2"] if launcher == "joblib" else []
     done = bnlab("train", "-m", "optim.lr=0.1,1e6", "train.batch_size=32,5000", "norm=none",

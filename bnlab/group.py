@@ -1,0 +1,338 @@
+"""Runs that differ only in seed, learning rate, momentum or weight decay, trained as one program.
+
+Each member is an ordinary :class:`~bnlab.train.Trainer` of its own run directory: its model
+(built from its seed, exactly as a standalone run builds it), its optimizer, its batch stream
+(seeded by its seed, so it sees the standalone run's batches in the standalone order), its
+prober, recorder, checkpoints and summary. Only the training step is shared: the members'
+parameters are rows of one :class:`~bnlab.stacked.StackedMLP`, and one forward, backward and
+update moves every member. Logging, evaluation, probes and checkpoints then run per member on
+its own module, at the steps a standalone run would run them, so a member's run directory is
+what the standalone run would have written, and ``bnlab train resume=<member>`` continues it.
+
+A member whose training loss stops being finite is marked ``diverged`` and, with
+``train.stop_on_divergence`` (the default), leaves the program: the others go on without it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import signal
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from bnlab.checkpoint import load_checkpoint
+from bnlab.config import validate
+from bnlab.data import load_dataset
+from bnlab.errors import UserError
+from bnlab.lock import hold
+from bnlab.preflight import check_against_data
+from bnlab.process import seed_everything, setup_process
+from bnlab.progress import Progress
+from bnlab.record import Recorder
+from bnlab.rundir import CHECKPOINT
+from bnlab.stacked import StackedAdamW, StackedMLP, StackedOptimizer, StackedSGD, train_step, unstackable
+from bnlab.train import EXIT_INTERRUPTED, Interrupted, Trainer, learning_rate
+
+# The keys in which the members of one program may differ.
+VARYING_KEYS = ("seed", "optim.lr", "optim.momentum", "optim.weight_decay")
+VECTORIZED_NORMS = ("none", "bn", "ln", "gn")
+
+
+def not_vectorized(cfg: DictConfig) -> str | None:
+    """Why a run of ``cfg`` cannot join a vectorized program (a short reason), or None.
+
+    From the config alone, before anything is built; :func:`bnlab.stacked.unstackable`
+    checks the built network as well.
+    """
+    if cfg.model.name != "mlp":
+        return f"model={cfg.model.name}: only the MLP is vectorized"
+    norm = cfg.norm
+    if norm.name not in VECTORIZED_NORMS:
+        return f"norm={norm.name}: vectorized norms are {', '.join(VECTORIZED_NORMS)}"
+    if norm.name == "bn" and (norm.get("impl", "scratch") != "scratch" or norm.get("sync", False)):
+        return "norm=bn is vectorized with norm.impl=scratch and norm.sync=false only"
+    if cfg.optim.name not in ("sgd", "adam"):
+        return f"optim={cfg.optim.name} is not vectorized"
+    for key in ("compile", "amp", "cuda_graph"):
+        if cfg.train.get(key, False):
+            return f"train.{key}=true is not vectorized"
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return "torchrun processes train one run each"
+    return None
+
+
+class Member(Trainer):
+    """One run of a group: a Trainer whose parameters are views of its row of the program.
+
+    Its checkpoints hold its own rows only (copies, not views of the stacked tensors) and its
+    optimizer's state in ``torch.optim``'s format, so the file is a standalone run's checkpoint.
+    """
+
+    group: Group
+    row: int
+
+    def state_dict(self) -> dict[str, Any]:
+        self.group.export_optimizer_state(self)
+        state = super().state_dict()
+        model = state["model"]
+        # torch.save writes a view's whole storage, every member's rows: save copies. In place,
+        # to keep the state dict's version metadata.
+        for key, value in model.items():
+            model[key] = value.clone()
+        state["loss_sum"], state["correct_sum"] = state["loss_sum"].clone(), state["correct_sum"].clone()
+        return state
+
+
+class Group:
+    """Members at the same step, trained in lockstep; members leave when they stop."""
+
+    def __init__(self, members: Sequence[Member], resumed: Sequence[bool], label: str) -> None:
+        self.members = list(members)
+        self.resumed = {id(m): r for m, r in zip(members, resumed, strict=True)}
+        first = self.members[0]
+        self.device, self.task, self.label = first.device, first.task, label
+        self.step, self.total_steps = first.step, first.total_steps
+        if any(m.step != self.step or m.total_steps != self.total_steps for m in self.members):
+            raise ValueError("the members of a group must be at the same step of the same schedule")
+        reason = unstackable(first.model)
+        if reason:
+            raise ValueError(reason)
+        self.net = StackedMLP([m.model for m in self.members])
+        self.optimizer = self._build_optimizer()
+        # a resumed member's sums since its last log step come from its checkpoint
+        self.loss_sum = torch.stack([m.loss_sum for m in self.members]).to(self.device)
+        self.correct_sum = torch.stack([m.correct_sum for m in self.members]).to(self.device)
+        for row, member in enumerate(self.members):
+            member.group = self
+            self._import_optimizer_state(member, row)
+        self._bind()
+        self.stop_signal: int | None = None
+
+    # -- the stacked optimizer and the members' torch optimizers
+    def _build_optimizer(self) -> StackedOptimizer:
+        optims = [m.cfg.optim for m in self.members]
+        first = optims[0]
+        lrs = [float(o.lr) for o in optims]
+        decays = [float(o.weight_decay) for o in optims]
+        if first.name == "sgd":
+            return StackedSGD(self.net.params, lrs, [float(o.momentum) for o in optims], decays,
+                              nesterov=bool(first.nesterov))
+        return StackedAdamW(self.net.params, lrs, decays, betas=tuple(first.betas))
+
+    def _import_optimizer_state(self, member: Member, row: int) -> None:
+        """A resumed member's optimizer state (loaded from its checkpoint) into its row."""
+        state = member.optimizer.state
+        for name, p in member.model.named_parameters():
+            self.optimizer.load_state(row, name, state.get(p, {}), member.step)
+
+    def export_optimizer_state(self, member: Member) -> None:
+        """The member's row of the optimizer state into its own torch optimizer (for its
+        checkpoint and the gradient-ICS probe, which steps a copy of it)."""
+        state = member.optimizer.state
+        for name, p in member.model.named_parameters():
+            own = self.optimizer.state_of(member.row, name, member.step)
+            if own:
+                state[p] = own
+            else:
+                state.pop(p, None)
+
+    def _bind(self) -> None:
+        """Point every member at its row: parameters, buffers, loss and accuracy sums."""
+        self.net.bind([m.model for m in self.members])
+        for row, member in enumerate(self.members):
+            member.row = row
+            member.loss_sum, member.correct_sum = self.loss_sum[row], self.correct_sum[row]
+
+    def _leave(self, leaving: Sequence[Member]) -> None:
+        """Members that stopped leave the program; their modules get their own storage back."""
+        for member in leaving:
+            for t in (*member.model.parameters(), *member.model.buffers()):
+                t.data = t.data.clone()
+            member.loss_sum, member.correct_sum = member.loss_sum.clone(), member.correct_sum.clone()
+        rows = [row for row, m in enumerate(self.members) if m not in leaving]
+        self.members = [self.members[row] for row in rows]
+        if not self.members:
+            return
+        self.net.keep(rows, [m.model for m in self.members])
+        self.optimizer.keep(rows, self.net.params)
+        index = torch.tensor(rows, device=self.device)
+        self.loss_sum = self.loss_sum.index_select(0, index)
+        self.correct_sum = self.correct_sum.index_select(0, index)
+        self._bind()
+
+    # -- the loop
+    def run(self) -> dict[Member, str]:
+        """Train every member to the end; returns each member's final status.
+
+        After each step every member does a standalone run's bookkeeping on its own module
+        (:meth:`Trainer._after_step`: log, evaluate, probe, checkpoint, each when due), timed
+        with the program's training time; the group shows its own progress.
+        """
+        statuses: dict[Member, str] = {}
+        t_start = time.perf_counter()
+        first = self.members[0]
+        progress = Progress(self.total_steps, self.step, str(first.cfg.train.progress), label=self.label)
+        quiet = Progress(self.total_steps, self.step, "off")  # the members' own displays
+        recorders = {m: Recorder(m.run_dir, purge_step=m.step + 1 if self.resumed[id(m)] else None)
+                     for m in self.members}
+        for member in self.members:
+            member.t_start, member.started, member._log_step = t_start, True, self.step
+
+        def finish(member: Member, status: str) -> None:
+            """What a standalone run does after its loop."""
+            recorder = recorders.pop(member)
+            if status == "diverged":
+                member._evaluate(recorder)
+            member.save()
+            member._write_hparams(recorder)
+            recorder.close()
+            member.summary(status)
+            statuses[member] = status
+
+        try:
+            for member in self.members:
+                member.summary("running")
+                if member.prober is not None and self.step == 0:
+                    member.prober.probe(0, recorders[member])
+            every = first.every
+            schedules = ([OmegaConf.to_object(m.cfg.optim) for m in self.members]
+                         if first.cfg.optim.schedule == "cosine" else None)
+            t_mark = time.perf_counter()
+            while self.members and self.step < self.total_steps:
+                if self.stop_signal is not None:
+                    raise Interrupted
+                batches = [next(m.stream) for m in self.members]
+                x = torch.stack([b[0] for b in batches])
+                y = torch.stack([b[1] for b in batches])
+                if schedules is not None:
+                    lrs = [learning_rate(s, self.step, self.total_steps) for s in schedules]
+                    self.optimizer.set_lr(lrs)
+                    for member, lr in zip(self.members, lrs, strict=True):
+                        member.optimizer.param_groups[0]["lr"] = lr
+                # Gradient ICS and the loss landscape leave the program: per member, before its step.
+                ics = first.prober is not None and first.prober.wants_ics(self.step + 1)
+                landscape = every.landscape and (self.step + 1) % every.landscape == 0
+                for row, member in enumerate(self.members if ics or landscape else ()):
+                    self.export_optimizer_state(member)
+                    args = (self.step + 1, member.model, member.optimizer, x[row], y[row], recorders[member])
+                    if ics:
+                        member.prober.ics(*args)
+                    if landscape:
+                        member.prober.landscape(*args)
+                loss, correct = train_step(self.net, self.optimizer, x, y, self.task)
+                self.loss_sum += loss
+                self.correct_sum += correct
+                self.step += 1
+                step = self.step
+                logs = step % every.log == 0 or step == self.total_steps
+                if logs:
+                    if self.device.type == "cuda":
+                        torch.cuda.synchronize()
+                    train_time = time.perf_counter() - t_mark
+                stopped = []
+                for member in self.members:
+                    member.step, member.seen = step, member.seen + 1
+                    if logs:  # its steps/s: the program's, not counting the members logged before it
+                        member._t_mark = time.perf_counter() - train_time
+                    if member._after_step(recorders[member], quiet):
+                        stopped.append(member)
+                    if member.diverged_step == step:
+                        progress.message(f"diverged: {member.run_dir.name}: train/loss="
+                                         f"{member.final['train/loss']} at step {step}")
+                if logs:
+                    self._show(progress, step)
+                    t_mark = time.perf_counter()  # eval, probes and checkpoints are not train time
+                for member in stopped:
+                    finish(member, "diverged")
+                if stopped:
+                    self._leave(stopped)
+            for member in list(self.members):
+                finish(member, "diverged" if member.diverged_step is not None else "completed")
+        except Interrupted:
+            for member in self.members:
+                member.save()
+                recorders.pop(member).close()
+                member.summary("interrupted")
+                statuses[member] = "interrupted"
+        except BaseException as err:
+            for member, recorder in recorders.items():
+                recorder.abandon()
+                member.summary("failed", error=f"{type(err).__name__}: {err}")
+            raise
+        finally:
+            progress.close()
+        return statuses
+
+    def _show(self, progress: Progress, step: int) -> None:
+        finals = [m.final for m in self.members if "train/loss" in m.final]
+        if not finals:
+            return
+        losses = [f["train/loss"] for f in finals if math.isfinite(f["train/loss"])]
+        shown = {"runs": len(self.members),
+                 "mean loss": sum(losses) / len(losses) if losses else math.nan}
+        if self.task == "classification":
+            shown["mean acc"] = sum(f["train/acc"] for f in finals) / len(finals)
+        shown["steps/s"] = finals[0]["perf/steps_per_s"]
+        progress.update(step, shown)
+
+
+def _install_signal_handlers(group: Group) -> dict[int, Any]:
+    """First SIGINT/SIGTERM: checkpoint every member at the next step; second: leave now."""
+    def handle(signum, frame):
+        if group.stop_signal is not None:
+            os._exit(EXIT_INTERRUPTED)
+        group.stop_signal = signum
+
+    return {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+
+def build_group(jobs: Sequence[tuple[DictConfig, Path]], label: str = "batched") -> Group:
+    """The program of the runs ``jobs`` = [(cfg, run dir)], ready to run; nothing written yet.
+
+    The configs must differ only in :data:`VARYING_KEYS` and be at the same step (fresh, or
+    ``cfg.resume`` set and a checkpoint in the run directory). A UserError (a bad value, a
+    checkpoint that does not fit) is raised before any file is written: the caller can then run
+    the jobs one by one, which reports the error per run as ``bnlab train`` does.
+    """
+    cfgs = [cfg for cfg, _ in jobs]
+    for cfg in cfgs:
+        validate(cfg)
+        reason = not_vectorized(cfg)
+        if reason:
+            raise UserError(reason)
+    device = setup_process(cfgs[0])
+    data = load_dataset(cfgs[0].data, device)
+    check_against_data(cfgs[0], data.shape, len(data.train), data.num_classes)
+    members, resumed = [], []
+    for cfg, run_dir in jobs:
+        seed_everything(cfg.seed)  # the model's initialization: the standalone run's
+        member = Member(cfg, Path(run_dir), device, data)
+        if cfg.resume is not None:
+            member.load_state_dict(load_checkpoint(Path(run_dir) / CHECKPOINT, device))
+        members.append(member)
+        resumed.append(cfg.resume is not None)
+    return Group(members, resumed, label)
+
+
+def train_group(jobs: Sequence[tuple[DictConfig, Path]], label: str = "batched") -> list[str]:
+    """Train the runs ``jobs`` = [(cfg, run dir)] as one program (see :func:`build_group`);
+    returns their statuses: completed, diverged or interrupted (SIGINT, SIGTERM)."""
+    with contextlib.ExitStack() as locks:
+        for _, run_dir in jobs:  # one writer per run directory (RunLocked is a UserError)
+            locks.enter_context(hold(Path(run_dir)))
+        group = build_group(jobs, label)
+        members = list(group.members)
+        previous = _install_signal_handlers(group)
+        try:
+            statuses = group.run()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+    return [statuses[m] for m in members]

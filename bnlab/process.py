@@ -1,0 +1,119 @@
+"""Setting up a training process: subnormals, threads, device, seeds, and what it runs on.
+
+A training process shares the machine with the other jobs of a parallel launcher (joblib,
+submitit) or with torchrun's other replicas; the thread count and the progress display follow
+from how many there are, which is read from the launcher's config and torchrun's environment.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+
+import torch
+
+from bnlab import __version__, distributed
+from bnlab.errors import UserError
+
+
+def _launcher() -> object | None:
+    """The Hydra launcher config of this job, or None outside a Hydra job (tests)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return HydraConfig.get().launcher
+    except (ValueError, AttributeError):
+        return None
+
+
+def parallel_jobs() -> int:
+    """How many training processes share this machine's cores (parallel launcher or torchrun)."""
+    jobs = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    launcher = _launcher()
+    n_jobs = launcher.get("n_jobs", None) if launcher is not None else None
+    if n_jobs:
+        jobs = max(jobs, int(n_jobs) if int(n_jobs) > 0 else os.cpu_count() or 1)
+    return jobs
+
+
+def launcher_cpus() -> int | None:
+    """CPUs a cluster launcher reserved for each job (submitit's ``cpus_per_task``), if set."""
+    launcher = _launcher()
+    cpus = launcher.get("cpus_per_task", None) if launcher is not None else None
+    return int(cpus) if cpus else None
+
+
+def auto_threads(cfg) -> int:
+    """``train.threads``, or the CPUs a cluster launcher reserved, or this process's share of
+    the cores: more threads than free cores collapse throughput (docs/performance.md)."""
+    if cfg.train.threads:
+        return int(cfg.train.threads)
+    reserved = launcher_cpus()
+    if reserved:
+        return reserved
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cores or 1) // parallel_jobs())
+
+
+def setup_process(cfg) -> torch.device:
+    """Flush subnormals, pick threads and device: without these, CPU timings are random."""
+    # Saturated sigmoids under BN produce subnormal floats that slow the CPU 20-30x.
+    torch.set_flush_denormal(True)
+    torch.set_num_threads(auto_threads(cfg))
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("device=cuda but no CUDA device is available; use device=cpu or device=auto")
+    if cfg.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(cfg.device)
+    return distributed.device_for(device)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, numpy's and torch's global generators (all devices)."""
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def progress_setting(requested: str) -> tuple[str, str]:
+    """(mode, label) of the progress display.
+
+    Jobs of a parallel launcher (and torchrun's processes) share one terminal, where live bars
+    would overwrite each other: there ``auto`` means plain lines labelled with the job's overrides.
+    """
+    if requested != "auto" or parallel_jobs() == 1:
+        return requested, "train"
+    return "plain", job_label()
+
+
+def job_label() -> str:
+    """A sweep job's overrides (``norm=bn,seed=0``), else ``train``."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hydra_cfg = HydraConfig.get()
+    except ValueError:  # no Hydra context (tests calling run() directly)
+        return "train"
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return "train"
+    return hydra_cfg.job.override_dirname or f"job {hydra_cfg.job.num}"
+
+
+def versions() -> dict[str, str]:
+    import hydra
+    import torchvision
+
+    return {"bnlab": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "hydra": hydra.__version__, "python": platform.python_version()}
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or platform.machine()

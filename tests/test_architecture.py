@@ -1,0 +1,128 @@
+"""The layering the code promises: imports flow one way, no cycles (lazy imports included).
+
+Read from the source with ``ast``, so an import inside a function counts as much as one at the
+top of a module. An edge is an import that names a bnlab module; the implicit import of a
+parent package (``import bnlab.norms.base`` runs ``bnlab/norms/__init__.py`` first) is not
+counted, since every submodule of a package would otherwise depend on its ``__init__``.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent.parent / "bnlab"
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def modules() -> dict[str, Path]:
+    return {module_name(p): p for p in PACKAGE.rglob("*.py")}
+
+
+def imports_of(path: Path, known: set[str]) -> set[str]:
+    """bnlab modules that ``path`` imports anywhere in its body."""
+    here = module_name(path)
+    package = here if path.name == "__init__.py" else here.rsplit(".", 1)[0]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(anchor + ([base] if base else []))
+            # ``from bnlab.norms import batchnorm`` names a module; ``import Norm`` a symbol.
+            names = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in known else base
+                     for alias in node.names]
+        else:
+            continue
+        found.update(n for n in names if n in known and n != here)
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    found = modules()
+    known = set(found)
+    return {name: imports_of(path, known) for name, path in found.items()}
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan's algorithm)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_the_graph_sees_lazy_imports():
+    """The reader finds an import inside a function: cli imports train only inside a command."""
+    graph = import_graph()
+    assert "bnlab.train" in graph["bnlab.cli"] or "bnlab.report" in graph["bnlab.cli"]
+
+
+def test_no_import_cycles():
+    assert cycles(import_graph()) == []
+
+
+def test_cycle_finder_finds_a_cycle():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+# Torch-free declarations a norm module may use: its options' bounds, and the error they raise.
+NORM_LEAVES = {"bnlab.bounds", "bnlab.errors"}
+
+
+def test_norms_import_only_norms():
+    """bnlab.norms is usable on its own: its modules import torch, each other and the two
+    leaves that declare their options' bounds; nothing of the trainer, data or probes."""
+    graph = import_graph()
+    leaves_stay_leaves = {leaf: sorted(graph[leaf] - NORM_LEAVES) for leaf in NORM_LEAVES}
+    assert leaves_stay_leaves == {leaf: [] for leaf in NORM_LEAVES}
+    outside = {name: sorted(t for t in targets
+                            if not t.startswith("bnlab.norms") and t not in NORM_LEAVES)
+               for name, targets in graph.items() if name.startswith("bnlab.norms")}
+    assert {name: t for name, t in outside.items() if t} == {}
+
+
+def test_report_side_never_imports_the_trainer():
+    """cli -> report -> runs: reading runs back needs neither the trainer nor torch's modules."""
+    graph = import_graph()
+    reachable, todo = set(), ["bnlab.report"]
+    while todo:
+        for target in graph[todo.pop()]:
+            if target not in reachable:
+                reachable.add(target)
+                todo.append(target)
+    assert not reachable & {"bnlab.train", "bnlab.models", "bnlab.probes", "bnlab.data"}
