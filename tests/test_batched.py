@@ -27,7 +27,7 @@ from bnlab.rundir import CHECKPOINT
 from bnlab.stacked import StackedAdamW, StackedMLP, StackedSGD, train_step
 from bnlab.train import build_optimizer, run
 
-from conftest import bnlab, compose, train_in_process
+from helpers import bnlab, compose, train_in_process
 
 SMALL = ["data=digits", "model.widths=[32,32]", "train.batch_size=32", "train.steps=60",
          "train.log_every=10", "train.eval_every=30", "train.checkpoint_every=30", "probe.every=20",

@@ -10,7 +10,7 @@ import zipfile
 
 import pytest
 
-from conftest import REPO, bnlab, compose
+from helpers import REPO, bnlab, compose
 
 FAST = ["data=digits", "train.steps=40", "train.log_every=10", "train.eval_every=20",
         "probe.every=20", "probe.batch_size=100"]

@@ -23,7 +23,7 @@ from bnlab.data import (
 )
 from bnlab.errors import UserError
 
-from conftest import compose, train_in_process
+from helpers import compose, train_in_process
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:

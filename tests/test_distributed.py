@@ -26,7 +26,7 @@ from bnlab.norms import build_norm, frozen_stats
 from bnlab.norms.batchnorm import BatchNorm, TorchBatchNorm
 from bnlab.norms.sync import SyncBatchNorm, convert_sync
 
-from conftest import compose, train_in_process
+from helpers import compose, train_in_process
 
 WORLD = 2
 STEPS = 3  # forward/backward passes, so that running statistics move more than once

@@ -14,7 +14,7 @@ from bnlab.data import load_dataset
 from bnlab.landscape import landscape, step_sizes
 from bnlab.models import build_model
 
-from conftest import compose, train_in_process
+from helpers import compose, train_in_process
 
 CPU = torch.device("cpu")
 

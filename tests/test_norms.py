@@ -37,7 +37,7 @@ from bnlab.norms.batchnorm import (
 )
 from bnlab.norms.whitening import zca_whitening
 
-from conftest import REPO, compose, train_in_process
+from helpers import REPO, compose, train_in_process
 
 SHAPES = [(7, 13), (60, 100), (7, 13, 5, 5), (2, 3, 4, 6)]
 

@@ -30,7 +30,7 @@ from bnlab.probes import (
     unit_percentiles,
 )
 
-from conftest import compose, train_in_process
+from helpers import compose, train_in_process
 
 CPU = torch.device("cpu")
 

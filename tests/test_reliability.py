@@ -17,7 +17,7 @@ import torch
 from bnlab.checkpoint import load_checkpoint, save_checkpoint
 from bnlab.record import truncate_scalars
 
-from conftest import bnlab, compose, train_in_process
+from helpers import bnlab, compose, train_in_process
 
 LONG = ["data=digits", "norm=bn", "train.steps=2400", "train.log_every=20", "train.eval_every=200",
         "train.checkpoint_every=100", "probe.every=100", "probe.batch_size=200", "train.threads=1"]

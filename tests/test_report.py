@@ -23,7 +23,7 @@ from bnlab.report import main
 from bnlab.report_data import build_report
 from bnlab.runs import _parse_careful, _parse_fast, find_runs, read_scalars
 
-from conftest import bnlab, compose, train_in_process
+from helpers import bnlab, compose, train_in_process
 
 NORMS = ("none", "bn")
 SEEDS = (0, 1)

@@ -14,7 +14,7 @@ import pytest
 from bnlab.cli import _name_runs_by_swept_keys
 from bnlab.config import config_dir, validate
 
-from conftest import REPO, bnlab, compose, train_in_process
+from helpers import REPO, bnlab, compose, train_in_process
 
 # Runs small enough that start-up dominates: a sweep is about what happens around the runs.
 TINY = ["data=digits", "train.steps=20", "train.batch_size=32", "train.eval_every=10",

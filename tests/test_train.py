@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import train_in_process
+from helpers import train_in_process
 
 FAST = ["data=digits", "train.steps=40", "train.log_every=10", "train.eval_every=20", "probe=off"]
 
