@@ -68,10 +68,10 @@ def check_against_data(cfg, shape: tuple[int, int, int], train_size: int, num_cl
     if cfg.data.sampler == "grouped":
         if num_classes == 0:
             raise UserError(f"data.sampler=grouped is not valid with data={data}: a regression "
-                            "task has no labels to group by")
+                            "has no labels")
         if cfg.data.labels_per_batch > num_classes:
             raise UserError(f"data.labels_per_batch={cfg.data.labels_per_batch} is not valid: "
-                            f"{data} has {num_classes} classes")
+                            f"data={data} has {num_classes} classes")
 
 
 def feature_map_sizes(model, shape: tuple[int, int, int], data: str) -> list[tuple[int, int]]:
