@@ -196,7 +196,7 @@ def test_a_sweep_ends_by_counting_its_runs_whatever_the_launcher(tmp_path, launc
     (["probe.batch_size=2000"], (1, 8, 8),
      "probe.batch_size=2000 is not valid: the digits training split has only 1437 examples"),
     (["data.sampler=grouped", "data.labels_per_batch=12", "train.batch_size=24"], (1, 8, 8),
-     "data.labels_per_batch=12 is not valid: digits has 10 classes"),
+     "data.labels_per_batch=12 is not valid: data=digits has 10 classes"),
     (["model=vgg", "model.layers=[8,M,8,M,8,M]", "train.batch_size=1"], (1, 8, 8), None),  # 1x1 maps
     (["model=vgg", "model.layers=[8,M,8,M,8,M,8]", "train.batch_size=1"], (1, 8, 8),
      "train.batch_size=1 is not valid with norm=bn: it gives conv 4's 1x1 output one value"),
