@@ -5,7 +5,7 @@ buffers are *views* of row g of the stacked tensors, so evaluation, probes and c
 the member's own module and always see its current weights. A training step runs all members
 at once, each on its own batch (inputs (G, N, ...)):
 
-    linear        h_g <- h_g W_g^T + b_g                    one torch.baddbmm for all g
+    linear        h_g <- W_g h_g + b_g                      one torch.baddbmm for all g
     bn            per member and feature, over the member's N examples (Ioffe & Szegedy, Alg. 1)
     ln, gn        per example, as the member's own layer; gamma_g, beta_g per member
     activation    elementwise (the member's module)
@@ -56,9 +56,9 @@ def unstackable(net: Net) -> str | None:
 
 
 class _StackedBatchNormTrain(torch.autograd.Function):
-    """Train-mode batch normalization of (G, N, C): statistics per member g and feature c over n.
+    """Train-mode batch normalization of (G, C, N): statistics per member g and feature c over n.
 
-    The equations of :class:`bnlab.norms.batchnorm._BatchNormTrain`, reduced over dim 1:
+    The equations of :class:`bnlab.norms.batchnorm._BatchNormTrain`, reduced over the examples:
         mu = mean_n(x),  var = mean_n((x - mu)^2),  x_hat = (x - mu) / sqrt(var + eps)
         y = gamma * x_hat + beta
         dx = gamma / sqrt(var + eps) * (dy - (sum_n dy + x_hat * sum_n(dy * x_hat)) / N)
@@ -67,13 +67,13 @@ class _StackedBatchNormTrain(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, eps: float):
-        inv_m = 1.0 / x.shape[1]
-        mean = x.sum(1).mul_(inv_m)
-        x_hat = x - mean.unsqueeze(1)
-        var = (x_hat * x_hat).sum(1).mul_(inv_m)  # two passes, as the member's own layer
+        inv_m = 1.0 / x.shape[2]
+        mean = x.sum(2).mul_(inv_m)
+        x_hat = x - mean.unsqueeze(2)
+        var = (x_hat * x_hat).sum(2).mul_(inv_m)  # two passes, as the member's own layer
         inv_std = (var + eps).rsqrt_()
-        x_hat.mul_(inv_std.unsqueeze(1))
-        y = torch.addcmul(bias.unsqueeze(1), x_hat, weight.unsqueeze(1))
+        x_hat.mul_(inv_std.unsqueeze(2))
+        y = torch.addcmul(bias.unsqueeze(2), x_hat, weight.unsqueeze(2))
         ctx.save_for_backward(x_hat, inv_std, weight)
         ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable(mean, var)
@@ -84,25 +84,25 @@ class _StackedBatchNormTrain(torch.autograd.Function):
         if grad_y is None:
             return None, None, None, None
         x_hat, inv_std, weight = ctx.saved_tensors
-        m = grad_y.shape[1]
-        grad_bias = grad_y.sum(1)
-        grad_weight = (grad_y * x_hat).sum(1)
+        m = grad_y.shape[2]
+        grad_bias = grad_y.sum(2)
+        grad_weight = (grad_y * x_hat).sum(2)
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = torch.addcmul(grad_bias.unsqueeze(1), x_hat, grad_weight.unsqueeze(1))
+            grad_x = torch.addcmul(grad_bias.unsqueeze(2), x_hat, grad_weight.unsqueeze(2))
             grad_x = torch.sub(grad_y, grad_x, alpha=1.0 / m)
-            grad_x.mul_((weight * inv_std).unsqueeze(1))
+            grad_x.mul_((weight * inv_std).unsqueeze(2))
         return grad_x, grad_weight, grad_bias, None
 
 
 def _group_norm(x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: float) -> Tensor:
-    """Group normalization of (G, N, C) per member and example (Wu & He 2018, Eq. 1-3):
+    """Group normalization of (G, C, N) per member and example (Wu & He 2018, Eq. 1-3):
     mu, var over each group of C / groups features; y = gamma_c * x_hat + beta_c."""
-    grouped = x.reshape(*x.shape[:2], groups, -1)
-    mean = grouped.mean(3, keepdim=True)
+    grouped = x.view(x.shape[0], groups, -1, x.shape[2])
+    mean = grouped.mean(2, keepdim=True)
     centered = grouped - mean
-    x_hat = (centered * (centered.square().mean(3, keepdim=True) + eps).rsqrt()).view_as(x)
-    return torch.addcmul(bias.unsqueeze(1), x_hat, weight.unsqueeze(1))
+    x_hat = (centered * (centered.square().mean(2, keepdim=True) + eps).rsqrt()).view_as(x)
+    return torch.addcmul(bias.unsqueeze(2), x_hat, weight.unsqueeze(2))
 
 
 class StackedMLP:
@@ -142,13 +142,14 @@ class StackedMLP:
         self.buffers = {k: v.index_select(0, index) for k, v in self.buffers.items()}
         self.bind(nets)
 
-    # -- the forward pass in train mode
+    # -- the forward pass in train mode, activations feature-major: (G, C, N)
     def _linear(self, prefix: str, h: Tensor) -> Tensor:
-        weight = self.params[prefix + ".weight"].transpose(1, 2)  # (G, in, out): no copy
-        bias = self.params.get(prefix + ".bias")
+        """W h + b per member: (G, out, in) x (G, in, N). In this order the weights' gradient
+        comes out in their own layout (the other order makes autograd copy it every step)."""
+        weight, bias = self.params[prefix + ".weight"], self.params.get(prefix + ".bias")
         if bias is None:
-            return torch.bmm(h, weight)
-        return torch.baddbmm(bias.unsqueeze(1), h, weight)
+            return torch.bmm(weight, h)
+        return torch.baddbmm(bias.unsqueeze(2), weight, h)
 
     def _norm(self, prefix: str, norm: nn.Module, h: Tensor) -> Tensor:
         if isinstance(norm, Identity):
@@ -158,7 +159,7 @@ class StackedMLP:
             return _group_norm(h, weight, bias, norm.groups, norm.eps)
         y, mean, var = _StackedBatchNormTrain.apply(h, weight, bias, norm.eps)
         # running = (1 - momentum) running + momentum batch, with the unbiased batch variance
-        m = h.shape[1]
+        m = h.shape[2]
         with torch.no_grad():
             self.buffers[prefix + ".num_batches_tracked"].add_(1)
             running = [self.buffers[prefix + ".running_mean"], self.buffers[prefix + ".running_var"]]
@@ -167,7 +168,7 @@ class StackedMLP:
 
     def forward(self, x: Tensor) -> Tensor:
         """Train-mode outputs (G, N, K) of the members for inputs (G, N, C, H, W)."""
-        h = x.flatten(2)
+        h = x.flatten(2).transpose(1, 2)  # (G, D, N), a view: bmm reads it as it is
         for i, block in enumerate(self.template.features):
             if not isinstance(block, Block):
                 continue  # the Flatten
@@ -177,7 +178,7 @@ class StackedMLP:
                 h = block.act(self._norm(prefix + ".norm", block.norm, h))
             else:
                 h = self._norm(prefix + ".norm", block.norm, block.act(h))
-        return self._linear("classifier", h)
+        return self._linear("classifier", h).transpose(1, 2)
 
 
 def member_losses(out: Tensor, y: Tensor, task: str) -> tuple[Tensor, Tensor]:
