@@ -6,7 +6,8 @@ the member's own module and always see its current weights. A training step runs
 at once, each on its own batch (inputs (G, N, ...)):
 
     linear        h_g <- W_g h_g + b_g                      one torch.baddbmm for all g
-    bn            per member and feature, over the member's N examples (Ioffe & Szegedy, Alg. 1)
+    bn            per member and feature, over the member's N examples (Ioffe & Szegedy, Alg. 1;
+                  the member's own closed-form function, bnlab.norms.batchnorm.batch_norm_train)
     ln, gn        per example, as the member's own layer; gamma_g, beta_g per member
     activation    elementwise (the member's module)
     loss          L = sum_g L_g, L_g the member's mean loss: dL/dtheta_g = dL_g/dtheta_g
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bnlab.models import Block, Net
-from bnlab.norms.batchnorm import BatchNorm
+from bnlab.norms.batchnorm import BatchNorm, batch_norm_train, update_running
 from bnlab.norms.groupnorm import GroupNorm
 from bnlab.norms.identity import Identity
 from bnlab.norms.layernorm import LayerNorm
@@ -53,46 +54,6 @@ def unstackable(net: Net) -> str | None:
     if not isinstance(net.classifier, nn.Linear):
         return "the classifier must be one linear layer"
     return None
-
-
-class _StackedBatchNormTrain(torch.autograd.Function):
-    """Train-mode batch normalization of (G, C, N): statistics per member g and feature c over n.
-
-    The equations of :class:`bnlab.norms.batchnorm._BatchNormTrain`, reduced over the examples:
-        mu = mean_n(x),  var = mean_n((x - mu)^2),  x_hat = (x - mu) / sqrt(var + eps)
-        y = gamma * x_hat + beta
-        dx = gamma / sqrt(var + eps) * (dy - (sum_n dy + x_hat * sum_n(dy * x_hat)) / N)
-    Returns (y, mu, var) with mu, var of shape (G, C), constants for autograd.
-    """
-
-    @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, eps: float):
-        inv_m = 1.0 / x.shape[2]
-        mean = x.sum(2).mul_(inv_m)
-        x_hat = x - mean.unsqueeze(2)
-        var = (x_hat * x_hat).sum(2).mul_(inv_m)  # two passes, as the member's own layer
-        inv_std = (var + eps).rsqrt_()
-        x_hat.mul_(inv_std.unsqueeze(2))
-        y = torch.addcmul(bias.unsqueeze(2), x_hat, weight.unsqueeze(2))
-        ctx.save_for_backward(x_hat, inv_std, weight)
-        ctx.set_materialize_grads(False)
-        ctx.mark_non_differentiable(mean, var)
-        return y, mean, var
-
-    @staticmethod
-    def backward(ctx, grad_y: Tensor | None, _grad_mean, _grad_var):
-        if grad_y is None:
-            return None, None, None, None
-        x_hat, inv_std, weight = ctx.saved_tensors
-        m = grad_y.shape[2]
-        grad_bias = grad_y.sum(2)
-        grad_weight = (grad_y * x_hat).sum(2)
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            grad_x = torch.addcmul(grad_bias.unsqueeze(2), x_hat, grad_weight.unsqueeze(2))
-            grad_x = torch.sub(grad_y, grad_x, alpha=1.0 / m)
-            grad_x.mul_((weight * inv_std).unsqueeze(2))
-        return grad_x, grad_weight, grad_bias, None
 
 
 def _group_norm(x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: float) -> Tensor:
@@ -157,14 +118,15 @@ class StackedMLP:
         weight, bias = self.params[prefix + ".weight"], self.params[prefix + ".bias"]
         if isinstance(norm, GroupNorm):
             return _group_norm(h, weight, bias, norm.groups, norm.eps)
-        y, mean, var = _StackedBatchNormTrain.apply(h, weight, bias, norm.eps)
-        # running = (1 - momentum) running + momentum batch, with the unbiased batch variance
-        m = h.shape[2]
-        with torch.no_grad():
-            self.buffers[prefix + ".num_batches_tracked"].add_(1)
-            running = [self.buffers[prefix + ".running_mean"], self.buffers[prefix + ".running_var"]]
-            torch._foreach_lerp_(running, [mean, var * (m / (m - 1))], norm.momentum)
-        return y
+        # per member g and feature c over the member's examples n: the member's own BN
+        buffers = self.buffers
+
+        def record(total: Tensor, squares: Tensor, m: int) -> None:
+            buffers[prefix + ".num_batches_tracked"].add_(1)
+            update_running(buffers[prefix + ".running_mean"], buffers[prefix + ".running_var"],
+                           total, squares, m, norm.momentum)
+
+        return batch_norm_train(h, weight, bias, norm.eps, (2,), record)
 
     def forward(self, x: Tensor) -> Tensor:
         """Train-mode outputs (G, N, K) of the members for inputs (G, N, C, H, W)."""

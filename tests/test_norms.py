@@ -32,7 +32,7 @@ from bnlab.norms import (
 from bnlab.norms.batchnorm import (
     BatchNorm,
     TorchBatchNorm,
-    _BatchNormTrain,
+    batch_norm_train,
     estimate_population_statistics,
 )
 from bnlab.norms.whitening import zca_whitening
@@ -272,15 +272,17 @@ def test_frozen_mode_uses_batch_statistics_and_leaves_buffers_alone(name, option
 
 
 # ---------------------------------------------------------------- double backward (Hessians)
-@pytest.mark.parametrize("shape", [(6, 4), (3, 2, 2, 3)])
-def test_bn_supports_double_backward(shape):
+# (N, C) and (N, C, H, W) with (C,) parameters; the batched launcher's (G, C, N) with (G, C)
+@pytest.mark.parametrize("shape, dims, params", [((6, 4), (0,), (4,)), ((3, 2, 2, 3), (0, 2, 3), (2,)),
+                                                 ((2, 3, 5), (2,), (2, 3))])
+def test_bn_supports_double_backward(shape, dims, params):
     torch.manual_seed(20)
     x = (torch.randn(shape, dtype=torch.float64) * 2 + 1).requires_grad_()
-    w = (torch.rand(shape[1], dtype=torch.float64) + 0.5).requires_grad_()
-    b = torch.randn(shape[1], dtype=torch.float64).requires_grad_()
+    w = (torch.rand(params, dtype=torch.float64) + 0.5).requires_grad_()
+    b = torch.randn(params, dtype=torch.float64).requires_grad_()
 
     def bn(x, w, b):
-        return _BatchNormTrain.apply(x, w, b, 1e-5)[0]
+        return batch_norm_train(x, w, b, 1e-5, dims)
 
     assert torch.autograd.gradcheck(bn, (x, w, b))
     assert torch.autograd.gradgradcheck(bn, (x, w, b))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -27,75 +27,107 @@ class BNOptions(NormOptions):
 class _BatchNormTrain(torch.autograd.Function):
     """Train-mode batch normalization with the paper's closed-form backward pass.
 
-    Forward (per feature, over the m values of the mini-batch):
+    Statistics reduce over ``dims`` of x: N of (N, C); N, H, W of (N, C, H, W); the examples
+    n of the batched launcher's (G, C, N) (kept as size-1 dimensions where they are not
+    leading, so the statistics broadcast). ``weight`` and ``bias`` hold one value per
+    statistic: (C,), or (G, C) for G stacked members.
+    Per statistic, over its m values (Ioffe & Szegedy, Alg. 1 and Sec. 3):
+
         mu_B = mean(x),  var_B = mean((x - mu_B)^2),  x_hat = (x - mu_B) / sqrt(var_B + eps),
         y = gamma * x_hat + beta
-    Backward (Ioffe & Szegedy, Sec. 3, simplified):
         dbeta = sum(dy),  dgamma = sum(dy * x_hat),
-        dx = gamma / sqrt(var_B + eps) * (dy - dbeta / m - x_hat * dgamma / m)
-    Returns (y, mu_B, var_B); the statistics are constants for autograd.
+        dx = gamma / sqrt(var_B + eps) * (dy - (dbeta + x_hat * dgamma) / m)
+
+    ``record``, if given, is called in the forward pass with (sum(x), sum((x - mu_B)^2), m),
+    the sums shaped as the statistics: the running estimates' update. The statistics are
+    constants for autograd. On the small MLP each operation's dispatch costs about as much as
+    its arithmetic, so the forward pass keeps sums (no separate mean), folds
+    gamma / sqrt(var_B + eps) into one scale and reshapes nothing it need not.
 
     Double backward (``create_graph=True``, as Hessian-vector products need): the backward
     pass then computes the same formula from x with differentiable operations, so autograd
-    can differentiate it in turn; an ordinary backward keeps the cheaper in-place form.
+    can differentiate it in turn; an ordinary backward keeps the cheaper form.
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, eps: float):
-        rank = x.dim()
-        dims = Norm.reduce_dims(x)
-        inv_m = x.shape[1] / x.numel()
-        # sum * (1/m), not mean(): on small CPU tensors mean() costs about 3x a sum
-        mean = x.sum(dims).mul_(inv_m)
-        x_hat = x - per_feature(mean, rank)
-        var = (x_hat * x_hat).sum(dims).mul_(inv_m)  # two passes: exact also when |mean| >> std
-        inv_std = (var + eps).rsqrt_()
-        x_hat.mul_(per_feature(inv_std, rank))
-        y = torch.addcmul(per_feature(bias, rank), x_hat, per_feature(weight, rank))
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, eps: float, dims: tuple[int, ...],
+                record: Callable[[Tensor, Tensor, int], None] | None):
+        # statistics of leading dimensions ((N, C)) broadcast as they are; others keep theirs
+        keepdim = dims != tuple(range(len(dims)))
+        total = x.sum(dims, keepdim=keepdim)
+        m = x.numel() // total.numel()
+        centered = torch.sub(x, total, alpha=1.0 / m)
+        squares = (centered * centered).sum(dims, keepdim=keepdim)  # two passes: exact when |mu| >> sigma
+        inv_std = squares.mul(1.0 / m).add_(eps).rsqrt_()
+        shape = total.shape
+        y = torch.addcmul(bias.view(shape) if keepdim else bias, centered,
+                          (weight.view(shape) if keepdim else weight) * inv_std)
+        if record is not None:
+            record(total, squares, m)
         # x rather than x_hat, as torch's layer does: the same memory, and a double backward
         # needs the input itself (x_hat is recomputed in backward at the cost of one operation)
-        ctx.save_for_backward(x, mean, inv_std, weight)
-        ctx.eps = eps
+        ctx.save_for_backward(x, total, inv_std, weight)
+        ctx.eps, ctx.dims, ctx.keepdim = eps, dims, keepdim
         ctx.set_materialize_grads(False)
-        ctx.mark_non_differentiable(mean, var)
-        return y, mean, var
+        return y
 
     @staticmethod
-    def backward(ctx, grad_y: Tensor | None, _grad_mean, _grad_var):
+    def backward(ctx, grad_y: Tensor | None):
         if grad_y is None:
-            return None, None, None, None
-        x, mean, inv_std, weight = ctx.saved_tensors
+            return None, None, None, None, None, None
+        x, total, inv_std, weight = ctx.saved_tensors
+        dims, keepdim = ctx.dims, ctx.keepdim
+        params = weight.shape
+        if keepdim:  # the parameters shaped as the statistics (a view autograd sees, if it looks)
+            weight = weight.view(total.shape)
         if torch.is_grad_enabled():  # create_graph=True: this backward will be differentiated
-            return (*_batch_norm_backward(x, weight, grad_y, ctx.eps), None)
-        rank = grad_y.dim()
-        dims = Norm.reduce_dims(grad_y)
-        m = grad_y.numel() // grad_y.shape[1]
-        x_hat = torch.sub(x, per_feature(mean, rank)).mul_(per_feature(inv_std, rank))
-        grad_bias = grad_y.sum(dims)
-        grad_weight = (grad_y * x_hat).sum(dims)
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            # dx = gamma / sqrt(var_B + eps) * (dy - (dbeta + x_hat * dgamma) / m)
-            grad_x = torch.addcmul(per_feature(grad_bias, rank), x_hat,
-                                   per_feature(grad_weight, rank))
-            grad_x = torch.sub(grad_y, grad_x, alpha=1.0 / m)
-            grad_x.mul_(per_feature(weight * inv_std, rank))
-        return grad_x, grad_weight, grad_bias, None
+            grads = _batch_norm_backward(x, weight, grad_y, ctx.eps, dims, keepdim)
+        else:
+            inv_m = total.numel() / x.numel()
+            x_hat = torch.sub(x, total, alpha=inv_m).mul_(inv_std)
+            grad_bias = grad_y.sum(dims, keepdim=keepdim)
+            grad_weight = (grad_y * x_hat).sum(dims, keepdim=keepdim)
+            grad_x = None
+            if ctx.needs_input_grad[0]:
+                # dx = gamma / sqrt(var_B + eps) * (dy - (dbeta + x_hat * dgamma) / m)
+                grad_x = torch.addcmul(grad_bias, x_hat, grad_weight)
+                grad_x = torch.sub(grad_y, grad_x, alpha=inv_m).mul_(weight * inv_std)
+            grads = grad_x, grad_weight, grad_bias
+        grad_x, grad_weight, grad_bias = grads
+        if keepdim:  # back to the parameters' own shape
+            grad_weight, grad_bias = grad_weight.view(params), grad_bias.view(params)
+        return grad_x, grad_weight, grad_bias, None, None, None
 
 
-def _batch_norm_backward(x: Tensor, weight: Tensor, grad_y: Tensor, eps: float):
-    """(dx, dgamma, dbeta) of :class:`_BatchNormTrain`, differentiable in x, gamma and dy."""
-    rank, dims = x.dim(), Norm.reduce_dims(x)
-    m = x.numel() // x.shape[1]
-    mean = x.mean(dims)
-    centered = x - per_feature(mean, rank)
-    inv_std = (centered.square().mean(dims) + eps).rsqrt()
-    x_hat = centered * per_feature(inv_std, rank)
-    grad_bias = grad_y.sum(dims)
-    grad_weight = (grad_y * x_hat).sum(dims)
-    grad_x = per_feature(weight * inv_std, rank) * (
-        grad_y - (per_feature(grad_bias, rank) + x_hat * per_feature(grad_weight, rank)) / m)
+def _batch_norm_backward(x: Tensor, weight: Tensor, grad_y: Tensor, eps: float,
+                         dims: tuple[int, ...], keepdim: bool):
+    """(dx, dgamma, dbeta) of :class:`_BatchNormTrain`, differentiable in x, gamma and dy;
+    ``weight`` shaped as the statistics."""
+    mean = x.mean(dims, keepdim=keepdim)
+    m = x.numel() // mean.numel()
+    centered = x - mean
+    inv_std = (centered.square().mean(dims, keepdim=keepdim) + eps).rsqrt()
+    x_hat = centered * inv_std
+    grad_bias = grad_y.sum(dims, keepdim=keepdim)
+    grad_weight = (grad_y * x_hat).sum(dims, keepdim=keepdim)
+    grad_x = weight * inv_std * (grad_y - (grad_bias + x_hat * grad_weight) / m)
     return grad_x, grad_weight, grad_bias
+
+
+def batch_norm_train(x: Tensor, weight: Tensor, bias: Tensor, eps: float, dims: tuple[int, ...],
+                     record: Callable[[Tensor, Tensor, int], None] | None = None) -> Tensor:
+    """Train-mode BN of x over ``dims`` (:class:`_BatchNormTrain`)."""
+    return _BatchNormTrain.apply(x, weight, bias, eps, dims, record)
+
+
+def update_running(running_mean: Tensor, running_var: Tensor, total: Tensor, squares: Tensor,
+                   m: int, factor: float) -> None:
+    """running = (1 - factor) * running + factor * batch statistic, torch's convention, with
+    the unbiased batch variance m / (m - 1) * var_B = sum((x - mu_B)^2) / (m - 1)."""
+    if total.shape != running_mean.shape:
+        total, squares = total.view_as(running_mean), squares.view_as(running_var)
+    running_mean.mul_(1.0 - factor).add_(total, alpha=factor / m)
+    running_var.mul_(1.0 - factor).add_(squares, alpha=factor / (m - 1))
 
 
 class PopulationStatistics:
@@ -189,25 +221,22 @@ class BatchNorm(PopulationStatistics, Norm):
             if m < 2:
                 raise ValueError(f"Expected more than 1 value per channel when training, "
                                  f"got input size {tuple(x.shape)}")
-            y, mean, var = _BatchNormTrain.apply(xf, self.weight, self.bias, self.eps)
-            if self.update_stats:
-                self._update_running(mean, var, m)
+            record = self._record_batch if self.update_stats else None
+            y = batch_norm_train(xf, self.weight, self.bias, self.eps, self.reduce_dims(xf), record)
         else:
             scale = self.weight * (self.running_var + self.eps).rsqrt()
             shift = self.bias - self.running_mean * scale
             y = torch.addcmul(per_feature(shift, xf.dim()), xf, per_feature(scale, xf.dim()))
         return y.to(x.dtype) if low else y
 
-    @torch.no_grad()
-    def _update_running(self, mean: Tensor, var: Tensor, m: int) -> None:
+    def _record_batch(self, total: Tensor, squares: Tensor, m: int) -> None:
+        """The running estimates' update from one training batch (called without autograd)."""
         self.num_batches_tracked.add_(1)
         if self.momentum is None:
             factor = 1.0 / self.num_batches_tracked.item()
         else:
             factor = self.momentum
-        # one fused update of both buffers: fewer operations on these small tensors
-        torch._foreach_lerp_([self.running_mean, self.running_var], [mean, var * (m / (m - 1))],
-                             factor)
+        update_running(self.running_mean, self.running_var, total, squares, m, factor)
 
 
 # ---------------------------------------------------------------- Algorithm 2: population statistics
