@@ -62,8 +62,9 @@ def overwrite_json(path: Path, data: Mapping[str, Any]) -> None:
         raise WriteError(path, err) from err
 
 
-def truncate_scalars(path: Path, after_step: int) -> None:
-    """Drop rows logged after ``after_step`` (and a half-written last line) before a resume."""
+def truncate_scalars(path: Path, from_step: int) -> None:
+    """Drop rows logged at or after ``from_step`` (and a half-written last line) before a
+    resume: the rows TensorBoard's ``purge_step=from_step`` hides from the event file."""
     if not path.is_file():
         return
     keep = []
@@ -72,7 +73,7 @@ def truncate_scalars(path: Path, after_step: int) -> None:
             if not line.endswith("\n"):
                 break
             head = line.split(",", 1)[0]
-            if head == "step" or (head.isdigit() and int(head) <= after_step):
+            if head == "step" or (head.isdigit() and int(head) < from_step):
                 keep.append(line)
     atomic_write(path, "".join(keep))
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from bnlab.checkpoint import load_checkpoint, save_checkpoint
-from bnlab.record import truncate_scalars
+from bnlab.record import Recorder, truncate_scalars
 
 from helpers import bnlab, compose, train_in_process
 
@@ -182,10 +182,29 @@ def test_divergence_can_be_watched_to_the_end(tmp_path):
 def test_partial_last_csv_row_is_never_data(tmp_path):
     path = tmp_path / "scalars.csv"
     path.write_text("step,tag,value\n10,train/loss,0.5\n20,train/loss,0.4\n30,train/lo")
-    truncate_scalars(path, after_step=100)
+    truncate_scalars(path, from_step=100)
     assert path.read_text() == "step,tag,value\n10,train/loss,0.5\n20,train/loss,0.4\n"
-    truncate_scalars(path, after_step=10)
+    truncate_scalars(path, from_step=20)
     assert path.read_text() == "step,tag,value\n10,train/loss,0.5\n"
+
+
+def test_a_resumed_recorder_drops_the_same_steps_from_the_csv_as_from_tensorboard(tmp_path):
+    """A checkpoint at step 10: the killed attempt's rows at 11 and later go from both sinks,
+    so the resumed run logs step 11 once (log_every=1 logs every step)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    first = Recorder(tmp_path)
+    for step in (9, 10, 11, 12):
+        first.scalars(step, {"train/loss": 1.0 / step})
+    first.close()
+    resumed = Recorder(tmp_path, purge_step=11)
+    resumed.scalars(11, {"train/loss": 0.5})
+    resumed.close()
+    assert [tuple(line.split(",")[:1]) for line in (tmp_path / "scalars.csv").read_text().splitlines()[1:]] \
+        == [("9",), ("10",), ("11",)]
+    board = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0}).Reload().Scalars("train/loss")
+    assert [(e.step, e.value) for e in board] == [(9, pytest.approx(1 / 9)), (10, pytest.approx(0.1)),
+                                                   (11, 0.5)]
 
 
 @pytest.mark.slow
