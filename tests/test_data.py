@@ -1,4 +1,5 @@
-"""Data loading through the real code paths, on tiny files written in the original formats."""
+"""Data loading through the real code paths, on tiny files written in the original formats; the
+batch streams and samplers; the linear regression set."""
 
 from __future__ import annotations
 
@@ -305,82 +306,34 @@ def test_done_when_grouped_digits_run_trains(tmp_path):
     assert {"train/loss", "test/acc", "test/acc_train_mode"} <= tags
 
 
-# ---------------------------------------------------------------- train-mode evaluation
-def trained_digits_model(*overrides: str):
-    """A digits MLP whose running statistics disagree with its batch statistics."""
-    from bnlab.models import build_model
-
-    cfg = compose("data=digits", *overrides)
-    data = load_dataset(cfg.data, torch.device("cpu"))
-    torch.manual_seed(0)
-    model = build_model(cfg, data.shape, data.num_outputs)
-    with torch.no_grad():
-        for module in model.modules():
-            if hasattr(module, "running_mean"):
-                module.running_mean.fill_(0.5)
-    return cfg, data, model
-
-
-@pytest.mark.parametrize("sampler", ["iid", "grouped"])
-def test_train_mode_evaluation_equals_a_direct_computation(sampler):
-    import copy
-    import math
-
+# ---------------------------------------------------------------- the linear data set
+def test_the_linear_data_set_is_a_regression_the_trainer_fits_with_mse(tmp_path: Path) -> None:
+    """santurkar_dln's task: y = A x exactly, one A for both splits; MSE loss, no accuracy."""
     import torch.nn.functional as F
 
-    from bnlab.data import make_batch_stream
-    from bnlab.evaluation import TRAIN_MODE_SEED_OFFSET, evaluate, evaluate_train_mode
+    from bnlab.models import build_model
+    from bnlab.train import evaluate
 
-    cfg, data, model = trained_digits_model("norm=bn", f"data.sampler={sampler}",
-                                            "data.labels_per_batch=2", "train.batch_size=20")
-    state = copy.deepcopy(model.state_dict())
-    rng = torch.get_rng_state()
-    model.eval()
-    loss, acc = evaluate_train_mode(model, data.test, 20, cfg.seed, cfg.data)
-    # Nothing moved: running statistics, parameters, global RNG, the model's mode.
-    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
-    assert torch.equal(rng, torch.get_rng_state()) and not model.training
+    cfg = compose("experiment=santurkar_dln", "model.widths=[10,10,10]")
+    data = load_dataset(cfg.data, torch.device("cpu"))
+    assert (data.task, data.num_outputs, data.num_classes) == ("regression", 10, 0)
+    x, y = data.train.x.flatten(1), data.train.y
+    a = torch.linalg.lstsq(x, y).solution
+    torch.testing.assert_close(x @ a, y, atol=1e-4, rtol=0)
+    torch.testing.assert_close(data.test.x.flatten(1) @ a, data.test.y, atol=1e-4, rtol=0)
 
-    # Directly: ceil(360 / 20) = 18 batches of 20 from the training rule, on a copy in train mode.
-    direct = copy.deepcopy(model).train()
-    stream = make_batch_stream(data.test, 20, cfg.seed + TRAIN_MODE_SEED_OFFSET, cfg.data)
-    n_batches = math.ceil(len(data.test) / 20)
-    losses, hits = [], 0
+    model = build_model(cfg, data.shape, data.num_outputs).eval()
+    loss, acc = evaluate(model, data.test, 300, task="regression")  # batches of unequal size
     with torch.no_grad():
-        for _ in range(n_batches):
-            x, y = next(stream)
-            if sampler == "grouped":  # 2 labels x 10 examples
-                assert len(y.unique()) == 2 and (torch.bincount(y)[y.unique()] == 10).all()
-            out = direct(x)
-            losses.append(F.cross_entropy(out, y, reduction="sum"))
-            hits += int((out.argmax(1) == y).sum())
-    assert acc == hits / (n_batches * 20)
-    assert loss == pytest.approx(float(torch.stack(losses).sum()) / (n_batches * 20), rel=1e-6)
-    assert acc != evaluate(model, data.test, 1000)[1]  # not the eval-mode network
-    # The same batches at every evaluation.
-    assert evaluate_train_mode(model, data.test, 20, cfg.seed, cfg.data) == (loss, acc)
+        assert loss == pytest.approx(F.mse_loss(model(data.test.x), data.test.y).item(), rel=1e-5)
+    assert acc != acc  # NaN: a regression has no accuracy
 
-
-def test_train_mode_metrics_only_for_batch_statistic_norms():
-    from bnlab.evaluation import train_mode_metrics
-
-    for norm, expected in (("bn", True), ("brn", True), ("noisy_bn", True), ("whiten", True),
-                           ("ln", False), ("none", False)):
-        cfg, data, model = trained_digits_model(f"norm={norm}")
-        tags = train_mode_metrics(model, data.test, 32, cfg.seed, cfg.data)
-        assert (set(tags) == {"test/acc_train_mode"}) is expected, norm
-        assert expected or tags == {}
-
-
-@pytest.mark.parametrize("norm", ["bn", "noisy_bn"])
-def test_train_mode_evaluation_leaves_training_bit_identical(tmp_path, norm):
-    common = ["data=digits", f"norm={norm}", "data.sampler=grouped", "data.labels_per_batch=4",
-              "train.batch_size=32", "train.steps=60", "train.log_every=10", "probe=off"]
-    tables = []
-    for every in (10, 1000):  # train-mode evaluations at six steps, or at the last only
-        run = tmp_path / str(every)
-        assert train_in_process(run, *common, f"train.eval_every={every}") == "completed"
-        rows = [line.split(",") for line in (run / "scalars.csv").read_text().splitlines()[1:]]
-        tables.append({(s, t): v for s, t, v in rows if t.startswith("train/")})
-        assert sum(t == "test/acc_train_mode" for _, t, _ in rows) == (6 if every == 10 else 1)
-    assert tables[0] == tables[1]
+    run = tmp_path / "run"
+    assert train_in_process(run, "experiment=santurkar_dln", "model.widths=[10,10,10]",
+                            "train.steps=40", "train.eval_every=20", "probe=off") == "completed"
+    with open(run / "scalars.csv") as f:
+        rows = [line.split(",") for line in f.read().splitlines()[1:]]
+    tags = {tag for _, tag, _ in rows}
+    assert {"train/loss", "test/loss"} <= tags and not {"train/acc", "test/acc"} & tags
+    test_loss = [float(v) for _, tag, v in rows if tag == "test/loss"]
+    assert test_loss[-1] < test_loss[0]

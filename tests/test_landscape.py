@@ -202,29 +202,3 @@ def test_report_draws_the_landscape_figure_from_the_runs(tmp_path):
     expected = [(beta[0][s] + beta[1][s]) / 2 for s in (5, 10, 15, 20)]
     assert list(line.get_xdata()) == [5, 10, 15, 20]
     assert list(line.get_ydata()) == pytest.approx(expected, rel=1e-12)
-
-
-def test_the_santurkar_landscape_preset_composes_and_keeps_the_papers_protocol():
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    from bnlab.config import config_dir, register_configs, validate
-
-    text = (config_dir() / "experiment" / "santurkar_landscape.yaml").read_text()
-    assert text.startswith("# @package _global_\n") and "arXiv 1805.11604" in text
-    for norm in ("none", "bn"):
-        cfg = compose("experiment=santurkar_landscape", f"norm={norm}")
-        validate(cfg)
-        assert cfg.norm.name == norm and cfg.probe.landscape_every > 0
-        # App. A.1: plain SGD, lr 0.1, batch 128; ReLU with the norm before it.
-        optim = cfg.optim
-        assert (optim.name, optim.lr, optim.momentum, optim.weight_decay) == ("sgd", 0.1, 0.0, 0.0)
-        assert (cfg.train.batch_size, cfg.activation.name, cfg.norm.position) == (128, "relu", "before_act")
-        assert {c.metric for c in cfg.claims} == {"landscape/loss_range", "landscape/grad_change",
-                                                  "landscape/beta"}
-    register_configs()
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        hydra_cfg = hydra_compose(config_name="train", overrides=["experiment=santurkar_landscape"],
-                                  return_hydra_config=True)
-    params = hydra_cfg.hydra.sweeper.params
-    assert params["norm"] == "none,bn" and len(params["seed"].split(",")) >= 3

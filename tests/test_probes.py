@@ -582,3 +582,76 @@ def test_inference_batch_noise_and_landscape_tags_reach_csv_and_tensorboard(tmp_
         assert all(math.isfinite(v) for v in csv_tags[tag].values()), tag
     for step in (100, 200):
         assert csv_tags["landscape/loss_min"][step] <= csv_tags["landscape/loss_max"][step]
+
+
+# ---------------------------------------------------------------- noisy BN: the probes see the step's noise
+class _Sink:
+    """Takes whatever a prober logs; keeps its scalars."""
+
+    def __init__(self) -> None:
+        self.values: dict[int, dict[str, float]] = defaultdict(dict)
+
+    def scalars(self, step, values) -> None:
+        self.values[step].update(values)
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+
+def _noisy_model(probe_batch: int):
+    cfg = compose("data=digits", "norm=noisy_bn", "model.widths=[16,16,16]", "activation=relu",
+                  f"probe.batch_size={probe_batch}", "probe.ics_every=1")
+    data = load_dataset(cfg.data, torch.device("cpu"))
+    torch.manual_seed(0)
+    model = build_model(cfg, data.shape, data.num_classes)
+    return model, Prober(cfg, model, data, torch.device("cpu")), data
+
+
+def _noise(model) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [tuple(t.clone() for t in block.norm.noise) for block in model.blocks]
+
+
+def _assert_same_noise(measured, trained) -> None:
+    for k, ((s1, m1), (s2, m2)) in enumerate(zip(measured, trained, strict=True)):
+        assert torch.equal(s1, s2) and torch.equal(m1, m2), f"layer {k + 1}"
+    (s1, m1), (s2, m2) = trained[0], trained[1]  # equal shapes, yet each layer its own draw
+    assert not torch.equal(m1, m2) and not torch.equal(s1, s2)
+    assert m1.mean() != m2.mean()  # and its own step mu
+
+
+def test_a_probe_pass_sees_the_noise_of_the_next_training_step():
+    batch = 32
+    model, prober, data = _noisy_model(probe_batch=batch)  # the probe batch has the step's shape
+    x = data.train.x[:batch]
+    torch.manual_seed(1)
+    prober.probe(0, _Sink())
+    measured = _noise(model)
+    model(x)  # the training step's forward pass, from the RNG state the probe found
+    _assert_same_noise(measured, _noise(model))
+
+
+def test_ics_sees_the_noise_and_the_gradient_of_the_real_step(monkeypatch):
+    import bnlab.ics
+
+    batch = 32
+    model, prober, data = _noisy_model(probe_batch=batch)
+    x, y = data.train.x[:batch], data.train.y[:batch]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    captured = {}
+    update = bnlab.ics.updated_parameters
+
+    def capture(model_, optimizer_, grads):  # G: the gradients of ICS's first pass
+        captured.update(grads=grads, noise=_noise(model_))
+        return update(model_, optimizer_, grads)
+
+    monkeypatch.setattr(bnlab.ics, "updated_parameters", capture)
+    torch.manual_seed(2)
+    recorder = _Sink()
+    prober.ics(1, model, optimizer, x, y, recorder)
+    assert recorder.values[1]["ics/layer2/l2"] > 0  # the earlier layer's update moves layer 2's gradient
+    F.cross_entropy(model(x), y).backward()  # the real step
+    _assert_same_noise(captured["noise"], _noise(model))
+    grads = dict(model.named_parameters())
+    assert set(captured["grads"]) == set(grads)
+    for name, g in captured["grads"].items():
+        assert torch.equal(g, grads[name].grad), name

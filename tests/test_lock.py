@@ -1,0 +1,75 @@
+"""One writer per run directory (bnlab.lock): a second writer is refused and touches nothing,
+from the command line or in the task; a lock left by a killed process never blocks."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from bnlab.checkpoint import load_checkpoint
+
+from helpers import LONG, bnlab, execute, start, summary_of, wait_for_checkpoint
+
+HOLD = "import sys, time; from pathlib import Path; from bnlab.lock import hold\n" \
+       "with hold(Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(300)"
+
+
+def test_a_lock_left_by_a_killed_process_never_blocks(tmp_path):
+    from bnlab.lock import RunLocked, hold, holder
+
+    holder_proc = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path)], stdout=subprocess.PIPE,
+                                   text=True)
+    try:
+        assert holder_proc.stdout.readline() == "held\n"
+        assert holder(tmp_path) == holder_proc.pid
+        with pytest.raises(RunLocked, match=f"being written by process {holder_proc.pid} "), \
+                hold(tmp_path, wait_s=0.2):
+            pass
+    finally:
+        holder_proc.kill()
+        holder_proc.wait()
+    assert holder(tmp_path) is None  # the kernel released it with the process
+    with hold(tmp_path, wait_s=0):
+        assert holder(tmp_path) == os.getpid()
+
+
+def test_a_second_writer_in_the_task_touches_nothing(tmp_path, monkeypatch, capsys):
+    """The command line refuses a live run first; the task refuses one too (a race past it)."""
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)  # looks like a fresh run: a user error would remove it
+    holder_proc = subprocess.Popen([sys.executable, "-c", HOLD, str(run)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder_proc.stdout.readline() == "held\n"
+        assert execute(run) == 2
+    finally:
+        holder_proc.kill()
+        holder_proc.wait()
+    err = capsys.readouterr().err
+    assert err.startswith(f"bnlab: error: {run} is being written by process {holder_proc.pid} ")
+    assert len(err.splitlines()) == 1
+    assert sorted(p.name for p in run.iterdir()) == [".hydra", ".lock"]
+
+
+def test_one_writer_per_run_even_from_the_command_line_and_sigkill_frees_it(tmp_path):
+    run = tmp_path / "run"
+    proc = start(run, tmp_path)
+    try:
+        wait_for_checkpoint(run, proc, 100)
+        hydra_files = {p: p.read_bytes() for p in (run / ".hydra").iterdir()}
+        for args in ([f"resume={run}"], [*LONG, f"hydra.run.dir={run}"]):
+            second = bnlab("train", *args, cwd=tmp_path)
+            assert second.returncode == 2
+            assert second.stderr.startswith(f"bnlab: error: {run} is being written by process {proc.pid} ")
+            assert len(second.stderr.splitlines()) == 1
+        assert {p: p.read_bytes() for p in (run / ".hydra").iterdir()} == hydra_files
+    finally:
+        proc.kill()
+        proc.wait()
+    step = load_checkpoint(run / "checkpoints" / "last.pt")["step"]
+    resumed = bnlab("train", f"resume={run}", f"train.steps={step + 40}", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert summary_of(run)["status"] == "completed" and summary_of(run)["steps"] == step + 40
+    assert len(list(run.glob("events.out.tfevents.*"))) == 2  # the killed attempt's and the resume's

@@ -1,0 +1,130 @@
+"""`resume=` (bnlab.resume, bnlab.checkpoint): a run killed (SIGKILL) or interrupted (SIGINT)
+resumes to exactly the scalars of the uninterrupted run; resume refuses what would change the run;
+a checkpoint is replaced atomically."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from bnlab.checkpoint import load_checkpoint, save_checkpoint
+
+from helpers import bnlab, scalars, start, train_in_process, wait_for_checkpoint
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    cwd = tmp_path_factory.mktemp("reference")
+    proc = start(cwd / "run", cwd)
+    assert proc.wait(timeout=300) == 0, proc.stderr.read()
+    return cwd / "run"
+
+
+def test_sigkill_then_resume_gives_exactly_the_uninterrupted_scalars(tmp_path, reference):
+    run = tmp_path / "run"
+    proc = start(run, tmp_path)
+    wait_for_checkpoint(run, proc, 600)
+    proc.kill()
+    proc.wait()
+    assert json.loads((run / "summary.json").read_text())["status"] == "running"
+    resumed = bnlab("train", f"resume={run}", "train.progress=plain", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert scalars(run) == scalars(reference)  # every step once, every value equal
+    summary, expected = (json.loads((r / "summary.json").read_text()) for r in (run, reference))
+    assert summary["status"] == "completed" and summary["steps"] == 2400
+    assert summary["final"]["test/acc"] == expected["final"]["test/acc"]
+    assert summary["best"] == expected["best"]
+    assert not (run / ".hydra" / "config.yaml.tmp").exists() and len(list(run.glob(".hydra/*"))) == 3
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    board = EventAccumulator(str(run), size_guidance={"scalars": 0}).Reload().Scalars("train/loss")
+    steps = [e.step for e in board]
+    assert steps == sorted(set(steps)) and steps[-1] == 2400  # purge_step removed the killed tail
+
+
+def test_sigkill_then_resume_is_bit_identical_with_the_grouped_sampler(tmp_path):
+    # 128 batches a planned chunk, a checkpoint every 100 steps: resumes start mid-chunk.
+    grouped = ["data.sampler=grouped", "data.labels_per_batch=4", "train.batch_size=32",
+               "train.steps=600"]
+    reference = start(tmp_path / "reference", tmp_path, *grouped)
+    assert reference.wait(timeout=300) == 0, reference.stderr.read()
+    run = tmp_path / "run"
+    proc = start(run, tmp_path, *grouped)
+    wait_for_checkpoint(run, proc, 200)
+    proc.kill()
+    proc.wait()
+    assert json.loads((run / "summary.json").read_text())["status"] == "running"
+    resumed = bnlab("train", f"resume={run}", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    expected = scalars(tmp_path / "reference")
+    assert any(t == "test/acc_train_mode" for _, t, _ in expected)
+    assert scalars(run) == expected
+
+
+def test_sigint_checkpoints_marks_interrupted_and_resumes(tmp_path, reference):
+    run = tmp_path / "run"
+    proc = start(run, tmp_path)
+    wait_for_checkpoint(run, proc, 300)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert err == "bnlab: interrupted; resume with: bnlab train resume=run\n"  # relative to the cwd
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "interrupted"
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == summary["steps"]
+    resumed = bnlab("train", f"resume={run}", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert scalars(run) == scalars(reference)
+
+
+# ---------------------------------------------------------------- refused
+def test_resume_refuses_changing_the_experiment(tmp_path, reference):
+    result = bnlab("train", f"resume={reference}", "optim.lr=0.5", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.startswith("bnlab: error: resume=: cannot change the experiment of a run "
+                                    "(optim.lr=0.5)")
+
+
+def test_resume_on_a_directory_that_is_not_a_run(tmp_path):
+    (tmp_path / "junk").mkdir()
+    result = bnlab("train", f"resume={tmp_path / 'junk'}", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip() == (f"bnlab: error: resume={tmp_path / 'junk'}: not a bnlab run "
+                                     "directory (no .hydra/config.yaml)")
+
+
+def test_checkpoint_from_a_different_model_is_refused_and_nothing_lost(tmp_path, reference):
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    other = tmp_path / "other"
+    train_in_process(other, "data=digits", "model.widths=[30,30]", "train.steps=5", "probe=off")
+    shutil.copy(other / "checkpoints" / "last.pt", run / "checkpoints" / "last.pt")
+    # .lock holds the pid of the last process that held the run: bookkeeping, not the run's data
+    files = lambda: {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"}  # noqa: E731
+    before = files()
+    result = bnlab("train", f"resume={run}", "train.steps=2500", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.startswith("bnlab: error: checkpoint does not match this run's model")
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert files() == before
+
+
+# ---------------------------------------------------------------- checkpoints
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, {"step": 1, "w": torch.ones(3)})
+
+    def crash(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04half a zip")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError):
+        save_checkpoint(path, {"step": 2, "w": torch.zeros(3)})
+    assert load_checkpoint(path)["step"] == 1  # the previous checkpoint survives
