@@ -537,3 +537,29 @@ def test_write_failures_name_the_file_leave_no_partial_file_and_resume(
     assert execute(tmp_path / "run", f"resume={tmp_path / 'run'}") == 0
     assert execute(tmp_path / "straight") == 0
     assert scalars(tmp_path / "run") == scalars(tmp_path / "straight")
+
+
+def test_a_run_whose_process_died_without_a_word_reads_as_killed(tmp_path):
+    """summary.json says running; the reader and the sweep's end lines say killed once no
+    process on this machine holds the run, and keep running for a lock taken elsewhere."""
+    from bnlab.outcome import read_summary, sweep_runs
+    from bnlab.rundir import LOCK
+    from bnlab.runs import Run
+
+    run = tmp_path / "sweep" / "0"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "config.yaml").write_text("seed: 0\n")
+    (run / "summary.json").write_text(json.dumps({"status": "running", "steps": 10}))
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(run)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        assert Run(run, summary=read_summary(run)).status == "running"
+        assert sweep_runs(tmp_path / "sweep") == {run: "running"}
+    finally:
+        proc.kill()
+        proc.wait()
+    assert Run(run, summary=read_summary(run)).status == "killed"
+    assert sweep_runs(tmp_path / "sweep") == {run: "killed"}
+    assert json.loads((run / "summary.json").read_text())["status"] == "running"  # the reader writes nothing
+    (run / LOCK).write_text("12345 another-node\n")  # written on another machine: flock cannot tell
+    assert Run(run, summary=read_summary(run)).status == "running"
