@@ -2,7 +2,7 @@
 
 The process that writes a run holds the lock for as long as it writes; a second writer (a
 second ``resume=`` of the same run, or ``hydra.run.dir`` pointing at a live run) is refused
-with the holder's pid, which the holder writes into the file. The kernel releases a flock
+with the holder's pid, which the holder writes into the file with its host name. The kernel releases a flock
 when its process ends, however it ends: a lock left by a killed process never blocks.
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,8 +41,30 @@ def holder(run_dir: Path) -> int | None:
 
 
 def _pid_in(fd: int) -> int:
-    text = os.pread(fd, 32, 0).decode(errors="replace").strip()
-    return int(text) if text.isdigit() else 0
+    text = os.pread(fd, 300, 0).decode(errors="replace").split()
+    return int(text[0]) if text and text[0].isdigit() else 0
+
+
+KILLED = "killed"
+
+
+def process_status(run_dir: Path, status: str) -> str:
+    """``status`` as summary.json says, except ``killed`` for a ``running`` run that no process
+    holds: its process ended without a word (SIGKILL, out of memory, a lost node).
+
+    Only a lock taken on this machine can tell: flock is not seen across the machines of a
+    cluster file system, so a run written elsewhere (its host is in the lock file) stays
+    ``running``.
+    """
+    if status != "running":
+        return status
+    try:
+        words = (Path(run_dir) / LOCK).read_text(errors="replace").split()
+    except OSError:
+        return status  # no lock file: written before locks, or elsewhere
+    if len(words) < 2 or words[1] != socket.gethostname():
+        return status
+    return KILLED if holder(run_dir) is None else status
 
 
 def refusal(run_dir: Path, pid: int) -> str:
@@ -74,7 +97,7 @@ def hold(run_dir: Path, wait_s: float = 1.0) -> Iterator[None]:
                 time.sleep(0.05)
         with contextlib.suppress(OSError):  # the pid is for messages only: a full disk may refuse it
             os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
         yield
     finally:
         os.close(fd)

@@ -18,6 +18,7 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 
+from bnlab.lock import process_status
 from bnlab.rundir import CONFIG, SUMMARY_JSON
 
 # Statuses of a run that ended as planned; the sweep's summary names the runs of any other.
@@ -93,7 +94,7 @@ def sweep_runs(sweep_dir: Path, since: float = 0.0) -> dict[Path, str]:
         if config.parent.name != CONFIG.parent.name or config.stat().st_mtime < since:
             continue
         summary = read_summary(run)
-        runs[run] = str(summary.get("status", "no summary")) if summary else "no summary"
+        runs[run] = process_status(run, str(summary["status"])) if summary.get("status") else "no summary"
     return runs
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from bnlab.claims import ALPHA, MIN_SEEDS, Judgement, NotJudged, Side, claim_metrics, judge_all
 from bnlab.errors import UserError
+from bnlab.lock import KILLED
 from bnlab.report_data import (
     AUTO,
     Group,
@@ -301,8 +302,10 @@ def excluded_rows(report: Report) -> list[list[str]]:
             detail.append(f"diverged at step {summary['diverged_step']}")
         if run.status != "failed" and "steps" in summary:
             detail.append(f"{summary['steps']}/{summary.get('total_steps', '?')} steps")
-        if run.status == "running" and summary.get("updated"):
-            detail.append(f"summary last written {summary['updated']}")  # a stale one: killed
+        if run.status in ("running", KILLED) and summary.get("updated"):
+            detail.append(f"summary last written {summary['updated']}")
+        if run.status == KILLED:
+            detail.append("its process ended without a word; bnlab train resume=<run> continues it")
         if run.status == NO_SUMMARY:
             detail.append("no summary.json: the run never started training, or it was removed")
         detail += run.problems

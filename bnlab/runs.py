@@ -22,6 +22,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from bnlab.errors import UserError
+from bnlab.lock import process_status
 from bnlab.rundir import CONFIG, OVERRIDES, SCALARS_CSV, SUMMARY_JSON
 
 HEADER = b"step,tag,value"
@@ -56,11 +57,12 @@ class Run:
 
     @property
     def status(self) -> str:
-        """completed | diverged | failed | interrupted | running (summary.json), ``no summary``,
-        or ``damaged`` when a file the run should have written cannot be read."""
+        """completed | diverged | failed | interrupted | running (summary.json); ``killed`` when
+        it says running but its process is gone; ``no summary``; or ``damaged`` when a file the
+        run should have written cannot be read."""
         if self._damaged:
             return DAMAGED
-        return str(self.summary.get("status", NO_SUMMARY))
+        return process_status(self.path, str(self.summary.get("status", NO_SUMMARY)))
 
     @property
     def seed(self) -> Any:

@@ -1,8 +1,10 @@
 """One writer per run directory (bnlab.lock): a second writer is refused and touches nothing,
-from the command line or in the task; a lock left by a killed process never blocks."""
+from the command line or in the task; a lock left by a killed process never blocks, and a run
+whose process died without a word reads as killed."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -73,3 +75,29 @@ def test_one_writer_per_run_even_from_the_command_line_and_sigkill_frees_it(tmp_
     assert resumed.returncode == 0, resumed.stderr
     assert summary_of(run)["status"] == "completed" and summary_of(run)["steps"] == step + 40
     assert len(list(run.glob("events.out.tfevents.*"))) == 2  # the killed attempt's and the resume's
+
+
+def test_a_run_whose_process_died_without_a_word_reads_as_killed(tmp_path):
+    """summary.json says running; the reader and the sweep's end lines say killed once no
+    process on this machine holds the run, and keep running for a lock taken elsewhere."""
+    from bnlab.outcome import read_summary, sweep_runs
+    from bnlab.rundir import LOCK
+    from bnlab.runs import Run
+
+    run = tmp_path / "sweep" / "0"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "config.yaml").write_text("seed: 0\n")
+    (run / "summary.json").write_text(json.dumps({"status": "running", "steps": 10}))
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(run)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        assert Run(run, summary=read_summary(run)).status == "running"
+        assert sweep_runs(tmp_path / "sweep") == {run: "running"}
+    finally:
+        proc.kill()
+        proc.wait()
+    assert Run(run, summary=read_summary(run)).status == "killed"
+    assert sweep_runs(tmp_path / "sweep") == {run: "killed"}
+    assert json.loads((run / "summary.json").read_text())["status"] == "running"  # the reader writes nothing
+    (run / LOCK).write_text("12345 another-node\n")  # written on another machine: flock cannot tell
+    assert Run(run, summary=read_summary(run)).status == "running"
