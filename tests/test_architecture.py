@@ -140,29 +140,3 @@ def test_the_norm_modules_import_the_registry_not_the_package():
                 assert node.module != "bnlab.norms", path.name
             if isinstance(node, ast.Import):
                 assert all(a.name != "bnlab.norms" for a in node.names), path.name
-
-
-def test_report_modules_are_in_no_import_cycle():
-    package = Path(__file__).resolve().parent.parent / "bnlab"
-    modules = {p.stem: p for p in package.glob("*.py") if p.stem != "__init__"}
-    imports = {name: set() for name in modules}
-    for name, path in modules.items():
-        for node in ast.walk(ast.parse(path.read_text())):  # function-level imports included
-            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("bnlab."):
-                imports[name].add(node.module.split(".")[1])
-            elif isinstance(node, ast.Import):
-                imports[name] |= {a.name.split(".")[1] for a in node.names
-                                  if a.name.startswith("bnlab.")}
-
-    def reachable(start: str) -> set[str]:
-        seen, todo = set(), [start]
-        while todo:
-            for nxt in imports.get(todo.pop(), ()):
-                if nxt not in seen:
-                    seen.add(nxt)
-                    todo.append(nxt)
-        return seen
-
-    for name in ("report", "report_data", "report_figures", "claims", "runs"):
-        assert name not in reachable(name), f"bnlab.{name} imports itself through a cycle"
-    assert "report" not in reachable("report_figures") | reachable("claims")

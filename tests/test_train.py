@@ -8,28 +8,22 @@ from pathlib import Path
 
 import pytest
 
-from helpers import train_in_process
+from helpers import scalars, train_in_process
 
 FAST = ["data=digits", "train.steps=40", "train.log_every=10", "train.eval_every=20", "probe=off"]
-
-
-def rows(run) -> list[tuple[int, str, float]]:
-    lines = (run / "scalars.csv").read_text().splitlines()[1:]
-    return [(int(s), t, float(v)) for s, t, v in (line.split(",") for line in lines)
-            if not t.startswith("perf/")]
 
 
 def test_same_seed_same_numbers_other_seed_other_numbers(tmp_path):
     for name, seed in (("a", 0), ("b", 0), ("c", 1)):
         assert train_in_process(tmp_path / name, *FAST, f"seed={seed}") == "completed"
-    a, b, c = (rows(tmp_path / n) for n in "abc")
+    a, b, c = (scalars(tmp_path / n) for n in "abc")
     assert a == b
     assert [t for t in a if t[1] == "train/loss"] != [t for t in c if t[1] == "train/loss"]
 
 
 def test_cosine_schedule_logs_the_closed_form(tmp_path):
     train_in_process(tmp_path, *FAST, "optim.schedule=cosine", "optim.lr=0.2")
-    logged = {s: v for s, t, v in rows(tmp_path) if t == "train/lr"}
+    logged = {s: v for s, t, v in scalars(tmp_path) if t == "train/lr"}
     # the rate of the last update made before each log step: update number s - 1 (0-based)
     for step, lr in logged.items():
         assert lr == 0.2 * 0.5 * (1 + math.cos(math.pi * (step - 1) / 40))
@@ -43,10 +37,10 @@ def test_epochs_set_the_number_of_steps(tmp_path):
 
 def test_train_metrics_are_means_since_the_previous_log_step(tmp_path):
     train_in_process(tmp_path, *FAST, "train.log_every=1")
-    every = {s: v for s, t, v in rows(tmp_path) if t == "train/loss"}
+    every = {s: v for s, t, v in scalars(tmp_path) if t == "train/loss"}
     coarse_dir = tmp_path.parent / "coarse"
     train_in_process(coarse_dir, *FAST, "train.log_every=10")
-    coarse = {s: v for s, t, v in rows(coarse_dir) if t == "train/loss"}
+    coarse = {s: v for s, t, v in scalars(coarse_dir) if t == "train/loss"}
     for step, value in coarse.items():
         window = [every[s] for s in range(step - 9, step + 1)]
         assert abs(value - sum(window) / 10) < 1e-5
