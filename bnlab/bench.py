@@ -217,6 +217,15 @@ class Bench:
                      1 / med(r["native"]), "s/step",
                      f"MLP 784-100-100-100-10, batch 60, {threads} thread(s); step time / native BN's",
                      ratio=med([n / v for n, v in zip(r["native"], r["variant"], strict=True)]))
+        # the same two layers where each operation has real work: the gap is per-operation overhead
+        cnn_steps = max(20, steps // 10)
+        r = self.rounds({"native": lambda: self.ceiling_steps_per_s([*CNN, "norm=bn", "norm.impl=torch"],
+                                                                    threads, cnn_steps),
+                         "variant": lambda: self.ceiling_steps_per_s([*CNN, "norm=bn"], threads, cnn_steps)},
+                        rounds)
+        self.add("norms", "bn (bnlab) vs native BN on the CNN (time per step)", 1 / med(r["variant"]),
+                 1 / med(r["native"]), "s/step", f"CNN, batch 256, {threads} thread(s)",
+                 ratio=med([n / v for n, v in zip(r["native"], r["variant"], strict=True)]))
 
     # -- many seeds as one program: hydra/launcher=batched
     def batched(self, seeds: int, steps: int, rounds: int, device: str) -> None:
@@ -375,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     rounds = args.repeats
     if "trainer" in groups:
         bench.loops("MLP batch 60", MLP, args.steps, rounds)
-        # ~30 steps/s on 2 cores: fewer steps and rounds keep the whole benchmark under 5 minutes
+        # ~30 steps/s on 2 cores: fewer steps and rounds keep the whole benchmark near 10 minutes
         bench.loops("CNN batch 256", CNN, max(50, args.steps // 25), max(1, rounds - 1))
     if "probes" in groups:
         bench.probes(args.steps, rounds)
