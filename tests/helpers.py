@@ -160,3 +160,16 @@ def execute(run: Path, *overrides: str) -> int:
 
     run.mkdir(parents=True, exist_ok=True)
     return execute_job(compose(*SHORT, *overrides), run, multirun=False)
+
+
+def fail_on_call(n: int, exc: BaseException, original):
+    """``original`` that raises ``exc`` at its n-th call instead (a fault injected where a real
+    one could happen); also used inside the subprocesses of test_failures.py."""
+    calls = []
+
+    def wrapper(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == n:
+            raise exc
+        return original(*args, **kwargs)
+    return wrapper

@@ -13,7 +13,7 @@ import pytest
 
 from bnlab.checkpoint import load_checkpoint
 
-from helpers import SHORT, bnlab, execute, scalars, summary_of, train_in_process
+from helpers import SHORT, bnlab, execute, fail_on_call, scalars, summary_of, train_in_process
 
 
 # ---------------------------------------------------------------- divergence
@@ -41,15 +41,9 @@ def test_divergence_can_be_watched_to_the_end(tmp_path):
 # one could happen), so that exit code, stderr and files are what a user would get.
 INJECT = """
 import sys
+sys.path.insert(0, {tests!r})
 import bnlab.train as train
-calls = []
-def nth_call(original, n, exc):
-    def wrapper(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == n:
-            raise exc
-        return original(*args, **kwargs)
-    return wrapper
+from helpers import fail_on_call
 {patch}
 from bnlab.cli import main
 sys.exit(main(sys.argv[1:]))
@@ -59,23 +53,13 @@ sys.exit(main(sys.argv[1:]))
 def bnlab_patched(patch: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "BNLAB_DATA": str(cwd / "data")}
     env.pop("HYDRA_FULL_ERROR", None)
-    return subprocess.run([sys.executable, "-c", INJECT.format(patch=patch), *args], cwd=cwd,
+    code = INJECT.format(patch=patch, tests=str(Path(__file__).parent))
+    return subprocess.run([sys.executable, "-c", code, *args], cwd=cwd,
                           env=env, capture_output=True, text=True, timeout=300)
 
 
-def fail_on_call(n: int, exc: BaseException, original):
-    calls = []
-
-    def wrapper(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == n:
-            raise exc
-        return original(*args, **kwargs)
-    return wrapper
-
-
 def test_an_exception_in_the_loop_marks_the_run_failed_with_one_line_and_the_traceback_logged(tmp_path):
-    result = bnlab_patched("train.evaluate = nth_call(train.evaluate, 2, ValueError('boom'))",
+    result = bnlab_patched("train.evaluate = fail_on_call(2, ValueError('boom'), train.evaluate)",
                            "train", *SHORT, "hydra.run.dir=run", cwd=tmp_path)
     assert result.returncode == 1
     assert result.stderr == ("bnlab: error: ValueError: boom; run run failed "
