@@ -305,11 +305,21 @@ def augment_batch(x: Tensor, generator: torch.Generator, pad: int = 4) -> Tensor
     return padded[batch, chans, rows, cols]
 
 
+GPU_CHUNK_ROWS = 4096  # rows of one gather on a GPU, where each gather is a kernel launch
+CPU_CHUNK_BYTES = 2 << 20  # bytes of one gather on a CPU: a chunk that stays in cache until used
+# Rows the grouped sampler plans per draw. Unlike a gather's size, this decides which batches a
+# seed gives, so it is the same on every device.
+PLAN_ROWS = 4096
+
+
 class BatchStream:
     """Shuffled batches of a resident split: an epoch is one seeded ``randperm``.
 
     The rows of the next few batches are gathered with one ``index_select`` (``chunk_rows``
-    at most) and handed out as views: one large gather costs far less than many small ones.
+    at most) and handed out as views: one large gather costs far less than many small ones on
+    a GPU. On a CPU the chunk is sized to stay in cache until its batches are used
+    (:data:`CPU_CHUNK_BYTES`): with 4,096 Fashion-MNIST rows (12.8 MB) the MLP's trainer made
+    2.9% fewer steps/s than with 600 (1.9 MB), paired in one process.
     What a batch holds depends only on the permutation and the position, so a stream restored
     from ``state_dict`` continues with exactly the batches the original would have given.
 
@@ -318,9 +328,12 @@ class BatchStream:
     """
 
     def __init__(self, split: Split, batch_size: int, seed: int, augment: bool = False,
-                 rank: int = 0, world_size: int = 1, chunk_rows: int = 4096) -> None:
+                 rank: int = 0, world_size: int = 1, chunk_rows: int | None = None) -> None:
         self.split, self.batch_size, self.augment = split, batch_size, augment
         self.rank, self.world_size = rank, world_size
+        if chunk_rows is None:
+            row_bytes = split.x[:1].numel() * split.x.element_size()
+            chunk_rows = GPU_CHUNK_ROWS if split.x.is_cuda else CPU_CHUNK_BYTES // max(1, row_bytes)
         self.chunk_batches = max(1, chunk_rows // batch_size)
         self.generator = torch.Generator().manual_seed(seed)
         device = split.x.device
@@ -393,7 +406,7 @@ class GroupedBatchStream:
 
     def __init__(self, split: Split, batch_size: int, labels_per_batch: int, seed: int,
                  augment: bool = False, rank: int = 0, world_size: int = 1,
-                 chunk_rows: int = 4096) -> None:
+                 chunk_rows: int = PLAN_ROWS) -> None:
         labels = split.y.cpu()
         counts = torch.bincount(labels)
         self.k, self.m = labels_per_batch, batch_size // labels_per_batch
