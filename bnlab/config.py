@@ -137,7 +137,10 @@ class TrainLoopConfig:
     progress: str = choice("auto", "auto", "rich", "plain", "off")
     compile: bool = False
     amp: bool = False  # CUDA autocast (bfloat16)
-    cuda_graph: bool = False  # capture the training step once and replay it (CUDA only)
+    # Capturing the step as a CUDA graph is declared but not built: it needs a GPU to build and
+    # test, and none has been available. Refused rather than silently ignored.
+    cuda_graph: bool = bounded(False, lambda v: v is False,
+                               "false: CUDA-graph capture of the training step is not built yet")
 
 
 @dataclass

@@ -60,7 +60,7 @@ def not_vectorized(cfg: DictConfig) -> str | None:
         return "norm=bn is vectorized with norm.impl=scratch and norm.sync=false only"
     if cfg.optim.name not in ("sgd", "adam"):
         return f"optim={cfg.optim.name} is not vectorized"
-    for key in ("compile", "amp", "cuda_graph"):
+    for key in ("compile", "amp"):
         if cfg.train.get(key, False):
             return f"train.{key}=true is not vectorized"
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:

@@ -23,6 +23,7 @@ from helpers import REPO, bnlab, compose
     ("optim.momentum=1.5", "optim.momentum=1.5 is not valid: expected a number in [0, 1]"),
     ("probe.unit=100", "probe.unit=100 is not valid: expected an integer below the narrowest hidden width"),
     ("data.root=/proc/forbidden data=mnist", "mnist: files missing in /proc/forbidden/MNIST/raw"),
+    ("train.cuda_graph=true", "train.cuda_graph=True is not valid: expected false: CUDA-graph capture"),
 ])
 def test_out_of_range_values_fail_before_any_work(tmp_path, override, expected):
     result = bnlab("train", *override.split(), "train.steps=5", cwd=tmp_path)
