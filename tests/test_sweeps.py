@@ -150,7 +150,8 @@ def test_a_sweep_survives_a_diverging_and_a_killed_job_and_the_report_lists_all(
     result = bnlab("report", str(sweep), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "8 runs in 8 group(s)" in result.stdout
-    assert result.stdout.count("diverged") >= 2 and "running" in result.stdout
+    # its summary still says running (a SIGKILL leaves no chance to write); no process holds it
+    assert result.stdout.count("diverged") >= 2 and "killed" in result.stdout
 
 
 def _runs(pid: int, run: Path) -> bool:
