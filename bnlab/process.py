@@ -66,6 +66,9 @@ def setup_process(cfg) -> torch.device:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
         device = torch.device(cfg.device)
+    if cfg.train.amp and device.type != "cuda":  # refused, not silently ignored
+        raise UserError(f"train.amp=true is CUDA autocast (bfloat16) and this run is on {device.type}; "
+                        "drop it, or use device=cuda")
     return distributed.device_for(device)
 
 

@@ -24,6 +24,7 @@ from helpers import REPO, bnlab, compose
     ("probe.unit=100", "probe.unit=100 is not valid: expected an integer below the narrowest hidden width"),
     ("data.root=/proc/forbidden data=mnist", "mnist: files missing in /proc/forbidden/MNIST/raw"),
     ("train.cuda_graph=true", "train.cuda_graph=True is not valid: expected false: CUDA-graph capture"),
+    ("train.amp=true device=cpu", "train.amp=true is CUDA autocast (bfloat16) and this run is on cpu"),
 ])
 def test_out_of_range_values_fail_before_any_work(tmp_path, override, expected):
     result = bnlab("train", *override.split(), "train.steps=5", cwd=tmp_path)
