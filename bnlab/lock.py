@@ -2,8 +2,9 @@
 
 The process that writes a run holds the lock for as long as it writes; a second writer (a
 second ``resume=`` of the same run, or ``hydra.run.dir`` pointing at a live run) is refused
-with the holder's pid, which the holder writes into the file with its host name. The kernel releases a flock
-when its process ends, however it ends: a lock left by a killed process never blocks.
+with the holder's pid, which the holder writes into the file with its host name. The kernel
+releases a flock when its process ends, however it ends: a lock left by a killed process
+never blocks.
 """
 
 from __future__ import annotations

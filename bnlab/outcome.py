@@ -94,7 +94,8 @@ def sweep_runs(sweep_dir: Path, since: float = 0.0) -> dict[Path, str]:
         if config.parent.name != CONFIG.parent.name or config.stat().st_mtime < since:
             continue
         summary = read_summary(run)
-        runs[run] = process_status(run, str(summary["status"])) if summary.get("status") else "no summary"
+        status = summary.get("status") if summary else None
+        runs[run] = process_status(run, str(status)) if status else "no summary"
     return runs
 
 

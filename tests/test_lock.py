@@ -101,3 +101,7 @@ def test_a_run_whose_process_died_without_a_word_reads_as_killed(tmp_path):
     assert json.loads((run / "summary.json").read_text())["status"] == "running"  # the reader writes nothing
     (run / LOCK).write_text("12345 another-node\n")  # written on another machine: flock cannot tell
     assert Run(run, summary=read_summary(run)).status == "running"
+    never_started = tmp_path / "sweep" / "1"  # Hydra wrote its config; the job died before a summary
+    (never_started / ".hydra").mkdir(parents=True)
+    (never_started / ".hydra" / "config.yaml").write_text("seed: 1\n")
+    assert sweep_runs(tmp_path / "sweep") == {run: "running", never_started: "no summary"}
