@@ -121,10 +121,10 @@ class StackedMLP:
         # per member g and feature c over the member's examples n: the member's own BN
         buffers = self.buffers
 
-        def record(total: Tensor, squares: Tensor, m: int) -> None:
+        def record(mean: Tensor, squares: Tensor, m: int) -> None:
             buffers[prefix + ".num_batches_tracked"].add_(1)
             update_running(buffers[prefix + ".running_mean"], buffers[prefix + ".running_var"],
-                           total, squares, m, norm.momentum)
+                           mean, squares, m, norm.momentum)
 
         return batch_norm_train(h, weight, bias, norm.eps, (2,), record)
 
