@@ -60,11 +60,13 @@ class Bench:
                             "train.checkpoint_every=1000000", *overrides)
 
     def add(self, group: str, name: str, value: float, baseline: float, unit: str, note: str = "",
-            ratio: float | None = None) -> None:
-        """One row; ``ratio`` defaults to value / baseline (per-step times give their own)."""
-        ratio = value / baseline if ratio is None else ratio
+            ratios: list[float] | None = None) -> None:
+        """One row. ``ratios``: the ratio of each round's paired measurements; the row's ratio is
+        their median, and their range is printed with it, so a reader sees the machine's noise.
+        Without them the ratio is value / baseline."""
+        ratio = value / baseline if ratios is None else statistics.median(ratios)
         self.rows.append({"group": group, "name": name, "value": value, "baseline": baseline,
-                          "unit": unit, "ratio": ratio, "note": note})
+                          "unit": unit, "ratio": ratio, "ratios": ratios, "note": note})
 
     # -- the three loops on one model: bnlab's trainer, the textbook loop, the ceiling
     def trainer_steps_per_s(self, overrides: list[str], threads: int, steps: int | None = None) -> float:
@@ -172,7 +174,7 @@ class Bench:
             self.add("trainer", f"{name}: {label}", med(r[measured]), med(best[baseline]), "steps/s",
                      f"{note}; baseline best of 1/2 threads ({med(r[baseline + '1']):.0f} / "
                      f"{med(r[baseline + '2']):.0f})",
-                     ratio=med([a / b for a, b in zip(r[measured], best[baseline], strict=True)]))
+                     ratios=[a / b for a, b in zip(r[measured], best[baseline], strict=True)])
 
         row("trainer", "ceiling", "trainer vs ceiling", f"probes off, {auto} thread(s)")
         row("defaults", "native", "trainer at defaults vs native-BN ceiling",
@@ -195,7 +197,7 @@ class Bench:
                              ("full", "every 50 steps, ICS every 100, histograms every 500")):
             self.add("probes", f"MLP: probe={preset} vs probe=off (time per step)",
                      1 / med(r[preset]), 1 / med(r["off"]), "s/step", note,
-                     ratio=med([off / on for off, on in zip(r["off"], r[preset], strict=True)]))
+                     ratios=[off / on for off, on in zip(r["off"], r[preset], strict=True)])
 
     # -- normalization layers, per training step of the default MLP
     def norms(self, steps: int, rounds: int) -> None:
@@ -216,7 +218,7 @@ class Bench:
             self.add("norms", f"{name} vs native BN (time per step)", 1 / med(r["variant"]),
                      1 / med(r["native"]), "s/step",
                      f"MLP 784-100-100-100-10, batch 60, {threads} thread(s); step time / native BN's",
-                     ratio=med([n / v for n, v in zip(r["native"], r["variant"], strict=True)]))
+                     ratios=[n / v for n, v in zip(r["native"], r["variant"], strict=True)])
         # the same two layers where each operation has real work: the gap is per-operation overhead
         cnn_steps = max(20, steps // 10)
         r = self.rounds({"native": lambda: self.ceiling_steps_per_s([*CNN, "norm=bn", "norm.impl=torch"],
@@ -225,7 +227,7 @@ class Bench:
                         rounds)
         self.add("norms", "bn (bnlab) vs native BN on the CNN (time per step)", 1 / med(r["variant"]),
                  1 / med(r["native"]), "s/step", f"CNN, batch 256, {threads} thread(s)",
-                 ratio=med([n / v for n, v in zip(r["native"], r["variant"], strict=True)]))
+                 ratios=[n / v for n, v in zip(r["native"], r["variant"], strict=True)])
 
     # -- many seeds as one program: hydra/launcher=batched
     def batched(self, seeds: int, steps: int, rounds: int, device: str) -> None:
@@ -264,12 +266,12 @@ class Bench:
         self.add("batched", f"MLP x{seeds} seeds: batched vs sequential", med(r["batched"]),
                  med(r["sequential"]), "steps/s",
                  f"aggregate steps/s, {steps} steps per run, {where}; sequential: the basic launcher's way",
-                 ratio=med([b / s for b, s in zip(r["batched"], r["sequential"], strict=True)]))
+                 ratios=[b / s for b, s in zip(r["batched"], r["sequential"], strict=True)])
         self.add("batched", f"MLP x{seeds} seeds: batched vs 2 parallel processes", med(r["batched"]),
                  med(r["parallel"]), "steps/s",
                  f"aggregate steps/s; 2 processes with {max(1, threads // 2)} thread(s) each, "
                  "half the seeds each: joblib n_jobs=2's way",
-                 ratio=med([b / p for b, p in zip(r["batched"], r["parallel"], strict=True)]))
+                 ratios=[b / p for b, p in zip(r["batched"], r["parallel"], strict=True)])
 
     # -- report
     def report(self, runs: int, steps: int) -> None:
@@ -344,14 +346,15 @@ def print_table(rows: list[dict]) -> None:
             print(r)
         return
     table = Table(title="bnlab bench: ratios measured side by side in one run")
-    for col in ("group", "measurement", "value", "baseline", "ratio", "note"):
+    for col in ("group", "measurement", "value", "baseline", "ratio (range over rounds)", "note"):
         table.add_column(col, overflow="fold")
     def fmt(value: float, unit: str) -> str:
         return f"{value * 1e3:.3f} ms" if unit == "s/step" else f"{value:.4g} {unit}"
 
     for r in rows:
+        spread = f" ({min(r['ratios']):.2f}-{max(r['ratios']):.2f})" if r.get("ratios") else ""
         table.add_row(r["group"], r["name"], fmt(r["value"], r["unit"]), fmt(r["baseline"], r["unit"]),
-                      f"{r['ratio']:.2f}", r["note"])
+                      f"{r['ratio']:.2f}{spread}", r["note"])
     Console(width=160).print(table)
 
 
