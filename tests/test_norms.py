@@ -183,6 +183,34 @@ def test_bn_refuses_one_value_per_feature_like_torch():
         BatchNorm(4)(torch.randn(1, 4))
 
 
+@pytest.mark.parametrize("shape", [(30, 16), (8, 16, 3, 3)])
+def test_bn_compiles_as_one_graph_and_matches_eager(shape):
+    """train.compile=true traces bnlab's BN whole (its forward and closed-form backward) with
+    no graph break, and the compiled step equals the eager one, running estimates included."""
+    from torch._dynamo.utils import counters
+
+    from bnlab.norms import batchnorm
+
+    torch._dynamo.reset()
+    counters.clear()
+    batchnorm._CONSTANTS.clear()  # as in a fresh process, where the compiled step runs first
+    torch.manual_seed(3)
+    eager, compiled = BatchNorm(16, dims=len(shape)), BatchNorm(16, dims=len(shape))
+    x, grad = torch.randn(shape) * 2 + 1, torch.randn(shape)
+    step = torch.compile(lambda layer, x: layer(x), fullgraph=True)
+    x_c = x.clone().requires_grad_()
+    y_c = step(compiled, x_c)
+    y_c.backward(grad)
+    gx_c = x_c.grad
+    y, gx = _forward_backward(eager, x, grad)
+    assert sum(counters["graph_break"].values()) == 0
+    assert_close(y_c, y, rtol=1e-5, atol=1e-5)
+    assert_close(gx_c, gx, rtol=1e-4, atol=1e-5)
+    assert_close(compiled.weight.grad, eager.weight.grad, rtol=1e-4, atol=1e-5)
+    assert_close(compiled.running_var, eager.running_var)
+    assert compiled.num_batches_tracked.item() == 1
+
+
 def test_bn_impl_torch_is_the_native_layer():
     layer = build_norm("bn", 6, 4, impl="torch", momentum=0.2, eps=1e-3)
     assert isinstance(layer.bn, nn.BatchNorm2d)

@@ -33,6 +33,8 @@ def _constant(value: float, like: Tensor) -> Tensor:
     On the CPU an operation given a Python number first wraps it in a tensor, which costs more
     than the arithmetic on the small MLP (``t.mul_(0.9)`` ~5 us, ``t.mul_(c)`` ~2 us); BN's
     constants (1/m, eps, the momentum) repeat every step, so each is wrapped once."""
+    if torch.compiler.is_compiling():  # train.compile: a constant in the graph, no cache
+        return torch.full((), value, dtype=like.dtype, device=like.device)
     key = (value, like.dtype, like.device)
     tensor = _CONSTANTS.get(key)
     if tensor is None:
@@ -74,10 +76,10 @@ class _BatchNormTrain(torch.autograd.Function):
         total = x.sum(dims, keepdim=keepdim)
         m = x.numel() // total.numel()
         inv_m = _constant(1.0 / m, x)
-        mean = total.mul_(inv_m)
+        mean = total * inv_m
         x_hat = x - mean
         squares = (x_hat * x_hat).sum(dims, keepdim=keepdim)  # two passes: exact when |mu| >> sigma
-        inv_std = torch.addcmul(_constant(eps, x), squares, inv_m).rsqrt_()
+        inv_std = torch.addcmul(_constant(eps, x), squares, inv_m).rsqrt()
         x_hat.mul_(inv_std)
         shape = total.shape
         y = torch.addcmul(bias.view(shape) if keepdim else bias, x_hat,
