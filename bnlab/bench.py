@@ -20,6 +20,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 MLP = ["model=mlp", "train.batch_size=60"]
 CNN = ["model=cnn", "train.batch_size=256"]
@@ -136,10 +137,10 @@ class Bench:
                     break
         return steps / _seconds(once)
 
-    def rounds(self, measures: dict[str, Callable[[], float]], rounds: int) -> dict[str, list[float]]:
+    def rounds(self, measures: dict[str, Callable[[], Any]], rounds: int) -> dict[str, list]:
         """Each measurement once per round, in turn: ratios within a round share the machine's
         state of the moment, and their median over rounds is robust to its drift."""
-        results: dict[str, list[float]] = {name: [] for name in measures}
+        results: dict[str, list] = {name: [] for name in measures}
         for _ in range(rounds):
             for name, measure in measures.items():
                 results[name].append(measure())
@@ -186,6 +187,52 @@ class Bench:
         from bnlab.process import auto_threads
 
         return auto_threads(self.cfg(*MLP))
+
+    # -- train.compile: the same trainer, its forward and closed-form backward compiled
+    def trainer_run(self, overrides: list[str], threads: int, steps: int) -> tuple[float, float]:
+        """(steady steps/s, wall seconds) of one whole run: the steady rate is the median of the
+        rates the trainer logs (``perf/steps_per_s``, every ``train.log_every`` steps), leaving
+        out the first two intervals, where a compiled run compiles; the wall time includes it."""
+        import csv
+
+        from bnlab.train import Trainer
+
+        torch = self.torch
+        cfg = self.cfg(*overrides, "probe=off", f"train.steps={steps}", f"train.threads={threads}")
+        torch.set_num_threads(threads)
+        with tempfile.TemporaryDirectory() as tmp:
+            trainer = Trainer(cfg, Path(tmp), torch.device("cpu"), self.data)
+            seconds = _seconds(lambda: trainer.run(resumed=False))
+            with open(Path(tmp) / "scalars.csv") as f:
+                rates = [float(r["value"]) for r in csv.DictReader(f) if r["tag"] == "perf/steps_per_s"]
+        return statistics.median(rates[2:]), seconds
+
+    def compiled(self, steps: int, rounds: int) -> None:
+        """``train.compile=true`` against the eager trainer and the native-BN ceiling (probes off),
+        and what its compilation costs a run (with the compile cache of earlier rounds warm)."""
+        auto = self._auto_threads()
+        native = [*MLP, "norm.impl=torch"]
+        r = self.rounds({
+            "eager": lambda: self.trainer_run(MLP, auto, steps),
+            "compiled": lambda: self.trainer_run([*MLP, "train.compile=true"], auto, steps),
+            "native": lambda: (self.ceiling_steps_per_s(native, auto, steps), 0.0),
+        }, rounds)
+        rate = {k: [v[0] for v in r[k]] for k in r}
+        wall = {k: [v[1] for v in r[k]] for k in r}
+        med = statistics.median
+        pairs = list(zip(rate["eager"], rate["compiled"], rate["native"], strict=True))
+        self.add("compile", "MLP: train.compile=true vs eager trainer (steady steps/s)",
+                 med(rate["compiled"]), med(rate["eager"]), "steps/s",
+                 f"probes off, {auto} thread(s); the rates the trainer logs, after the first two "
+                 "log intervals", ratios=[c / e for e, c, _ in pairs])
+        self.add("compile", "MLP: train.compile=true vs native-BN ceiling (steady steps/s)",
+                 med(rate["compiled"]), med(rate["native"]), "steps/s",
+                 "the compiled trainer's steady rate against torch's BN stepping eagerly on one "
+                 "resident batch", ratios=[c / n for _, c, n in pairs])
+        self.add("compile", f"MLP: wall time of a {steps}-step run, compiled vs eager",
+                 med(wall["compiled"]), med(wall["eager"]), "s",
+                 "whole runs, compilation included (compile cache warm after the first round)",
+                 ratios=[c / e for e, c in zip(wall["eager"], wall["compiled"], strict=True)])
 
     # -- probes
     def probes(self, steps: int, rounds: int) -> None:
@@ -365,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=4000, help="MLP steps per measurement")
     parser.add_argument("--repeats", type=int, default=3,
                         help="rounds of paired measurements; each ratio is the median over rounds")
-    parser.add_argument("--only", default="trainer,probes,norms,batched,report,startup",
+    parser.add_argument("--only", default="trainer,compile,probes,norms,batched,report,startup",
                         help="comma-separated groups to run")
     parser.add_argument("--seeds", type=int, default=16, help="runs of the batched group")
     parser.add_argument("--device", default="cpu", help="device of the batched group: cpu or cuda")
@@ -389,6 +436,8 @@ def main(argv: list[str] | None = None) -> int:
         bench.loops("MLP batch 60", MLP, args.steps, rounds)
         # ~30 steps/s on 2 cores: fewer steps and rounds keep the whole benchmark near 10 minutes
         bench.loops("CNN batch 256", CNN, max(50, args.steps // 25), max(1, rounds - 1))
+    if "compile" in groups:
+        bench.compiled(args.steps, rounds)
     if "probes" in groups:
         bench.probes(args.steps, rounds)
     if "norms" in groups:
