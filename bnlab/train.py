@@ -160,6 +160,9 @@ class Trainer:
             return loss_fn(logits, y), logits
 
         if self.cfg.train.compile:
+            # Random draws (noisy_bn's noise) through torch's own generator, as in eager mode:
+            # the compiled run then trains on the same numbers as the eager one.
+            torch._inductor.config.fallback_random = True
             forward_loss = torch.compile(forward_loss)
 
         def step(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:

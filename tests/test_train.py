@@ -55,3 +55,19 @@ def test_default_budget_on_fashion_mnist_reaches_086(tmp_path):
                               f"data.root={tmp_path / 'data'}", "train.threads=0")
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert status == "completed" and summary["final"]["test/acc"] >= 0.86
+
+
+def test_compiled_training_equals_eager_noise_included(tmp_path):
+    """train.compile=true trains on the same numbers as eager mode: noisy_bn's noise comes from
+    torch's generator in both, so every logged training scalar agrees to float32 rounding."""
+    runs = {}
+    for compiled in ("false", "true"):
+        run = tmp_path / compiled
+        status = train_in_process(run, "data=digits", "norm=noisy_bn", "train.steps=60",
+                                  "train.log_every=20", "probe=off", f"train.compile={compiled}")
+        assert status == "completed"
+        runs[compiled] = {(step, tag): value for step, tag, value in scalars(run)
+                          if tag.startswith("train/loss")}
+    assert runs["true"].keys() == runs["false"].keys() and len(runs["true"]) == 3
+    for key, value in runs["false"].items():
+        assert math.isclose(runs["true"][key], value, rel_tol=1e-4), key
