@@ -211,6 +211,41 @@ def test_bn_compiles_as_one_graph_and_matches_eager(shape):
     assert compiled.num_batches_tracked.item() == 1
 
 
+COMPILED_NORMS = [("brn", {"warmup_steps": 1, "ramp_steps": 0, "d_ramp_steps": 0}), ("ln", {}),
+                  ("gn", {}), ("noisy_bn", {}), ("zca", {}), ("iternorm", {})]
+
+
+@pytest.mark.parametrize(("name", "options"), COMPILED_NORMS)
+def test_compiled_training_steps_equal_eager_ones(name, options):
+    """Three training steps of a layer compiled as train.compile=true compiles them give the
+    eager steps' outputs, input gradients and running statistics. brn leaves its warm-up after
+    the first step, where r and d start to depend on the running statistics it updates."""
+    torch._inductor.config.fallback_random = True  # as the trainer sets it
+    torch.manual_seed(0)
+    xs, grads = torch.randn(3, 60, 16) * 2 + 1, torch.randn(3, 60, 16)
+    results = []
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        torch.manual_seed(1)
+        layer = build_norm(name, 16, 2, **options)
+        forward = torch.compile(lambda x, layer=layer: layer(x)) if compiled else layer
+        steps = []
+        for x, grad in zip(xs, grads, strict=True):
+            x = x.clone().requires_grad_()
+            torch.manual_seed(2)  # noisy_bn's noise
+            y = forward(x)
+            y.backward(grad)
+            steps.append((y.detach(), x.grad))
+        results.append((steps, {k: v.clone() for k, v in layer.state_dict().items()}))
+    (eager, eager_state), (compiled, compiled_state) = results
+    for (y, gx), (y_c, gx_c) in zip(eager, compiled, strict=True):
+        assert_close(y_c, y, rtol=1e-5, atol=1e-5)
+        assert_close(gx_c, gx, rtol=1e-4, atol=1e-5)
+    assert compiled_state.keys() == eager_state.keys()
+    for key, value in eager_state.items():
+        assert_close(compiled_state[key], value, rtol=1e-5, atol=1e-6)
+
+
 def test_bn_impl_torch_is_the_native_layer():
     layer = build_norm("bn", 6, 4, impl="torch", momentum=0.2, eps=1e-3)
     assert isinstance(layer.bn, nn.BatchNorm2d)

@@ -93,6 +93,19 @@ class BatchRenorm(Norm):
         r_max, d_max = self.limits((self.num_batches_tracked - 1).clamp(min=0))
         return {"r_max": r_max.item(), "d_max": d_max.item()}
 
+    def _update_running(self, mean: Tensor, std: Tensor) -> None:
+        if torch.compiler.is_compiling():
+            # train.compile: new tensors, not in-place updates. The compiled backward pass may
+            # recompute r and d from these buffers and must find the values they were computed
+            # from; updated in place, the gradient of x came out wrong (by up to 2.4, measured).
+            self.running_mean = self.running_mean.lerp(mean, self.momentum)
+            self.running_std = self.running_std.lerp(std, self.momentum)
+            self.num_batches_tracked = self.num_batches_tracked + 1
+            return
+        self.running_mean.lerp_(mean, self.momentum)
+        self.running_std.lerp_(std, self.momentum)
+        self.num_batches_tracked.add_(1)
+
     def forward(self, x: Tensor) -> Tensor:
         if x.dtype in LOW_PRECISION:  # statistics in float32 under autocast, as torch's BN does
             return self._renorm(x.float()).to(x.dtype)
@@ -113,8 +126,6 @@ class BatchRenorm(Norm):
             r = torch.clamp(std / self.running_std, 1.0 / r_max, r_max)
             d = torch.clamp((mean - self.running_mean) / self.running_std, -d_max, d_max)
             if self.update_stats:
-                self.running_mean.lerp_(mean, self.momentum)
-                self.running_std.lerp_(std, self.momentum)
-                self.num_batches_tracked.add_(1)
+                self._update_running(mean, std)
         x_hat = centered * per_feature(r / std, rank) + per_feature(d, rank)
         return x_hat * per_feature(self.weight, rank) + per_feature(self.bias, rank)
