@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bnlab.models import Block, Net
-from bnlab.norms.batchnorm import BatchNorm, batch_norm_train, update_running
+from bnlab.norms.batchnorm import BatchNorm, batch_norm_train, record_batch
 from bnlab.norms.groupnorm import GroupNorm
 from bnlab.norms.identity import Identity
 from bnlab.norms.layernorm import LayerNorm
@@ -122,9 +122,8 @@ class StackedMLP:
         buffers = self.buffers
 
         def record(mean: Tensor, squares: Tensor, m: int) -> None:
-            buffers[prefix + ".num_batches_tracked"].add_(1)
-            update_running(buffers[prefix + ".running_mean"], buffers[prefix + ".running_var"],
-                           mean, squares, m, norm.momentum)
+            record_batch(buffers[prefix + ".running_mean"], buffers[prefix + ".running_var"],
+                         buffers[prefix + ".num_batches_tracked"], norm.momentum, mean, squares, m)
 
         return batch_norm_train(h, weight, bias, norm.eps, (2,), record)
 

@@ -140,18 +140,21 @@ def batch_norm_train(x: Tensor, weight: Tensor, bias: Tensor, eps: float, dims: 
     return _BatchNormTrain.apply(x, weight, bias, eps, dims, record)
 
 
-def update_running(running_mean: Tensor, running_var: Tensor, mean: Tensor, squares: Tensor,
-                   m: int, factor: float | Tensor) -> None:
-    """running = (1 - factor) * running + factor * batch statistic, torch's convention, with
-    the unbiased batch variance m / (m - 1) * var_B = sum((x - mu_B)^2) / (m - 1).
-    ``factor`` is the momentum, or a tensor (``momentum=None``: 1 / batches seen, new each step)."""
+def record_batch(running_mean: Tensor, running_var: Tensor, num_batches_tracked: Tensor,
+                 momentum: float | None, mean: Tensor, squares: Tensor, m: int) -> None:
+    """The running estimates' update from one training batch, torch's convention:
+    running = (1 - f) * running + f * batch statistic, with f the momentum (or 1 / batches seen,
+    ``momentum=None``: the cumulative average) and the unbiased batch variance
+    m / (m - 1) * var_B = sum((x - mu_B)^2) / (m - 1). Statistics shaped as the buffers or
+    viewable as them; called without autograd."""
     if mean.shape != running_mean.shape:
         mean, squares = mean.view_as(running_mean), squares.view_as(running_var)
-    if isinstance(factor, Tensor):
-        factor = factor.to(mean.dtype)
+    tracked = num_batches_tracked.add_(_constant(1, num_batches_tracked))
+    if momentum is None:  # a new factor every step: computed on the device, no cache, no sync
+        factor = tracked.reciprocal().to(mean.dtype)
         keep, weight = 1.0 - factor, factor / (m - 1)
     else:
-        factor, keep, weight = (_constant(v, mean) for v in (factor, 1.0 - factor, factor / (m - 1)))
+        factor, keep, weight = (_constant(v, mean) for v in (momentum, 1.0 - momentum, momentum / (m - 1)))
     running_mean.lerp_(mean, factor)
     running_var.mul_(keep).addcmul_(squares, weight)
 
@@ -256,10 +259,8 @@ class BatchNorm(PopulationStatistics, Norm):
         return y.to(x.dtype) if low else y
 
     def _record_batch(self, mean: Tensor, squares: Tensor, m: int) -> None:
-        """The running estimates' update from one training batch (called without autograd)."""
-        tracked = self.num_batches_tracked.add_(_constant(1, self.num_batches_tracked))
-        factor = tracked.reciprocal() if self.momentum is None else self.momentum
-        update_running(self.running_mean, self.running_var, mean, squares, m, factor)
+        record_batch(self.running_mean, self.running_var, self.num_batches_tracked, self.momentum,
+                     mean, squares, m)
 
 
 # ---------------------------------------------------------------- Algorithm 2: population statistics
