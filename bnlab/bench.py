@@ -71,16 +71,25 @@ class Bench:
 
     # -- the three loops on one model: bnlab's trainer, the textbook loop, the ceiling
     def trainer_steps_per_s(self, overrides: list[str], threads: int, steps: int | None = None) -> float:
+        steps = steps or self.steps
+        seconds, _ = self._trainer_run(overrides, threads, steps)
+        return steps / seconds
+
+    def _trainer_run(self, overrides: list[str], threads: int, steps: int) -> tuple[float, list[float]]:
+        """(seconds, logged perf/steps_per_s) of one whole run. Building the model is start-up;
+        the run, its logging, evaluation and checkpoints count."""
+        import csv
+
         from bnlab.train import Trainer
 
-        torch = self.torch
-        steps = steps or self.steps
         cfg = self.cfg(*overrides, f"train.steps={steps}", f"train.threads={threads}")
-        torch.set_num_threads(threads)
+        self.torch.set_num_threads(threads)
         with tempfile.TemporaryDirectory() as tmp:
-            # Building the model is start-up; the run, its logging, evaluation and checkpoints count.
-            trainer = Trainer(cfg, Path(tmp), torch.device("cpu"), self.data)
-            return steps / _seconds(lambda: trainer.run(resumed=False))
+            trainer = Trainer(cfg, Path(tmp), self.torch.device("cpu"), self.data)
+            seconds = _seconds(lambda: trainer.run(resumed=False))
+            with open(Path(tmp) / "scalars.csv") as f:
+                rates = [float(r["value"]) for r in csv.DictReader(f) if r["tag"] == "perf/steps_per_s"]
+        return seconds, rates
 
     def _model_and_step(self, overrides: list[str]):
         import torch.nn.functional as F
@@ -189,37 +198,21 @@ class Bench:
         return auto_threads(self.cfg(*MLP))
 
     # -- train.compile: the same trainer, its forward and closed-form backward compiled
-    def trainer_run(self, overrides: list[str], threads: int, steps: int) -> tuple[float, float]:
-        """(steady steps/s, wall seconds) of one whole run: the steady rate is the median of the
-        rates the trainer logs (``perf/steps_per_s``, every ``train.log_every`` steps), leaving
-        out the first two intervals, where a compiled run compiles; the wall time includes it."""
-        import csv
-
-        from bnlab.train import Trainer
-
-        torch = self.torch
-        cfg = self.cfg(*overrides, "probe=off", f"train.steps={steps}", f"train.threads={threads}")
-        torch.set_num_threads(threads)
-        with tempfile.TemporaryDirectory() as tmp:
-            trainer = Trainer(cfg, Path(tmp), torch.device("cpu"), self.data)
-            seconds = _seconds(lambda: trainer.run(resumed=False))
-            with open(Path(tmp) / "scalars.csv") as f:
-                rates = [float(r["value"]) for r in csv.DictReader(f) if r["tag"] == "perf/steps_per_s"]
-        return statistics.median(rates[2:]), seconds
-
     def compiled(self, steps: int, rounds: int) -> None:
         """``train.compile=true`` against the eager trainer and the native-BN ceiling (probes off),
-        and what its compilation costs a run (with the compile cache of earlier rounds warm)."""
+        and what its compilation costs a run (with the compile cache of earlier rounds warm).
+        A run's steady rate is the median of the rates the trainer logs, leaving out the first
+        two log intervals, where a compiled run compiles; its wall time includes them."""
         auto = self._auto_threads()
-        native = [*MLP, "norm.impl=torch"]
         r = self.rounds({
-            "eager": lambda: self.trainer_run(MLP, auto, steps),
-            "compiled": lambda: self.trainer_run([*MLP, "train.compile=true"], auto, steps),
-            "native": lambda: (self.ceiling_steps_per_s(native, auto, steps), 0.0),
+            "eager": lambda: self._trainer_run([*MLP, "probe=off"], auto, steps),
+            "compiled": lambda: self._trainer_run([*MLP, "probe=off", "train.compile=true"], auto, steps),
+            "native": lambda: self.ceiling_steps_per_s([*MLP, "norm.impl=torch"], auto, steps),
         }, rounds)
-        rate = {k: [v[0] for v in r[k]] for k in r}
-        wall = {k: [v[1] for v in r[k]] for k in r}
         med = statistics.median
+        wall = {k: [seconds for seconds, _ in r[k]] for k in ("eager", "compiled")}
+        rate = {k: [med(rates[2:]) for _, rates in r[k]] for k in ("eager", "compiled")}
+        rate["native"] = r["native"]
         pairs = list(zip(rate["eager"], rate["compiled"], rate["native"], strict=True))
         self.add("compile", "MLP: train.compile=true vs eager trainer (steady steps/s)",
                  med(rate["compiled"]), med(rate["eager"]), "steps/s",
