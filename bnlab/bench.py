@@ -330,6 +330,13 @@ class Bench:
         help_ = _best_time(run("-m", "bnlab", "--help"), 5)
         self.add("startup", "bnlab --help vs python -c pass", help_, bare, "s",
                  "ratio = bnlab --help / python's bare start; < 1 s is the target")
+        with tempfile.TemporaryDirectory() as tmp:
+            one_step = _best_time(run("-m", "bnlab", "train", f"data={self.data_name}", "train.steps=1",
+                                      "train.progress=off", "hydra.run.dir=" + tmp + "/${now:%H%M%S%f}"), 3)
+        torch_import = _best_time(run("-c", "import torch"), 3)
+        self.add("startup", "bnlab train of one step vs python -c 'import torch'", one_step,
+                 torch_import, "s", "a whole run's fixed cost: start-up, data, model, one step, "
+                 "the final evaluation, summary and checkpoint; best of 3")
 
 
 def _train_seeds(job: tuple) -> float:

@@ -129,9 +129,6 @@ def read_idx(path: Path) -> Tensor:
 
 
 def _idx_dataset(name: str, folder: str, root: Path, download: bool) -> RawSplits:
-    import torchvision.datasets as tvd
-
-    cls = {"MNIST": tvd.MNIST, "FashionMNIST": tvd.FashionMNIST}[folder]
     raw = root / folder / "raw"
     have = lambda: all((raw / f).is_file() for f in IDX_FILES)  # noqa: E731
     if not have():
@@ -139,6 +136,9 @@ def _idx_dataset(name: str, folder: str, root: Path, download: bool) -> RawSplit
     if not have() and folder == "FashionMNIST":
         _decompress_idx(DEBIAN_FASHION_MNIST, raw)
     if not have():
+        import torchvision.datasets as tvd  # only to download: its import costs ~2 s of start-up
+
+        cls = getattr(tvd, folder)
         _download(name, raw, IDX_FILES, list(cls.mirrors),
                   lambda: cls(str(_writable_root(root)), train=True, download=True), download)
     train_x, train_y, test_x, test_y = (read_idx(raw / f) for f in IDX_FILES)
@@ -176,6 +176,7 @@ def _decompress_idx(source: Path, raw: Path) -> None:
 # ---------------------------------------------------------------- CIFAR-10 (python pickle batches)
 CIFAR_TRAIN = [f"data_batch_{i}" for i in range(1, 6)]
 CIFAR_TEST = ["test_batch"]
+CIFAR_FOLDER = "cifar-10-batches-py"  # what the original archive unpacks to (torchvision's too)
 
 
 def read_cifar_batch(path: Path) -> tuple[Tensor, Tensor]:
@@ -194,11 +195,11 @@ def read_cifar_batch(path: Path) -> tuple[Tensor, Tensor]:
 
 
 def _cifar10(root: Path, download: bool) -> RawSplits:
-    import torchvision.datasets as tvd
-
-    folder = root / tvd.CIFAR10.base_folder
+    folder = root / CIFAR_FOLDER
     files = CIFAR_TRAIN + CIFAR_TEST
     if not all((folder / f).is_file() for f in files):
+        import torchvision.datasets as tvd  # only to download: its import costs ~2 s of start-up
+
         _download("cifar10", folder, files, [tvd.CIFAR10.url],
                   lambda: tvd.CIFAR10(str(_writable_root(root)), train=True, download=True), download)
     train = [read_cifar_batch(folder / f) for f in CIFAR_TRAIN]

@@ -109,10 +109,17 @@ def job_label() -> str:
 
 
 def versions() -> dict[str, str]:
-    import hydra
-    import torchvision
+    """The versions a run's results depend on; torchvision's from its installed metadata, since
+    importing it costs ~2 s of start-up and a run from resident tensors never needs it."""
+    from importlib.metadata import PackageNotFoundError, version
 
-    return {"bnlab": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+    import hydra
+
+    try:
+        vision = version("torchvision")
+    except PackageNotFoundError:
+        vision = "not installed"
+    return {"bnlab": __version__, "torch": torch.__version__, "torchvision": vision,
             "hydra": hydra.__version__, "python": platform.python_version()}
 
 

@@ -138,6 +138,33 @@ def test_cifar10_python_batches_load_channels_first(tmp_path):
     assert data.train.y[:3].tolist() == labels0
 
 
+def test_cifar_folder_is_torchvisions_download_folder():
+    import torchvision.datasets as tvd
+
+    from bnlab.data import CIFAR_FOLDER
+
+    assert CIFAR_FOLDER == tvd.CIFAR10.base_folder  # a download lands where bnlab reads
+
+
+def test_a_run_with_its_files_present_never_imports_torchvision(tmp_path):
+    """torchvision's import costs ~2 s of every start-up; bnlab needs it only to download."""
+    import subprocess
+    import sys
+
+    tiny_mnist(tmp_path / "MNIST" / "raw")
+    tiny_cifar(tmp_path)
+    code = ("import sys, torch; from omegaconf import OmegaConf; "
+            "from bnlab.data import load_dataset; from bnlab.process import versions; "
+            "[load_dataset(OmegaConf.create({'name': n, 'root': sys.argv[1], 'download': False, "
+            "'normalize': True}), torch.device('cpu')) for n in ('mnist', 'cifar10', 'digits')]; "
+            "v = versions(); print('torchvision' in sys.modules, v['torchvision'])")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True,
+                         check=True).stdout.split()
+    from importlib.metadata import version
+
+    assert out == ["False", version("torchvision")]
+
+
 def test_corrupt_cifar_batch_is_a_data_error(tmp_path):
     tiny_cifar(tmp_path)
     (tmp_path / "cifar-10-batches-py" / "data_batch_3").write_bytes(b"\x80\x04garbage")
