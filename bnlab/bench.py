@@ -239,6 +239,36 @@ class Bench:
                      1 / med(r[preset]), 1 / med(r["off"]), "s/step", note,
                      ratios=[off / on for off, on in zip(r["off"], r[preset], strict=True)])
 
+    # -- evaluation: the train-mode pass mapped over batches, the eval-mode pass size
+    def evaluation(self, rounds: int) -> None:
+        """The train-mode evaluation of the default MLP in vmap passes against one pass per
+        batch, and the CNN's eval-mode evaluation in passes of ``train.eval_batch_size`` rows
+        against one pass of the whole test split."""
+        from bnlab.evaluation import ROWS_PER_MAPPED_PASS, evaluate, evaluate_train_mode
+        from bnlab.models import build_model
+
+        def model(overrides: list[str]):
+            cfg = self.cfg(*overrides)
+            return cfg, build_model(cfg, self.data.shape, self.data.num_classes)
+
+        (mlp_cfg, mlp), (cnn_cfg, cnn) = model(MLP), model(CNN)
+        test, batch, eval_rows = self.data.test, mlp_cfg.train.batch_size, cnn_cfg.train.eval_batch_size
+        train_mode = lambda rows: _seconds(  # noqa: E731
+            lambda: evaluate_train_mode(mlp, test, batch, 0, mlp_cfg.data, rows_per_pass=rows))
+        r = self.rounds({"mapped": lambda: train_mode(ROWS_PER_MAPPED_PASS),
+                         "one by one": lambda: train_mode(batch),
+                         "passes": lambda: _seconds(lambda: evaluate(cnn, test, eval_rows)),
+                         "whole": lambda: _seconds(lambda: evaluate(cnn, test, len(test)))}, rounds)
+        med = statistics.median
+        self.add("evaluation", f"MLP: train-mode evaluation, vmap passes vs one pass per batch of {batch}",
+                 med(r["mapped"]), med(r["one by one"]), "s",
+                 f"{len(test):,} test images; passes of {ROWS_PER_MAPPED_PASS} rows",
+                 ratios=[a / b for a, b in zip(r["mapped"], r["one by one"], strict=True)])
+        self.add("evaluation", f"CNN: eval-mode evaluation in passes of {eval_rows} "
+                 "vs one pass", med(r["passes"]), med(r["whole"]), "s",
+                 f"{len(test):,} test images; train.eval_batch_size",
+                 ratios=[a / b for a, b in zip(r["passes"], r["whole"], strict=True)])
+
     # -- normalization layers, per training step of the default MLP
     def norms(self, steps: int, rounds: int) -> None:
         threads = self._auto_threads()
@@ -412,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=4000, help="MLP steps per measurement")
     parser.add_argument("--repeats", type=int, default=3,
                         help="rounds of paired measurements; each ratio is the median over rounds")
-    parser.add_argument("--only", default="trainer,compile,probes,norms,batched,report,startup",
+    parser.add_argument("--only", default="trainer,compile,probes,evaluation,norms,batched,report,startup",
                         help="comma-separated groups to run")
     parser.add_argument("--seeds", type=int, default=16, help="runs of the batched group")
     parser.add_argument("--device", default="cpu", help="device of the batched group: cpu or cuda")
@@ -440,6 +470,8 @@ def main(argv: list[str] | None = None) -> int:
         bench.compiled(args.steps, rounds)
     if "probes" in groups:
         bench.probes(args.steps, rounds)
+    if "evaluation" in groups:
+        bench.evaluation(rounds)
     if "norms" in groups:
         bench.norms(max(100, args.steps // 10), max(1, rounds - 1))
     if "batched" in groups:

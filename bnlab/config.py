@@ -129,7 +129,9 @@ class TrainLoopConfig:
     # An integer, or "auto": a fixed number of evaluations per run (bnlab.evaluation.eval_interval).
     eval_every: Any = bounded(EVAL_AUTO, lambda v: v == EVAL_AUTO or (isinstance(v, int) and v >= 1),
                               f"an integer >= 1 or {EVAL_AUTO}")
-    eval_batch_size: int = at_least(10000, 1)
+    # Rows per eval-mode pass: on 2 CPU cores the CNN evaluated 10,000 test images in 0.60 s in
+    # passes of 1,000 and 1.05 s in one pass (caches); the MLP took the same either way.
+    eval_batch_size: int = at_least(1000, 1)
     log_every: int = at_least(50, 1)
     checkpoint_every: int = at_least(1000, 1)
     stop_on_divergence: bool = True

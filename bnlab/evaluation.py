@@ -6,11 +6,12 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from bnlab.config import EVAL_AUTO
 from bnlab.data import Split, make_batch_stream
 from bnlab.models import Net
-from bnlab.norms import frozen_stats, uses_batch_statistics
+from bnlab.norms import frozen_stats, maps_over_batches, uses_batch_statistics
 
 # The test batches of the train-mode evaluation have their own stream, seeded apart from the
 # training stream (`seed`, `seed + 1`) and the probe batch (probes.PROBE_SEED_OFFSET).
@@ -66,9 +67,22 @@ def eval_interval(eval_every: int | str, total_steps: int) -> int:
     return int(eval_every)
 
 
+# Train-mode evaluation of an MLP maps its batches with torch.func.vmap, about this many rows a
+# pass. Measured on 2 CPU cores (default MLP, 167 batches of 60): 61 ms one batch a pass, 32 ms
+# in passes of 2,048 rows, 45 ms in one pass of all; the CNN's 40 batches of 256 took 1.3-2.2x
+# longer mapped than one by one (convolutions under vmap), so conv nets keep one pass a batch.
+ROWS_PER_MAPPED_PASS = 2048
+
+
+def maps_batches(model: Net) -> bool:
+    """Whether the train-mode evaluation of ``model`` maps its batches (see ROWS_PER_MAPPED_PASS)."""
+    return maps_over_batches(model) and all(isinstance(b.layer, nn.Linear) for b in model.blocks)
+
+
 @torch.no_grad()
 def evaluate_train_mode(model: Net, split: Split, batch_size: int, seed: int, data_cfg,
-                        task: str = "classification") -> tuple[float, float]:
+                        task: str = "classification", rows_per_pass: int = ROWS_PER_MAPPED_PASS
+                        ) -> tuple[float, float]:
     """Mean loss and accuracy of the train-mode network on test batches built like training's.
 
     The batches are ``ceil(len(split) / batch_size)`` batches of ``batch_size`` drawn from the
@@ -79,19 +93,32 @@ def evaluate_train_mode(model: Net, split: Split, batch_size: int, seed: int, da
     noisy layers' draws here do not shift training (:func:`bnlab.norms.frozen_stats`). Loss and
     accuracy are means over all ``n_batches * batch_size`` predictions (about one pass over the
     split).
+
+    An MLP's batches run as one ``torch.func.vmap`` pass per ``rows_per_pass`` rows, each batch
+    with its own statistics: the same numbers as one pass per batch, to rounding, in half the
+    time. Conv nets, and models with a layer that cannot be mapped (noisy BN), run one pass per
+    batch (:func:`maps_batches`).
     """
     stream = make_batch_stream(split, batch_size, seed + TRAIN_MODE_SEED_OFFSET, data_cfg,
                                augment=False)
     n_batches = -(-len(split) // batch_size)
+    per_pass = max(1, rows_per_pass // batch_size) if maps_batches(model) else 1
+    forward = torch.func.vmap(model) if per_pass > 1 else model
     was_training = model.training
     model.train()
     loss_sum = torch.zeros((), device=split.x.device)
     correct = torch.zeros((), device=split.x.device, dtype=torch.long)
     try:
         with frozen_stats(model):  # also restores torch's RNG after noisy layers' draws
-            for _ in range(n_batches):
-                x, y = next(stream)
-                loss, hits = _sums(model(x).float(), y, task)
+            for start in range(0, n_batches, per_pass):
+                batches = [next(stream) for _ in range(min(per_pass, n_batches - start))]
+                if per_pass > 1:  # (batches, batch_size, ...) in, (batches * batch_size, outputs) out
+                    out = forward(torch.stack([x for x, _ in batches])).flatten(0, 1)
+                    y = torch.cat([y for _, y in batches])
+                else:
+                    (x, y), = batches
+                    out = model(x)
+                loss, hits = _sums(out.float(), y, task)
                 loss_sum += loss
                 correct += hits.to(correct.device)
     finally:

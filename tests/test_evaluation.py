@@ -43,22 +43,29 @@ def trained_digits_model(*overrides: str):
     return cfg, data, model
 
 
-@pytest.mark.parametrize("sampler", ["iid", "grouped"])
-def test_train_mode_evaluation_equals_a_direct_computation(sampler):
+@pytest.mark.parametrize("norm, sampler, rows_per_pass", [
+    ("norm=bn", "iid", 400), ("norm=bn", "grouped", 400), ("norm=bn", "iid", 100),
+    ("norm.impl=torch", "iid", 400), ("norm=brn", "iid", 400), ("norm=zca", "iid", 400),
+    ("norm=pca", "iid", 400), ("norm=iternorm", "iid", 400), ("norm=noisy_bn", "iid", 400),
+    ("model=cnn", "iid", 400)])
+def test_train_mode_evaluation_equals_a_direct_computation(norm, sampler, rows_per_pass):
+    """One batch after another, directly, against bnlab's evaluation: vmap passes of all 18
+    batches (400 rows) or of 5 (100 rows); one pass per batch for noisy BN and the CNN."""
     import copy
     import math
 
     import torch.nn.functional as F
 
     from bnlab.data import make_batch_stream
-    from bnlab.evaluation import TRAIN_MODE_SEED_OFFSET, evaluate, evaluate_train_mode
+    from bnlab.evaluation import TRAIN_MODE_SEED_OFFSET, evaluate, evaluate_train_mode, maps_batches
 
-    cfg, data, model = trained_digits_model("norm=bn", f"data.sampler={sampler}",
+    cfg, data, model = trained_digits_model("norm=bn", norm, f"data.sampler={sampler}",
                                             "data.labels_per_batch=2", "train.batch_size=20")
+    assert maps_batches(model) is (norm not in ("norm=noisy_bn", "model=cnn"))
     state = copy.deepcopy(model.state_dict())
     rng = torch.get_rng_state()
     model.eval()
-    loss, acc = evaluate_train_mode(model, data.test, 20, cfg.seed, cfg.data)
+    loss, acc = evaluate_train_mode(model, data.test, 20, cfg.seed, cfg.data, rows_per_pass=rows_per_pass)
     # Nothing moved: running statistics, parameters, global RNG, the model's mode.
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
     assert torch.equal(rng, torch.get_rng_state()) and not model.training
@@ -68,7 +75,7 @@ def test_train_mode_evaluation_equals_a_direct_computation(sampler):
     stream = make_batch_stream(data.test, 20, cfg.seed + TRAIN_MODE_SEED_OFFSET, cfg.data)
     n_batches = math.ceil(len(data.test) / 20)
     losses, hits = [], 0
-    with torch.no_grad():
+    with torch.no_grad(), torch.random.fork_rng():  # noisy BN: the draws the evaluation made
         for _ in range(n_batches):
             x, y = next(stream)
             if sampler == "grouped":  # 2 labels x 10 examples
@@ -80,7 +87,8 @@ def test_train_mode_evaluation_equals_a_direct_computation(sampler):
     assert loss == pytest.approx(float(torch.stack(losses).sum()) / (n_batches * 20), rel=1e-6)
     assert acc != evaluate(model, data.test, 1000)[1]  # not the eval-mode network
     # The same batches at every evaluation.
-    assert evaluate_train_mode(model, data.test, 20, cfg.seed, cfg.data) == (loss, acc)
+    assert evaluate_train_mode(model, data.test, 20, cfg.seed, cfg.data,
+                               rows_per_pass=rows_per_pass) == (loss, acc)
 
 
 def test_train_mode_metrics_only_for_batch_statistic_norms():

@@ -55,6 +55,11 @@ def held_noise(model: nn.Module):
     return _set_flag(model, "hold_noise", True)
 
 
+def maps_over_batches(model: nn.Module) -> bool:
+    """Whether every norm layer of ``model`` may run under ``torch.func.vmap`` (Norm.maps_over_batches)."""
+    return all(m.maps_over_batches for m in model.modules() if isinstance(m, Norm))
+
+
 def uses_batch_statistics(model: nn.Module) -> bool:
     """Whether any norm layer of ``model`` normalizes with batch statistics in training mode."""
     return any(isinstance(m, Norm) and m.uses_batch_statistics for m in model.modules())
@@ -80,4 +85,4 @@ for _module in pkgutil.iter_modules(__path__):
 
 __all__ = ["LOW_PRECISION", "NORMS", "NORM_SCHEMAS", "Norm", "NormOptions", "build_norm",
            "finish_training", "frozen_stats", "held_noise", "norm_class", "per_feature",
-           "register_norm", "uses_batch_statistics"]
+           "maps_over_batches", "register_norm", "uses_batch_statistics"]

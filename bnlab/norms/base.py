@@ -39,6 +39,10 @@ class Norm(nn.Module):
     # Ends with a learned per-feature shift beta: a bias just before it is redundant (Ioffe &
     # Szegedy, Sec. 3.2), so the model drops it.
     replaces_bias: bool = True
+    # A train-mode measurement without autograd may run many batches as one ``torch.func.vmap``
+    # pass, each batch with its own statistics (bnlab.evaluation); not a layer that keeps
+    # state between calls (noisy BN's last noise sample).
+    maps_over_batches: bool = True
 
     @classmethod
     def build(cls, num_features: int, dims: int = 2, **options) -> Norm:

@@ -71,21 +71,7 @@ class _BatchNormTrain(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, eps: float, dims: tuple[int, ...],
                 record: Callable[[Tensor, Tensor, int], None] | None):
-        # statistics of leading dimensions ((N, C)) broadcast as they are; others keep theirs
-        keepdim = dims != tuple(range(len(dims)))
-        total = x.sum(dims, keepdim=keepdim)
-        m = x.numel() // total.numel()
-        inv_m = _constant(1.0 / m, x)
-        mean = total * inv_m
-        x_hat = x - mean
-        squares = (x_hat * x_hat).sum(dims, keepdim=keepdim)  # two passes: exact when |mu| >> sigma
-        inv_std = torch.addcmul(_constant(eps, x), squares, inv_m).rsqrt()
-        x_hat.mul_(inv_std)
-        shape = total.shape
-        y = torch.addcmul(bias.view(shape) if keepdim else bias, x_hat,
-                          weight.view(shape) if keepdim else weight)
-        if record is not None:
-            record(mean, squares, m)
+        y, x_hat, inv_std, keepdim = _batch_norm_forward(x, weight, bias, eps, dims, record)
         # x_hat saves the backward pass two operations; x is kept for a double backward
         ctx.save_for_backward(x, x_hat, inv_std, weight)
         ctx.eps, ctx.dims, ctx.keepdim = eps, dims, keepdim
@@ -119,6 +105,28 @@ class _BatchNormTrain(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias, None, None, None
 
 
+def _batch_norm_forward(x: Tensor, weight: Tensor, bias: Tensor, eps: float, dims: tuple[int, ...],
+                        record: Callable[[Tensor, Tensor, int], None] | None
+                        ) -> tuple[Tensor, Tensor, Tensor, bool]:
+    """(y, x_hat, 1 / sqrt(var_B + eps), keepdim) of :class:`_BatchNormTrain`'s forward pass."""
+    # statistics of leading dimensions ((N, C)) broadcast as they are; others keep theirs
+    keepdim = dims != tuple(range(len(dims)))
+    total = x.sum(dims, keepdim=keepdim)
+    m = x.numel() // total.numel()
+    inv_m = _constant(1.0 / m, x)
+    mean = total * inv_m
+    x_hat = x - mean
+    squares = (x_hat * x_hat).sum(dims, keepdim=keepdim)  # two passes: exact when |mu| >> sigma
+    inv_std = torch.addcmul(_constant(eps, x), squares, inv_m).rsqrt()
+    x_hat.mul_(inv_std)
+    shape = total.shape
+    y = torch.addcmul(bias.view(shape) if keepdim else bias, x_hat,
+                      weight.view(shape) if keepdim else weight)
+    if record is not None:
+        record(mean, squares, m)
+    return y, x_hat, inv_std, keepdim
+
+
 def _batch_norm_backward(x: Tensor, weight: Tensor, grad_y: Tensor, eps: float,
                          dims: tuple[int, ...], keepdim: bool):
     """(dx, dgamma, dbeta) of :class:`_BatchNormTrain`, differentiable in x, gamma and dy;
@@ -136,8 +144,13 @@ def _batch_norm_backward(x: Tensor, weight: Tensor, grad_y: Tensor, eps: float,
 
 def batch_norm_train(x: Tensor, weight: Tensor, bias: Tensor, eps: float, dims: tuple[int, ...],
                      record: Callable[[Tensor, Tensor, int], None] | None = None) -> Tensor:
-    """Train-mode BN of x over ``dims`` (:class:`_BatchNormTrain`)."""
-    return _BatchNormTrain.apply(x, weight, bias, eps, dims, record)
+    """Train-mode BN of x over ``dims`` (:class:`_BatchNormTrain`).
+
+    Without autograd (measurements under ``torch.no_grad``) the same forward pass runs as plain
+    operations, which ``torch.func.vmap`` can map over many batches at once."""
+    if torch.is_grad_enabled():
+        return _BatchNormTrain.apply(x, weight, bias, eps, dims, record)
+    return _batch_norm_forward(x, weight, bias, eps, dims, record)[0]
 
 
 def record_batch(running_mean: Tensor, running_var: Tensor, num_batches_tracked: Tensor,

@@ -48,6 +48,7 @@ class NoiseInjection:
     reuses the last sample (drawing one only if none of the input's shape is held).
     """
 
+    maps_over_batches = False  # each call stores its draw in self.noise (hold_noise)
     mean_range: float
     std_low: float
     std_high: float

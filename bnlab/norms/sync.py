@@ -64,6 +64,8 @@ class SyncBatchNorm(BatchNorm):
     this one alike.
     """
 
+    maps_over_batches = False  # each call is a collective: every replica must make the same calls
+
     def forward(self, x: Tensor) -> Tensor:
         low = x.dtype in LOW_PRECISION  # statistics in float32 under autocast, as BatchNorm does
         xf = x.float() if low else x

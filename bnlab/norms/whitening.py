@@ -74,6 +74,13 @@ def _refuse_double_backward(method: str) -> None:
             "(norm.method=iter), whose matrix products autograd differentiates to any order.")
 
 
+def _inverse_sqrt_spd(sigma0: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(W, U, s) with W = U diag(1 / s) U^T, s = sqrt(max(lambda, 0) + eps)."""
+    lam, u = torch.linalg.eigh(sigma0)
+    s = (lam.clamp_min(0.0) + eps).sqrt()
+    return (u / s.unsqueeze(-2)) @ u.mT, u, s
+
+
 class _InverseSqrtSPD(torch.autograd.Function):
     """W = (Sigma_0 + eps I)^-1/2 for a batch of symmetric PSD matrices, exact backward.
 
@@ -82,10 +89,9 @@ class _InverseSqrtSPD(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, sigma0: Tensor, eps: float) -> Tensor:
-        lam, u = torch.linalg.eigh(sigma0)
-        s = (lam.clamp_min(0.0) + eps).sqrt()
+        w, u, s = _inverse_sqrt_spd(sigma0, eps)
         ctx.save_for_backward(u, s)
-        return (u / s.unsqueeze(-2)) @ u.mT
+        return w
 
     @staticmethod
     def backward(ctx, grad_w: Tensor):
@@ -126,8 +132,13 @@ class _BroadenedEigh(torch.autograd.Function):
 
 
 def zca_whitening(sigma0: Tensor, eps: float) -> Tensor:
-    """W = U diag((lambda + eps)^-1/2) U^T of the covariances ``sigma0`` (..., g, g)."""
-    return _InverseSqrtSPD.apply(sigma0, eps)
+    """W = U diag((lambda + eps)^-1/2) U^T of the covariances ``sigma0`` (..., g, g).
+
+    Without autograd (measurements) the forward pass runs as plain operations, which
+    ``torch.func.vmap`` can map over many batches; so does :func:`pca_whitening`'s."""
+    if torch.is_grad_enabled():
+        return _InverseSqrtSPD.apply(sigma0, eps)
+    return _inverse_sqrt_spd(sigma0, eps)[0]
 
 
 def pca_whitening(sigma0: Tensor, eps: float) -> Tensor:
@@ -136,12 +147,12 @@ def pca_whitening(sigma0: Tensor, eps: float) -> Tensor:
     Each eigenvector's sign is fixed (largest entry positive) so that W, and its running
     average, does not flip from batch to batch for no reason.
     """
-    lam, u = _BroadenedEigh.apply(sigma0, eps)
+    lam, u = _BroadenedEigh.apply(sigma0, eps) if torch.is_grad_enabled() else torch.linalg.eigh(sigma0)
     lam, u = lam.flip(-1), u.flip(-1)
     with torch.no_grad():
         peak = u.abs().argmax(-2, keepdim=True)
         sign = torch.gather(u, -2, peak).sign()
-        sign[sign == 0] = 1.0
+        sign.masked_fill_(sign == 0, 1.0)  # vmap cannot batch a boolean-mask index
     u = u * sign
     return (u * (lam.clamp_min(0.0) + eps).rsqrt().unsqueeze(-2)).mT
 
