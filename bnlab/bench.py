@@ -481,7 +481,10 @@ def main(argv: list[str] | None = None) -> int:
     if "startup" in groups:
         bench.startup()
     print_table(bench.rows)
+    from bnlab.norms import kernel
+
     meta = {"python": platform.python_version(), "torch": bench.torch.__version__,
+            "bn_kernel": kernel.status(),
             "machine": platform.machine(), "cores": os.cpu_count(), "data": args.data,
             "steps": args.steps, "seconds": round(time.perf_counter() - t0, 1),
             "load": statistics.mean(os.getloadavg()) if hasattr(os, "getloadavg") else None}

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bnlab.bounds import choice, positive, unit_interval
+from bnlab.norms import kernel
 from bnlab.norms.base import LOW_PRECISION, Norm, in_forward_order, per_feature
 from bnlab.norms.registry import NormOptions, register_norm
 
@@ -61,7 +62,10 @@ class _BatchNormTrain(torch.autograd.Function):
     autograd. On the small MLP each operation's dispatch costs about as much as its arithmetic
     (3-5 us), so the pass is written in few operations: x_hat is normalized in place and kept
     for the backward pass, constants are tensors made once (:func:`_constant`), and nothing is
-    reshaped that need not be.
+    reshaped that need not be. On the CPU, (N, C) float32 inputs of up to
+    :data:`bnlab.norms.kernel.MAX_ELEMENTS` values run the same equations as one compiled C
+    pass each way instead (:mod:`bnlab.norms.kernel`); elsewhere, and without a C compiler,
+    the torch operations below.
 
     Double backward (``create_graph=True``, as Hessian-vector products need): the backward
     pass then computes the same formula from x with differentiable operations, so autograd
@@ -71,7 +75,14 @@ class _BatchNormTrain(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, eps: float, dims: tuple[int, ...],
                 record: Callable[[Tensor, Tensor, int], None] | None):
-        y, x_hat, inv_std, keepdim = _batch_norm_forward(x, weight, bias, eps, dims, record)
+        ctx.compiled = dims == (0,) and kernel.serves(x, weight, bias)
+        if ctx.compiled:  # the same equations as one C pass each way (bnlab.norms.kernel)
+            y, x_hat, mean, squares, inv_std = kernel.forward(x, weight, bias, eps)
+            keepdim = False
+            if record is not None:
+                record(mean, squares, x.shape[0])
+        else:
+            y, x_hat, inv_std, keepdim = _batch_norm_forward(x, weight, bias, eps, dims, record)
         # x_hat saves the backward pass two operations; x is kept for a double backward
         ctx.save_for_backward(x, x_hat, inv_std, weight)
         ctx.eps, ctx.dims, ctx.keepdim = eps, dims, keepdim
@@ -89,6 +100,8 @@ class _BatchNormTrain(torch.autograd.Function):
             weight = weight.view(inv_std.shape)
         if torch.is_grad_enabled():  # create_graph=True: this backward will be differentiated
             grads = _batch_norm_backward(x, weight, grad_y, ctx.eps, dims, keepdim)
+        elif ctx.compiled:
+            grads = kernel.backward(grad_y, x_hat, inv_std, weight, ctx.needs_input_grad[0])
         else:
             grad_bias = grad_y.sum(dims, keepdim=keepdim)
             grad_weight = (grad_y * x_hat).sum(dims, keepdim=keepdim)
@@ -160,6 +173,9 @@ def record_batch(running_mean: Tensor, running_var: Tensor, num_batches_tracked:
     ``momentum=None``: the cumulative average) and the unbiased batch variance
     m / (m - 1) * var_B = sum((x - mu_B)^2) / (m - 1). Statistics shaped as the buffers or
     viewable as them; called without autograd."""
+    if kernel.updates(mean, squares, running_mean, running_var, num_batches_tracked):  # one C loop
+        kernel.running_update(mean, squares, m, running_mean, running_var, num_batches_tracked, momentum)
+        return
     if mean.shape != running_mean.shape:
         mean, squares = mean.view_as(running_mean), squares.view_as(running_var)
     tracked = num_batches_tracked.add_(_constant(1, num_batches_tracked))
