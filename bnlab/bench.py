@@ -282,12 +282,14 @@ class Bench:
         med = statistics.median
         for name, overrides in variants:
             variant = [*MLP, *overrides]
+            # bnlab's BN against torch's is the target row (<= 1.1): more, cheap rounds for its median
             r = self.rounds({"native": lambda: self.ceiling_steps_per_s(native, threads, steps),
                              "variant": lambda v=variant: self.ceiling_steps_per_s(v, threads, steps)},
-                            rounds)
+                            max(7, 3 * rounds) if name == "bn (bnlab)" else rounds)
             self.add("norms", f"{name} vs native BN (time per step)", 1 / med(r["variant"]),
                      1 / med(r["native"]), "s/step",
-                     f"MLP 784-100-100-100-10, batch 60, {threads} thread(s); step time / native BN's",
+                     f"MLP 784-100-100-100-10, batch 60, {threads} thread(s); step time / native BN's"
+                     + ("; target <= 1.1" if name == "bn (bnlab)" else ""),
                      ratios=[n / v for n, v in zip(r["native"], r["variant"], strict=True)])
         # the same two layers where each operation has real work: the gap is per-operation overhead
         cnn_steps = max(20, steps // 10)
