@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+import bnlab.norms.kernel as kernel
 from bnlab.bounds import choice, positive, unit_interval
-from bnlab.norms import kernel
 from bnlab.norms.base import LOW_PRECISION, Norm, in_forward_order, per_feature
 from bnlab.norms.registry import NormOptions, register_norm
 

@@ -5,8 +5,8 @@ arithmetic; bnlab's BN written as torch operations is about twenty of them per l
 torch's native layer one fused kernel each way. The same equations as one C loop nest per pass
 bring ``norm=bn`` to native speed without giving up the paper's closed form.
 
-The source is compiled on first use with the system's C compiler (``$CC``, else ``cc``; about
-half a second) into ``$XDG_CACHE_HOME/bnlab`` (default ``~/.cache/bnlab``), named by the
+The source is compiled on first use with the system's C compiler (``$CC``, else ``cc``; 0.2 s
+on a 2-core machine) into ``$XDG_CACHE_HOME/bnlab`` (default ``~/.cache/bnlab``), named by the
 source's hash, and loaded with ctypes. Without a compiler, or with ``BNLAB_BN_KERNEL=off``, BN
 runs as torch operations: the same results to float rounding, slower on small inputs.
 :func:`status` says which, and every run records it.
