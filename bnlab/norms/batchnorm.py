@@ -75,8 +75,8 @@ class _BatchNormTrain(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, eps: float, dims: tuple[int, ...],
                 record: Callable[[Tensor, Tensor, int], None] | None):
-        ctx.compiled = dims == (0,) and kernel.serves(x, weight, bias)
-        if ctx.compiled:  # the same equations as one C pass each way (bnlab.norms.kernel)
+        ctx.in_c = dims == (0,) and kernel.serves(x, weight, bias)
+        if ctx.in_c:  # the same equations as one C pass each way (bnlab.norms.kernel)
             y, x_hat, mean, squares, inv_std = kernel.forward(x, weight, bias, eps)
             keepdim = False
             if record is not None:
@@ -100,7 +100,7 @@ class _BatchNormTrain(torch.autograd.Function):
             weight = weight.view(inv_std.shape)
         if torch.is_grad_enabled():  # create_graph=True: this backward will be differentiated
             grads = _batch_norm_backward(x, weight, grad_y, ctx.eps, dims, keepdim)
-        elif ctx.compiled:
+        elif ctx.in_c:
             grads = kernel.backward(grad_y, x_hat, inv_std, weight, ctx.needs_input_grad[0])
         else:
             grad_bias = grad_y.sum(dims, keepdim=keepdim)
