@@ -100,12 +100,13 @@ def serves(x: Tensor, weight: Tensor, bias: Tensor) -> bool:
     return x.dim() == 2 and x.numel() <= MAX_ELEMENTS and _float32_cpu(x, weight, bias) and _ready()
 
 
-# Checked twice per BN layer and step, so written for speed (1 us, not 4): ``is_cpu`` and
-# ``dtype is`` rather than ``device.type ==``, no generator.
-def _float32_cpu(a: Tensor, b: Tensor, c: Tensor, d: Tensor | None = None) -> bool:
-    return (a.dtype is torch.float32 and b.dtype is torch.float32 and c.dtype is torch.float32
-            and a.is_cpu and b.is_cpu and c.is_cpu and a.is_contiguous() and b.is_contiguous()
-            and c.is_contiguous() and (d is None or _float32_cpu(d, d, d)))
+# Checked twice per BN layer and step, so written for speed (~1.5 us, not 4): ``is_cpu`` and
+# ``dtype is`` rather than ``device.type ==``, a loop rather than a generator.
+def _float32_cpu(*tensors: Tensor) -> bool:
+    for t in tensors:
+        if not (t.dtype is torch.float32 and t.is_cpu and t.is_contiguous()):
+            return False
+    return True
 
 
 def _ready() -> bool:
