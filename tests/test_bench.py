@@ -15,3 +15,31 @@ def test_a_row_ratio_is_the_median_of_its_rounds_and_the_table_shows_their_range
     out = capsys.readouterr().out
     assert "1.18 (0.97-1.31)" in out
     assert "0.50 " in out and "0.50 (" not in out
+
+
+def test_the_cpu_group_times_by_cpu_time_at_one_thread_and_pairs_its_rounds():
+    """The cpu group's two target rows come from the process's CPU clock at one thread, each
+    round's trainer and bnlab's BN paired with that round's native-BN ceiling."""
+    import time
+
+    bench = Bench.__new__(Bench)
+    bench.rows = []
+    calls = []
+    native = iter([1000.0, 800.0])
+    scratch = iter([900.0, 800.0])
+    trainer_seconds = iter([2.0, 4.0])
+
+    def ceiling(overrides, threads, steps, clock):
+        calls.append((threads, clock))
+        return next(native) if "norm.impl=torch" in overrides else next(scratch)
+
+    def trainer(overrides, threads, steps, clock):
+        calls.append((threads, clock))
+        return next(trainer_seconds), []
+
+    bench.ceiling_steps_per_s, bench._trainer_run = ceiling, trainer
+    bench.cpu_time(1000, 2)
+    assert calls and all(c == (1, time.process_time) for c in calls)
+    bn, defaults = bench.rows
+    assert bn["ratios"] == [1000 / 900, 1.0] and "<= 1.1" in bn["note"]
+    assert defaults["ratios"] == [500 / 1000, 250 / 800] and ">= 0.9" in defaults["note"]
