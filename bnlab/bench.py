@@ -96,7 +96,7 @@ class Bench:
         import torch.nn.functional as F
 
         from bnlab.models import build_model
-        from bnlab.train import build_optimizer
+        from bnlab.optim import build_optimizer
 
         cfg = self.cfg(*overrides)
         model = build_model(cfg, self.data.shape, self.data.num_classes)

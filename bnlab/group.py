@@ -32,13 +32,14 @@ from bnlab.config import validate
 from bnlab.data import check_sampler, load_dataset
 from bnlab.errors import UserError
 from bnlab.lock import hold
+from bnlab.optim import learning_rate
 from bnlab.preflight import check_against_data
 from bnlab.process import seed_everything, setup_process
 from bnlab.progress import Progress
 from bnlab.record import Recorder
 from bnlab.rundir import CHECKPOINT
 from bnlab.stacked import StackedAdamW, StackedMLP, StackedOptimizer, StackedSGD, train_step, unstackable
-from bnlab.train import EXIT_INTERRUPTED, Interrupted, Trainer, learning_rate
+from bnlab.train import EXIT_INTERRUPTED, Interrupted, Trainer
 
 # The keys in which the members of one program may differ.
 VARYING_KEYS = ("seed", "optim.lr", "optim.momentum", "optim.weight_decay")

@@ -32,8 +32,9 @@ from bnlab.data import Dataset, check_sampler, load_dataset, make_batch_stream
 from bnlab.errors import UserError, WriteError
 from bnlab.evaluation import eval_interval, evaluate, loss_function, train_mode_metrics
 from bnlab.lock import RunLocked, hold
-from bnlab.models import Net, build_model
+from bnlab.models import build_model
 from bnlab.norms import Norm, finish_training
+from bnlab.optim import build_optimizer, clear_grads, learning_rate, loop_update
 from bnlab.outcome import headline, read_summary, run_report, shown_path
 from bnlab.preflight import check_against_data
 from bnlab.process import (
@@ -51,31 +52,6 @@ from bnlab.rundir import CHECKPOINT, HYDRA_DIR, LOCK, SUMMARY_JSON, TRAIN_LOG
 EXIT_FAILED = 1  # an exception inside the run, a write that failed
 EXIT_USER_ERROR = 2  # a bad config or input, found before any work; a second writer
 EXIT_INTERRUPTED = 130
-
-
-# ---------------------------------------------------------------- optimizer and schedule
-def build_optimizer(cfg_optim: DictConfig, model: Net) -> torch.optim.Optimizer:
-    params = list(model.parameters())
-    if cfg_optim.name == "sgd":
-        # fused: one kernel for all parameters instead of a loop of small ops (~5% of a CPU step)
-        opt = torch.optim.SGD(params, lr=cfg_optim.lr, momentum=cfg_optim.momentum,
-                              weight_decay=cfg_optim.weight_decay, nesterov=cfg_optim.nesterov,
-                              fused=True)
-    else:
-        opt = torch.optim.AdamW(params, lr=cfg_optim.lr, betas=tuple(cfg_optim.betas),
-                                weight_decay=cfg_optim.weight_decay)
-    return opt
-
-
-def learning_rate(cfg_optim, step: int, total_steps: int) -> float:
-    """The rate of update number ``step`` (0-based): constant, or cosine from lr to 0.
-
-    A closed form of the step, not an LR-scheduler object: nothing to checkpoint, and no
-    wrapper around ``optimizer.step`` (torch's schedulers cost ~4% of a small CPU step).
-    """
-    if cfg_optim.schedule == "cosine":
-        return cfg_optim.lr * 0.5 * (1 + math.cos(math.pi * step / total_steps))
-    return cfg_optim.lr
 
 
 # ---------------------------------------------------------------- the run
@@ -147,7 +123,8 @@ class Trainer:
 
     # -- one optimization step, compiled when asked
     def _make_step(self):
-        model, opt = self.train_model, self.optimizer
+        model = self.train_model
+        clear, update = clear_grads(self.optimizer), loop_update(self.optimizer)
         amp = bool(self.cfg.train.amp) and self.device.type == "cuda"
         loss_fn, classification = self.loss_fn, self.task == "classification"
 
@@ -167,9 +144,9 @@ class Trainer:
 
         def step(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
             loss, logits = forward_loss(x, y)
-            opt.zero_grad(set_to_none=True)
+            clear()
             loss.backward()
-            opt.step()
+            update()
             if not classification:
                 return loss.detach(), torch.zeros((), device=y.device, dtype=torch.long)
             return loss.detach(), (logits.detach().argmax(1) == y).sum()

@@ -23,9 +23,10 @@ import torch.nn.functional as F
 from bnlab.batched import Job, plan
 from bnlab.group import train_group
 from bnlab.models import build_model
+from bnlab.optim import build_optimizer
 from bnlab.rundir import CHECKPOINT
 from bnlab.stacked import StackedAdamW, StackedMLP, StackedSGD, train_step
-from bnlab.train import build_optimizer, run
+from bnlab.train import run
 
 from helpers import bnlab, compose, train_in_process
 
