@@ -34,7 +34,7 @@ from bnlab.evaluation import eval_interval, evaluate, loss_function, train_mode_
 from bnlab.lock import RunLocked, hold
 from bnlab.models import build_model
 from bnlab.norms import Norm, finish_training
-from bnlab.optim import build_optimizer, clear_grads, learning_rate, loop_update
+from bnlab.optim import build_optimizer, clear_grads, learning_rate, loop_backward, loop_update
 from bnlab.outcome import headline, read_summary, run_report, shown_path
 from bnlab.preflight import check_against_data
 from bnlab.process import (
@@ -125,6 +125,7 @@ class Trainer:
     def _make_step(self):
         model = self.train_model
         clear, update = clear_grads(self.optimizer), loop_update(self.optimizer)
+        backward = loop_backward(self.device, bool(self.cfg.train.compile))
         amp = bool(self.cfg.train.amp) and self.device.type == "cuda"
         loss_fn, classification = self.loss_fn, self.task == "classification"
 
@@ -145,7 +146,7 @@ class Trainer:
         def step(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
             loss, logits = forward_loss(x, y)
             clear()
-            loss.backward()
+            backward(loss)
             update()
             if not classification:
                 return loss.detach(), torch.zeros((), device=y.device, dtype=torch.long)

@@ -1,6 +1,6 @@
-"""The training loop's update (bnlab.optim.loop_update) against torch's own ``optimizer.step``:
-the same parameters and momentum buffers, bit for bit, whatever the settings, the schedule or a
-checkpoint in between."""
+"""The training loop's backward pass and update (bnlab.optim) against torch's own
+``loss.backward()`` and ``optimizer.step``: the same gradients, parameters and momentum buffers,
+bit for bit, whatever the settings, the schedule or a checkpoint in between."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bnlab.optim import clear_grads, loop_update
+from bnlab.norms.batchnorm import BatchNorm
+from bnlab.optim import clear_grads, loop_backward, loop_update
 
 
 def _net() -> nn.Module:
@@ -117,3 +118,26 @@ def test_clear_grads_sets_every_gradient_to_none():
     assert all(p.grad is not None for p in model.parameters())
     clear_grads(opt)()
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_the_loop_backward_gives_the_gradients_of_loss_backward_bit_for_bit():
+    """With bnlab's BN (its autograd Function, the compiled closed form) between torch's layers."""
+    torch.manual_seed(0)
+    a = nn.Sequential(nn.Linear(12, 16, bias=False), BatchNorm(16), nn.Sigmoid(), nn.Linear(16, 3))
+    b = copy.deepcopy(a)
+    backward = loop_backward(torch.device("cpu"), compiled=False)
+    assert backward is not torch.Tensor.backward
+    x, y = _batches(1)[0]
+    F.cross_entropy(a(x), y).backward()
+    backward(F.cross_entropy(b(x), y))
+    for (name, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
+        assert q.grad is not None and torch.equal(p.grad, q.grad), name
+    # gradients accumulate, as loss.backward() accumulates them
+    F.cross_entropy(a(x), y).backward()
+    backward(F.cross_entropy(b(x), y))
+    assert torch.equal(a[0].weight.grad, b[0].weight.grad)
+
+
+@pytest.mark.parametrize("device,compiled", [("cuda", False), ("cpu", True)])
+def test_the_loop_backward_is_torch_own_on_a_gpu_and_when_compiling(device, compiled):
+    assert loop_backward(torch.device(device), compiled) is torch.Tensor.backward
