@@ -78,7 +78,8 @@ def loop_update(optimizer: torch.optim.Optimizer) -> Callable[[], None]:
     Each call reads the group's current ``lr`` (the schedule sets it) and the momentum buffers
     from ``optimizer.state`` (a loaded checkpoint replaces them). A step that torch would treat
     differently (the first, which creates the buffers; a parameter without a gradient) is left
-    to ``optimizer.step``.
+    to ``optimizer.step``. Hooks registered on the optimizer's ``step`` do not run on the direct
+    path; bnlab registers none.
     """
     if not _fusable(optimizer):
         return optimizer.step
