@@ -84,7 +84,9 @@ class VGGConfig:
 @dataclass
 class DataConfig:
     name: str = MISSING
-    root: str = MISSING
+    # $BNLAB_DATA, else the per-user cache of the XDG spec (the kernel cache's base too); `~` is
+    # expanded when the data set is loaded
+    root: str = "${oc.env:BNLAB_DATA,${oc.env:XDG_CACHE_HOME,'~/.cache'}/bnlab/data}"
     normalize: bool = True
     download: bool = True
     augment: bool = False  # random crop + flip on the batch (CIFAR-10)

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -89,6 +91,27 @@ def test_the_config_is_checked_against_the_data_sets_shape(overrides, shape, exp
     with pytest.raises(UserError) as err:
         check_against_data(cfg, shape, 1437, 10)
     assert str(err.value).startswith(expected)
+
+
+# ---------------------------------------------------------------- where data sets live
+@pytest.mark.parametrize("data", sorted(p.stem for p in (REPO / "configs" / "data").glob("*.yaml")))
+def test_every_data_set_lives_in_bnlab_data_else_the_xdg_cache(data, monkeypatch):
+    monkeypatch.delenv("BNLAB_DATA", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    assert compose(f"data={data}").data.root == "~/.cache/bnlab/data"
+    monkeypatch.setenv("XDG_CACHE_HOME", "/srv/cache")
+    assert compose(f"data={data}").data.root == "/srv/cache/bnlab/data"
+    monkeypatch.setenv("BNLAB_DATA", "/srv/data")
+    assert compose(f"data={data}").data.root == "/srv/data"
+
+
+def test_a_run_looks_for_its_data_in_the_xdg_cache(tmp_path):
+    env = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
+    result = subprocess.run([sys.executable, "-m", "bnlab", "train", "data=mnist", "data.download=false",
+                             "train.steps=5"], cwd=tmp_path, capture_output=True, text=True,
+                            env={k: v for k, v in {**os.environ, **env}.items() if k != "BNLAB_DATA"})
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"bnlab: error: mnist: files missing in {tmp_path}/cache/bnlab/data/MNIST/raw")
 
 
 # ---------------------------------------------------------------- a norm's options
