@@ -111,7 +111,8 @@ def test_a_run_looks_for_its_data_in_the_xdg_cache(tmp_path):
                              "train.steps=5"], cwd=tmp_path, capture_output=True, text=True,
                             env={k: v for k, v in {**os.environ, **env}.items() if k != "BNLAB_DATA"})
     assert result.returncode == 2
-    assert result.stderr.startswith(f"bnlab: error: mnist: files missing in {tmp_path}/cache/bnlab/data/MNIST/raw")
+    expected = f"bnlab: error: mnist: files missing in {tmp_path}/cache/bnlab/data/MNIST/raw"
+    assert result.stderr.startswith(expected)
 
 
 # ---------------------------------------------------------------- a norm's options

@@ -62,10 +62,10 @@ class _BatchNormTrain(torch.autograd.Function):
     autograd. On the small MLP each operation's dispatch costs about as much as its arithmetic
     (3-5 us), so the pass is written in few operations: x_hat is normalized in place and kept
     for the backward pass, constants are tensors made once (:func:`_constant`), and nothing is
-    reshaped that need not be. On the CPU, (N, C) float32 inputs of up to
-    :data:`bnlab.norms.kernel.MAX_ELEMENTS` values run the same equations as one compiled C
-    pass each way instead (:mod:`bnlab.norms.kernel`); elsewhere, and without a C compiler,
-    the torch operations below.
+    reshaped that need not be. :class:`BatchNorm`'s training steps on the CPU with (N, C)
+    float32 inputs of up to :data:`bnlab.norms.kernel.MAX_ELEMENTS` values run the same
+    equations as a compiled operator instead (:mod:`bnlab.norms.kernel`); elsewhere, and
+    without a C++ compiler, this Function.
 
     Double backward (``create_graph=True``, as Hessian-vector products need): the backward
     pass then computes the same formula from x with differentiable operations, so autograd
@@ -75,14 +75,7 @@ class _BatchNormTrain(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, eps: float, dims: tuple[int, ...],
                 record: Callable[[Tensor, Tensor, int], None] | None):
-        ctx.in_c = dims == (0,) and kernel.serves(x, weight, bias)
-        if ctx.in_c:  # the same equations as one C pass each way (bnlab.norms.kernel)
-            y, x_hat, mean, squares, inv_std = kernel.forward(x, weight, bias, eps)
-            keepdim = False
-            if record is not None:
-                record(mean, squares, x.shape[0])
-        else:
-            y, x_hat, inv_std, keepdim = _batch_norm_forward(x, weight, bias, eps, dims, record)
+        y, x_hat, inv_std, keepdim = _batch_norm_forward(x, weight, bias, eps, dims, record)
         # x_hat saves the backward pass two operations; x is kept for a double backward
         ctx.save_for_backward(x, x_hat, inv_std, weight)
         ctx.eps, ctx.dims, ctx.keepdim = eps, dims, keepdim
@@ -99,9 +92,7 @@ class _BatchNormTrain(torch.autograd.Function):
         if keepdim:  # the parameters shaped as the statistics (a view autograd sees, if it looks)
             weight = weight.view(inv_std.shape)
         if torch.is_grad_enabled():  # create_graph=True: this backward will be differentiated
-            grads = _batch_norm_backward(x, weight, grad_y, ctx.eps, dims, keepdim)
-        elif ctx.in_c:
-            grads = kernel.backward(grad_y, x_hat, inv_std, weight, ctx.needs_input_grad[0])
+            grads = batch_norm_backward(x, weight, grad_y, ctx.eps, dims, keepdim)
         else:
             grad_bias = grad_y.sum(dims, keepdim=keepdim)
             grad_weight = (grad_y * x_hat).sum(dims, keepdim=keepdim)
@@ -140,9 +131,10 @@ def _batch_norm_forward(x: Tensor, weight: Tensor, bias: Tensor, eps: float, dim
     return y, x_hat, inv_std, keepdim
 
 
-def _batch_norm_backward(x: Tensor, weight: Tensor, grad_y: Tensor, eps: float,
-                         dims: tuple[int, ...], keepdim: bool):
-    """(dx, dgamma, dbeta) of :class:`_BatchNormTrain`, differentiable in x, gamma and dy;
+def batch_norm_backward(x: Tensor, weight: Tensor, grad_y: Tensor, eps: float,
+                        dims: tuple[int, ...], keepdim: bool):
+    """(dx, dgamma, dbeta) of train-mode BN, differentiable in x, gamma and dy (the backward
+    pass of :class:`_BatchNormTrain` and of the compiled operator under ``create_graph=True``);
     ``weight`` shaped as the statistics."""
     mean = x.mean(dims, keepdim=keepdim)
     m = x.numel() // mean.numel()
@@ -153,6 +145,15 @@ def _batch_norm_backward(x: Tensor, weight: Tensor, grad_y: Tensor, eps: float,
     grad_weight = (grad_y * x_hat).sum(dims, keepdim=keepdim)
     grad_x = weight * inv_std * (grad_y - (grad_bias + x_hat * grad_weight) / m)
     return grad_x, grad_weight, grad_bias
+
+
+# The compiled operator's backward pass under create_graph=True (bn_op.cpp) calls this formula.
+_GRAPH_BACKWARD = torch.library.Library("bnlab", "FRAGMENT")
+_GRAPH_BACKWARD.define("batch_norm_backward_graph(Tensor x, Tensor weight, Tensor grad_y, float eps) "
+                       "-> (Tensor, Tensor, Tensor)")
+_GRAPH_BACKWARD.impl("batch_norm_backward_graph",
+                     lambda x, weight, grad_y, eps: batch_norm_backward(x, weight, grad_y, eps, (0,), False),
+                     "CompositeImplicitAutograd")
 
 
 def batch_norm_train(x: Tensor, weight: Tensor, bias: Tensor, eps: float, dims: tuple[int, ...],
@@ -173,9 +174,6 @@ def record_batch(running_mean: Tensor, running_var: Tensor, num_batches_tracked:
     ``momentum=None``: the cumulative average) and the unbiased batch variance
     m / (m - 1) * var_B = sum((x - mu_B)^2) / (m - 1). Statistics shaped as the buffers or
     viewable as them; called without autograd."""
-    if kernel.updates(mean, squares, running_mean, running_var, num_batches_tracked):  # one C loop
-        kernel.running_update(mean, squares, m, running_mean, running_var, num_batches_tracked, momentum)
-        return
     if mean.shape != running_mean.shape:
         mean, squares = mean.view_as(running_mean), squares.view_as(running_var)
     tracked = num_batches_tracked.add_(_constant(1, num_batches_tracked))
@@ -279,13 +277,24 @@ class BatchNorm(PopulationStatistics, Norm):
             if m < 2:
                 raise ValueError(f"Expected more than 1 value per channel when training, "
                                  f"got input size {tuple(x.shape)}")
-            record = self._record_batch if self.update_stats else None
-            y = batch_norm_train(xf, self.weight, self.bias, self.eps, self.reduce_dims(xf), record)
+            y = self._train_forward(xf)
         else:
             scale = self.weight * (self.running_var + self.eps).rsqrt()
             shift = self.bias - self.running_mean * scale
             y = torch.addcmul(per_feature(shift, xf.dim()), xf, per_feature(scale, xf.dim()))
         return y.to(x.dtype) if low else y
+
+    def _train_forward(self, x: Tensor) -> Tensor:
+        """A training pass: the compiled operator where it serves (a training step's small (N, C)
+        CPU batch, with autograd on), else :func:`batch_norm_train`; without autograd the
+        operations, which ``torch.func.vmap`` can map."""
+        running = None
+        if self.update_stats:
+            running = self.running_mean, self.running_var, self.num_batches_tracked
+        if torch.is_grad_enabled() and kernel.serves(x, self.weight, self.bias, running):
+            return kernel.batch_norm_train(x, self.weight, self.bias, running, self.momentum, self.eps)
+        record = self._record_batch if self.update_stats else None
+        return batch_norm_train(x, self.weight, self.bias, self.eps, self.reduce_dims(x), record)
 
     def _record_batch(self, mean: Tensor, squares: Tensor, m: int) -> None:
         record_batch(self.running_mean, self.running_var, self.num_batches_tracked, self.momentum,

@@ -13,7 +13,8 @@
  * a pass is one call. Sums accumulate in double, so long batches lose no precision.
  * Matrices are row-major (an (m, c) contiguous tensor); the inner loops run along a row, over
  * the columns, so they vectorize (the arrays never overlap: restrict). The passes return 0, or
- * -1 if their workspace cannot be allocated.
+ * -1 if their workspace cannot be allocated. bn_op.cpp includes this file: it is also valid C++
+ * once `restrict` is defined (the allocations are cast).
  */
 #include <math.h>
 #include <stdint.h>
@@ -22,7 +23,7 @@
 int bn_forward(const float *restrict x, const float *restrict weight, const float *restrict bias,
                int64_t m, int64_t c, double eps, float *restrict y, float *restrict x_hat,
                float *restrict mean, float *restrict squares, float *restrict inv_std) {
-    double *sum = calloc((size_t)c, sizeof(double)), *sq = calloc((size_t)c, sizeof(double));
+    double *sum = (double *)calloc((size_t)c, sizeof(double)), *sq = (double *)calloc((size_t)c, sizeof(double));
     if (!sum || !sq) { free(sum); free(sq); return -1; }
     for (int64_t i = 0; i < m; i++) {
         const float *row = x + i * c;
@@ -59,7 +60,7 @@ int bn_forward(const float *restrict x, const float *restrict weight, const floa
 int bn_backward(const float *restrict grad_y, const float *restrict x_hat, const float *restrict inv_std,
                 const float *restrict weight, int64_t m, int64_t c, float *restrict grad_x,
                 float *restrict grad_weight, float *restrict grad_bias) {
-    double *db = calloc((size_t)c, sizeof(double)), *dg = calloc((size_t)c, sizeof(double));
+    double *db = (double *)calloc((size_t)c, sizeof(double)), *dg = (double *)calloc((size_t)c, sizeof(double));
     if (!db || !dg) { free(db); free(dg); return -1; }
     for (int64_t i = 0; i < m; i++) {
         const float *g = grad_y + i * c, *h = x_hat + i * c;
@@ -74,7 +75,7 @@ int bn_backward(const float *restrict grad_y, const float *restrict x_hat, const
     }
     if (grad_x) {
         /* per column: gamma * inv_std, dbeta / m and dgamma / m, in float for the vector loop */
-        float *k = malloc(3 * (size_t)c * sizeof(float));
+        float *k = (float *)malloc(3 * (size_t)c * sizeof(float));
         if (!k) { free(db); free(dg); return -1; }
         float *scale = k, *shift = k + c, *slope = k + 2 * c;
         for (int64_t j = 0; j < c; j++) {
