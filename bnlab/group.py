@@ -187,11 +187,9 @@ class Group:
             member.t_start, member.started, member._log_step = t_start, True, self.step
 
         def finish(member: Member, status: str) -> None:
-            """What a standalone run does after its loop."""
+            """What a standalone run does after its loop (its final evaluation and checkpoint
+            are done: at its last step, or where it stopped, in ``_after_step``)."""
             recorder = recorders.pop(member)
-            if status == "diverged":
-                member._evaluate(recorder)
-            member.save()
             member._write_hparams(recorder)
             recorder.close()
             member.summary(status)

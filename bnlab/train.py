@@ -275,9 +275,6 @@ class Trainer:
                 self.prober.probe(0, recorder)
             try:
                 status = self._loop(recorder, progress)
-                if status == "diverged":
-                    self._evaluate(recorder)
-                self.save()
                 self._write_hparams(recorder)
             except Interrupted:
                 self.save()
@@ -320,12 +317,15 @@ class Trainer:
     def _after_step(self, recorder: Recorder, progress: Progress) -> bool:
         """The step's bookkeeping, each part when due: log, evaluate, probe, checkpoint.
 
-        Returns True when the training loss diverged and the run stops (train.stop_on_divergence).
+        Returns True when the training loss diverged and the run stops (train.stop_on_divergence),
+        evaluated and checkpointed here as at its last step: each happens once per run's end.
         """
         step, every = self.step, self.every
         last = step == self.total_steps
         logs = step % every.log == 0 or last
         if logs and self._log(recorder, progress) and every.stop_on_divergence:
+            self._evaluate(recorder)
+            self.save()
             return True
         if step % every.eval == 0 or last:
             if last:
@@ -353,8 +353,9 @@ class Trainer:
                         else {k: v for k, v in shown.items() if k != "acc"})
         if math.isfinite(mean_loss):
             return False
-        self.diverged_step = self.step
-        progress.message(f"diverged: train/loss={mean_loss} at step {self.step}")
+        if self.diverged_step is None:  # the first non-finite log step (stop_on_divergence=false goes on)
+            self.diverged_step = self.step
+            progress.message(f"diverged: train/loss={mean_loss} at step {self.step}")
         return True
 
     def _write_hparams(self, recorder: Recorder) -> None:

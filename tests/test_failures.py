@@ -25,7 +25,7 @@ def test_divergence_is_a_result_not_a_crash(tmp_path):
     assert summary["status"] == "diverged" and summary["diverged_step"] == summary["steps"] < 200
     rows = (tmp_path / "run" / "scalars.csv").read_text().splitlines()
     assert f"{summary['steps']},train/loss,nan" in rows
-    assert any(r.startswith(f"{summary['steps']},test/acc,") for r in rows)
+    assert sum(r.startswith(f"{summary['steps']},test/acc,") for r in rows) == 1
 
 
 def test_divergence_can_be_watched_to_the_end(tmp_path):
@@ -33,7 +33,11 @@ def test_divergence_can_be_watched_to_the_end(tmp_path):
                               "optim.lr=1e6", "train.steps=60", "train.log_every=10",
                               "train.stop_on_divergence=false", "probe=off")
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert status == "diverged" and summary["steps"] == 60 and summary["diverged_step"] <= 60
+    assert status == "diverged" and summary["steps"] == 60
+    rows = [r.split(",") for r in (tmp_path / "run" / "scalars.csv").read_text().splitlines()[1:]]
+    not_finite = [int(step) for step, tag, value in rows if tag == "train/loss" and value in ("nan", "inf")]
+    assert summary["diverged_step"] == not_finite[0] < 60  # the first, not the last
+    assert [int(step) for step, tag, _ in rows if tag == "test/loss"].count(60) == 1  # one final evaluation
 
 
 # ---------------------------------------------------------------- exceptions and Ctrl-C
