@@ -27,6 +27,7 @@ from bnlab.bounds import (
 )
 from bnlab.bounds import invalid as _fail
 from bnlab.errors import UserError
+from bnlab.norm_options import NORM_SCHEMAS
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -38,7 +39,7 @@ def config_dir() -> Path:
 
 
 # ---------------------------------------------------------------- groups
-# A norm's options schema sits next to its layer, in its module of bnlab.norms (see norm_schemas).
+# The norms' options are in bnlab.norm_options, one dataclass per norm.
 @dataclass
 class ActivationConfig:
     name: str = "sigmoid"  # one of bnlab.models.ACTIVATIONS (checked in validate)
@@ -168,20 +169,13 @@ GROUP_SCHEMAS: dict[str, type] = {"activation": ActivationConfig, "data": DataCo
                                   "optim": OptimConfig, "probe": ProbeConfig}
 
 
-def norm_schemas() -> dict[str, type]:
-    """The options schema of every norm, by name: each norm declares its own next to its layer."""
-    from bnlab.norms import NORM_SCHEMAS  # imports torch: the layers and their options are one module
-
-    return NORM_SCHEMAS
-
-
 def register_configs() -> None:
     """Store the schemas; each option file of a group extends its schema via its defaults list."""
     from hydra.core.config_store import ConfigStore
 
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=Config)
-    for name, schema in norm_schemas().items():
+    for name, schema in NORM_SCHEMAS.items():
         cs.store(group="schema/norm", name=name, node=schema)
     for name, schema in MODEL_SCHEMAS.items():
         cs.store(group="schema/model", name=name, node=schema)
@@ -193,7 +187,7 @@ def register_configs() -> None:
 def schemas_of(cfg: DictConfig) -> list[tuple[str, type]]:
     """(key prefix, schema) of every node of ``cfg``: the top level, the loop, each group's option."""
     found: list[tuple[str, type]] = [("", Config), ("train.", TrainLoopConfig)]
-    norm = norm_schemas().get(str(cfg.norm.name)) if "norm" in cfg else None
+    norm = NORM_SCHEMAS.get(str(cfg.norm.name)) if "norm" in cfg else None
     model = MODEL_SCHEMAS.get(str(cfg.model.name)) if "model" in cfg else None
     for prefix, schema in (("norm.", norm), ("model.", model)):
         if schema is not None:
@@ -239,7 +233,7 @@ def validate(cfg: DictConfig) -> None:
     widths = hidden_widths(cfg)
     from bnlab.norms import norm_class
 
-    norm_schemas()[cfg.norm.name].check(cfg.norm, widths)  # relations between its own keys
+    NORM_SCHEMAS[cfg.norm.name].check(cfg.norm, widths)  # relations between its own keys
     if cfg.norm.get("sync", False) and not norm_class(cfg.norm.name).supports_sync:
         raise UserError(f"norm.sync=true is not valid with norm={cfg.norm.name}: it has no "
                         "cross-replica statistics")

@@ -102,13 +102,13 @@ def test_cycle_finder_finds_a_cycle():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 
-# Torch-free declarations a norm module may use: its options' bounds, and the error they raise.
-NORM_LEAVES = {"bnlab.bounds", "bnlab.errors"}
+# Torch-free declarations a norm module may use: its options, their bounds, and the error they raise.
+NORM_LEAVES = {"bnlab.norm_options", "bnlab.bounds", "bnlab.errors"}
 
 
 def test_norms_import_only_norms():
-    """bnlab.norms is usable on its own: its modules import torch, each other and the two
-    leaves that declare their options' bounds; nothing of the trainer, data or probes."""
+    """bnlab.norms is usable on its own: its modules import torch, each other and the three
+    leaves that declare their options; nothing of the trainer, data or probes."""
     graph = import_graph()
     leaves_stay_leaves = {leaf: sorted(graph[leaf] - NORM_LEAVES) for leaf in NORM_LEAVES}
     assert leaves_stay_leaves == {leaf: [] for leaf in NORM_LEAVES}

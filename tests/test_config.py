@@ -12,7 +12,8 @@ import sys
 import pytest
 
 from bnlab.errors import UserError
-from bnlab.norms import NORM_SCHEMAS, NORMS, build_norm
+from bnlab.norm_options import NORM_SCHEMAS
+from bnlab.norms import NORMS, build_norm
 from bnlab.norms.batchnorm import TorchBatchNorm
 
 from helpers import REPO, bnlab, compose
@@ -116,6 +117,22 @@ def test_a_run_looks_for_its_data_in_the_xdg_cache(tmp_path):
 
 
 # ---------------------------------------------------------------- a norm's options
+def test_help_and_composing_a_config_do_not_load_torch():
+    """The norms' options are torch-free (bnlab.norm_options): `bnlab train --help` shows a
+    norm's keys, and a config composes, without importing torch (~2 s of start-up)."""
+    code = ("import contextlib, io, sys\n"
+            "from bnlab.cli import main\n"
+            "from bnlab.config import compose\n"
+            "shown = io.StringIO()\n"
+            "with contextlib.redirect_stdout(shown), contextlib.suppress(SystemExit):\n"
+            "    main(['train', 'norm=whiten', '--help'])  # Hydra exits after its help\n"
+            "assert compose('norm=noisy_bn').norm.std_high == 1.25\n"
+            "print('method: zca' in shown.getvalue(), 'torch' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["True", "False"]
+
+
 def test_sync_is_an_option_of_the_norms_that_support_it():
     from bnlab.config import validate
 

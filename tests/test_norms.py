@@ -15,8 +15,8 @@ from omegaconf import OmegaConf
 from torch import nn
 from torch.testing import assert_close
 
+from bnlab.norm_options import NORM_SCHEMAS
 from bnlab.norms import (
-    NORM_SCHEMAS,
     NORMS,
     Norm,
     build_norm,

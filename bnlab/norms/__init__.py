@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from bnlab.norms.base import LOW_PRECISION, Norm, in_forward_order, per_feature
-from bnlab.norms.registry import NORM_SCHEMAS, NORMS, NormOptions, build_norm, norm_class, register_norm
+from bnlab.norms.registry import NORMS, build_norm, norm_class, register_norm
 
 
 @contextmanager
@@ -83,6 +83,6 @@ def finish_training(model: nn.Module, batches: Iterable, num_batches: int = 100)
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
 
-__all__ = ["LOW_PRECISION", "NORMS", "NORM_SCHEMAS", "Norm", "NormOptions", "build_norm",
+__all__ = ["LOW_PRECISION", "NORMS", "Norm", "build_norm",
            "finish_training", "frozen_stats", "held_noise", "norm_class", "per_feature",
            "maps_over_batches", "register_norm", "uses_batch_statistics"]

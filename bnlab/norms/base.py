@@ -34,7 +34,8 @@ class Norm(nn.Module):
     hold_noise: bool = False
     # Training mode normalizes with the mini-batch's statistics, so it differs from eval mode.
     uses_batch_statistics: bool = False
-    # Has a cross-replica version for multi-process training (``norm.sync``, bnlab.norms.sync).
+    # Has a cross-replica version for multi-process training (``norm.sync``, bnlab.norms.sync);
+    # set by register_norm from the options' ``sync`` key.
     supports_sync: bool = False
     # Ends with a learned per-feature shift beta: a bias just before it is redundant (Ioffe &
     # Szegedy, Sec. 3.2), so the model drops it.

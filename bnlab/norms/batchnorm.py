@@ -3,27 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 import bnlab.norms.kernel as kernel
-from bnlab.bounds import choice, positive, unit_interval
+from bnlab.norm_options import BNOptions
 from bnlab.norms.base import LOW_PRECISION, Norm, in_forward_order, per_feature
-from bnlab.norms.registry import NormOptions, register_norm
-
-
-@dataclass
-class BNOptions(NormOptions):
-    """``norm=bn`` (and, extended, ``noisy_bn``)."""
-
-    momentum: float = unit_interval(0.1)
-    eps: float = positive(1e-5)
-    impl: str = choice("scratch", "scratch", "torch")
-    inference: str = choice("moving", "moving", "population")
-
+from bnlab.norms.registry import register_norm
 
 _CONSTANTS: dict[tuple, Tensor] = {}
 
@@ -227,7 +215,7 @@ class TorchBatchNorm(PopulationStatistics, Norm):
         return bn(x)
 
 
-@register_norm("bn", BNOptions)
+@register_norm(BNOptions)
 class BatchNorm(PopulationStatistics, Norm):
     """y = gamma * (x - mu_B) / sqrt(var_B + eps) + beta, per feature (Ioffe & Szegedy, Alg. 1).
 
@@ -243,7 +231,6 @@ class BatchNorm(PopulationStatistics, Norm):
     """
 
     uses_batch_statistics = True
-    supports_sync = True
     native: type[Norm] = TorchBatchNorm  # impl=torch
 
     def __init__(self, num_features: int, dims: int = 2, momentum: float | None = BNOptions.momentum,

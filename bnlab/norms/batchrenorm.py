@@ -2,30 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor, nn
 
-from bnlab.bounds import at_least, non_negative, positive, unit_interval
+from bnlab.norm_options import BRNOptions
 from bnlab.norms.base import LOW_PRECISION, Norm, per_feature
-from bnlab.norms.registry import NormOptions, register_norm
+from bnlab.norms.registry import register_norm
 
 
-@dataclass
-class BRNOptions(NormOptions):
-    """``norm=brn``: the defaults are the paper's Sec. 4 schedule."""
-
-    momentum: float = unit_interval(0.01)
-    eps: float = positive(1e-5)
-    r_max: float = at_least(3.0, 1, "a number")
-    d_max: float = non_negative(5.0)
-    warmup_steps: int = at_least(5000, 0)
-    ramp_steps: int = at_least(35000, 0)  # r_max reaches its value at warmup + ramp (paper: 40k steps)
-    d_ramp_steps: int = at_least(20000, 0)  # d_max reaches its value at warmup + d_ramp (paper: 25k)
-
-
-@register_norm("brn", BRNOptions)
+@register_norm(BRNOptions)
 class BatchRenorm(Norm):
     """Batch renormalization, per feature (Ioffe 2017, Alg. 1).
 

@@ -2,32 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
-from omegaconf import DictConfig
 from torch import Tensor, nn
 
-from bnlab.bounds import at_least, invalid, positive
+from bnlab.norm_options import GNOptions
 from bnlab.norms.base import LOW_PRECISION, Norm, per_feature
-from bnlab.norms.registry import NormOptions, register_norm
+from bnlab.norms.registry import register_norm
 
 
-@dataclass
-class GNOptions(NormOptions):
-    """``norm=gn``."""
-
-    groups: int = at_least(2, 1)  # divides every default width (LeNet's 6 channels included)
-    eps: float = positive(1e-5)
-
-    @classmethod
-    def check(cls, norm: DictConfig, widths: list[int]) -> None:
-        if any(w % norm.groups for w in widths):
-            raise invalid("norm.groups", norm.groups,
-                          f"a divisor of every hidden width ({', '.join(map(str, widths))})")
-
-
-@register_norm("gn", GNOptions)
+@register_norm(GNOptions)
 class GroupNorm(Norm):
     """Statistics per sample over each group of C / G consecutive channels (Wu & He 2018, Eq. 1-3).
 

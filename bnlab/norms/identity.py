@@ -2,11 +2,12 @@
 
 from torch import Tensor
 
+from bnlab.norm_options import NoneOptions
 from bnlab.norms.base import Norm
 from bnlab.norms.registry import register_norm
 
 
-@register_norm("none")
+@register_norm(NoneOptions)
 class Identity(Norm):
     """y = x. No shift of its own, so the layer before it keeps its bias."""
 

@@ -2,21 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from bnlab.bounds import positive
+from bnlab.norm_options import LNOptions
 from bnlab.norms.groupnorm import GroupNorm
-from bnlab.norms.registry import NormOptions, register_norm
+from bnlab.norms.registry import register_norm
 
 
-@dataclass
-class LNOptions(NormOptions):
-    """``norm=ln``."""
-
-    eps: float = positive(1e-5)
-
-
-@register_norm("ln", LNOptions)
+@register_norm(LNOptions)
 class LayerNorm(GroupNorm):
     """Statistics per sample over all of its features, then a per-feature affine (Ba et al. 2016).
 

@@ -2,31 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
-from omegaconf import DictConfig
 from torch import Tensor
 
-from bnlab.bounds import invalid, non_negative, positive
-from bnlab.norms.batchnorm import BatchNorm, BNOptions, TorchBatchNorm
+from bnlab.norm_options import NoisyBNOptions
+from bnlab.norms.batchnorm import BatchNorm, TorchBatchNorm
 from bnlab.norms.registry import register_norm
-
-
-@dataclass
-class NoisyBNOptions(BNOptions):
-    """``norm=noisy_bn``: BN's options and the noise's (Santurkar et al. 2018, Sec. 2)."""
-
-    mean_range: float = non_negative(0.5)
-    std_low: float = positive(1.0)
-    std_high: float = 1.25  # >= std_low (checked below)
-    mean_jitter: float = non_negative(0.1)
-    std_jitter: float = non_negative(0.1)
-
-    @classmethod
-    def check(cls, norm: DictConfig, widths: list[int]) -> None:
-        if norm.std_high < norm.std_low:
-            raise invalid("norm.std_high", norm.std_high, f"a number >= norm.std_low ({norm.std_low})")
 
 
 class NoiseInjection:
@@ -91,8 +72,8 @@ class NoisyTorchBatchNorm(NoiseInjection, TorchBatchNorm):
 
     supports_sync = False  # a cross-replica copy would lose the noise
 
-    def __init__(self, num_features: int, dims: int = 2, momentum: float | None = BNOptions.momentum,
-                 eps: float = BNOptions.eps, inference: str = BNOptions.inference,
+    def __init__(self, num_features: int, dims: int = 2, momentum: float | None = NoisyBNOptions.momentum,
+                 eps: float = NoisyBNOptions.eps, inference: str = NoisyBNOptions.inference,
                  **noise: float) -> None:
         TorchBatchNorm.__init__(self, num_features, dims, momentum=momentum, eps=eps, inference=inference)
         self._init_noise(**noise)
@@ -102,16 +83,15 @@ class NoisyTorchBatchNorm(NoiseInjection, TorchBatchNorm):
         return self.add_noise(y) if self.training else y
 
 
-@register_norm("noisy_bn", NoisyBNOptions)
+@register_norm(NoisyBNOptions)
 class NoisyBatchNorm(NoiseInjection, BatchNorm):
     """:class:`BatchNorm`, then :class:`NoiseInjection` in training mode (``impl=torch``:
     :class:`NoisyTorchBatchNorm`)."""
 
-    supports_sync = False  # a cross-replica copy would lose the noise
     native = NoisyTorchBatchNorm
 
-    def __init__(self, num_features: int, dims: int = 2, momentum: float | None = BNOptions.momentum,
-                 eps: float = BNOptions.eps, inference: str = BNOptions.inference,
+    def __init__(self, num_features: int, dims: int = 2, momentum: float | None = NoisyBNOptions.momentum,
+                 eps: float = NoisyBNOptions.eps, inference: str = NoisyBNOptions.inference,
                  **noise: float) -> None:
         BatchNorm.__init__(self, num_features, dims, momentum=momentum, eps=eps, inference=inference)
         self._init_noise(**noise)

@@ -1,65 +1,39 @@
 """The norm registry: ``norm=<name>`` stands for a layer class and the schema of its options.
 
-A norm is one module of this package (every module in it is imported with the package) and
-one config file, ``configs/norm/<name>.yaml``. The module declares its options as a dataclass
-extending :class:`NormOptions`, whose fields carry the defaults and bounds of the config's
-``norm.*`` keys (the one place they are declared: the layer's constructor takes its defaults
-from it), and registers its layer class with it::
+A norm is its options class in :mod:`bnlab.norm_options` (the ``norm.*`` keys, their defaults and
+bounds, and its name), one module of this package holding its layer (every module in it is
+imported with the package), and one config file, ``configs/norm/<name>.yaml``. The layer
+registers with its options class and takes its constructor's defaults from it::
 
-    @dataclass
-    class CenterOptions(NormOptions):
-        momentum: float = unit_interval(0.1)
-
-    @register_norm("center", CenterOptions)
+    @register_norm(CenterOptions)
     class Center(Norm):
         def __init__(self, num_features, dims=2, momentum=CenterOptions.momentum): ...
 
-The schema stored for the config is the options dataclass plus ``name`` and, for a layer that
-``supports_sync``, ``sync`` (cross-replica statistics under torchrun, default false).
+A layer ``supports_sync`` (cross-replica statistics under torchrun) exactly when its options
+have the key ``sync``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, make_dataclass
+from dataclasses import fields
 
-from omegaconf import MISSING, DictConfig
-
-from bnlab.bounds import choice
+from bnlab.norm_options import NORM_SCHEMAS, NormOptions
 from bnlab.norms.base import Norm
 
 NORMS: dict[str, type[Norm]] = {}
-NORM_SCHEMAS: dict[str, type] = {}
 
 
-@dataclass
-class NormOptions:
-    """Options of every norm: ``norm.name`` and ``norm.position``."""
+def register_norm(options: type[NormOptions]):
+    """Class decorator: ``norm=<options.name>`` builds this :class:`Norm` with the keys of ``options``."""
+    name = options.name
+    if NORM_SCHEMAS.get(name) is not options:
+        raise ValueError(f"{options.__name__} is not in bnlab.norm_options.NORM_SCHEMAS")
 
-    name: str = MISSING
-    # before_act: linear/conv -> norm -> activation (the layer's bias dropped); after_act: -> act -> norm
-    position: str = choice("before_act", "before_act", "after_act")
-
-    @classmethod
-    def check(cls, norm: DictConfig, widths: list[int]) -> None:
-        """Checks relating this norm's keys to each other or to the model's hidden ``widths``.
-
-        Run by ``bnlab.config.validate`` after the bounds of the fields; raise
-        :func:`bnlab.bounds.invalid` for a bad value.
-        """
-
-
-def register_norm(name: str, options: type = NormOptions):
-    """Class decorator: ``norm=<name>`` builds this :class:`Norm` with the keys of ``options``."""
     def add(cls: type[Norm]) -> type[Norm]:
         if name in NORMS:
             raise ValueError(f"norm {name!r} is registered twice ({NORMS[name].__name__}, {cls.__name__})")
-        extra = [("name", str, field(default=name))]
-        if cls.supports_sync:
-            extra.append(("sync", bool, field(default=False)))
+        cls.supports_sync = any(f.name == "sync" for f in fields(options))
         NORMS[name] = cls
-        schema = make_dataclass(f"{cls.__name__}Config", extra, bases=(options,))
-        schema.__module__ = cls.__module__
-        NORM_SCHEMAS[name] = schema
         return cls
     return add
 

@@ -29,39 +29,18 @@ ones. Eigendecompositions run in float64 and have hand-written backward passes:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor, nn
 
-from bnlab.bounds import at_least, choice, optional_at_least, positive, unit_interval
+from bnlab.norm_options import (
+    WHITENING_METHODS,
+    IterNormOptions,
+    PCAOptions,
+    WhitenOptions,
+    ZCAOptions,
+)
 from bnlab.norms.base import LOW_PRECISION, Norm
-from bnlab.norms.registry import NormOptions, register_norm
-
-METHODS = ("zca", "pca", "iter")
-
-
-@dataclass
-class WhiteningOptions(NormOptions):
-    """``norm=zca`` and ``norm=pca``; the others extend it."""
-
-    group_size: int | None = optional_at_least(16, 1, "the whole layer")
-    momentum: float = unit_interval(0.1)
-    eps: float = positive(1e-5)
-
-
-@dataclass
-class IterNormOptions(WhiteningOptions):
-    """``norm=iternorm``."""
-
-    iters: int = at_least(5, 1)
-
-
-@dataclass
-class WhitenOptions(IterNormOptions):
-    """``norm=whiten``: any of the three, by ``method``."""
-
-    method: str = choice("zca", *METHODS)
+from bnlab.norms.registry import register_norm
 
 
 def _refuse_double_backward(method: str) -> None:
@@ -173,7 +152,7 @@ def iterative_whitening(sigma0: Tensor, eps: float, iters: int) -> Tensor:
     return z * trace.rsqrt()
 
 
-@register_norm("whiten", WhitenOptions)
+@register_norm(WhitenOptions)
 class BatchWhitening(Norm):
     """Batch whitening over groups of ``group_size`` consecutive features (see module docstring).
 
@@ -190,8 +169,8 @@ class BatchWhitening(Norm):
                  group_size: int | None = WhitenOptions.group_size, iters: int = WhitenOptions.iters,
                  momentum: float = WhitenOptions.momentum, eps: float = WhitenOptions.eps) -> None:
         super().__init__()
-        if method not in METHODS:
-            raise ValueError(f"whiten: method={method!r} is not valid: expected one of {METHODS}")
+        if method not in WHITENING_METHODS:
+            raise ValueError(f"whiten: method={method!r} is not valid: expected one of {WHITENING_METHODS}")
         if group_size is not None and group_size < 1:
             raise ValueError(f"whiten: group_size={group_size} is not valid: expected null or >= 1")
         if iters < 1:
@@ -264,7 +243,7 @@ class BatchWhitening(Norm):
 
 
 # One option of its own per method, so that `-m norm=bn,zca,pca,iternorm` is one sweep.
-@register_norm("zca", WhiteningOptions)
+@register_norm(ZCAOptions)
 class ZCAWhitening(BatchWhitening):
     """``norm=zca``: :class:`BatchWhitening` with ``method=zca`` (decorrelated BN, Huang et al. 2018)."""
 
@@ -272,7 +251,7 @@ class ZCAWhitening(BatchWhitening):
         super().__init__(num_features, dims, method="zca", **options)
 
 
-@register_norm("pca", WhiteningOptions)
+@register_norm(PCAOptions)
 class PCAWhitening(BatchWhitening):
     """``norm=pca``: :class:`BatchWhitening` with ``method=pca``."""
 
@@ -280,7 +259,7 @@ class PCAWhitening(BatchWhitening):
         super().__init__(num_features, dims, method="pca", **options)
 
 
-@register_norm("iternorm", IterNormOptions)
+@register_norm(IterNormOptions)
 class IterNorm(BatchWhitening):
     """``norm=iternorm``: :class:`BatchWhitening` with ``method=iter`` (Huang et al. 2019)."""
 
