@@ -39,7 +39,8 @@ TORCH_DIR = Path(torch.__file__).parent
 FLAGS = ["-O3", "-std=c++20", "-shared", "-fPIC",
          f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
          f"-I{TORCH_DIR / 'include'}", f"-L{TORCH_DIR / 'lib'}"]
-LIBS = ["-lc10", "-ltorch_cpu"]
+# the torch libraries it calls, found where torch keeps them (macOS's loader needs the rpath)
+LIBS = ["-lc10", "-ltorch_cpu", f"-Wl,-rpath,{TORCH_DIR / 'lib'}"]
 # The passes run on one thread, where the per-operation cost they save is what matters: up to
 # this many values (256 x 256). On 2 cores the kernel and the torch operations take the same
 # time at 256 x 256 and above (both about 2x native); with more cores the operations win.
@@ -56,7 +57,8 @@ def _cache_dir() -> Path:
 
 def _build(compiler: str) -> Path:
     """The compiled library, built now unless the cache holds this build already."""
-    key = b"".join(p.read_bytes() for p in SOURCES) + " ".join([compiler, *FLAGS, torch.__version__]).encode()
+    command = " ".join([compiler, *FLAGS, *LIBS, torch.__version__])
+    key = b"".join(p.read_bytes() for p in SOURCES) + command.encode()
     target = _cache_dir() / f"bn_op-{platform.machine()}-{hashlib.sha256(key).hexdigest()[:16]}.so"
     if target.exists():
         return target
