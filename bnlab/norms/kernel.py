@@ -41,10 +41,10 @@ FLAGS = ["-O3", "-std=c++20", "-shared", "-fPIC",
          f"-I{TORCH_DIR / 'include'}", f"-L{TORCH_DIR / 'lib'}"]
 # the torch libraries it calls, found where torch keeps them (macOS's loader needs the rpath)
 LIBS = ["-lc10", "-ltorch_cpu", f"-Wl,-rpath,{TORCH_DIR / 'lib'}"]
-# The passes run on one thread, where the per-operation cost they save is what matters: up to
-# this many values (256 x 256). On 2 cores the kernel and the torch operations take the same
-# time at 256 x 256 and above (both about 2x native); with more cores the operations win.
-MAX_ELEMENTS = 1 << 16
+# The loops run on one thread, the torch operations on all: up to this many values (1024 x 512).
+# A layer's forward and backward on 2 cores took 0.60-0.77 of the operations' time from 60 x 100
+# to 1024 x 512 (1 or 2 threads, 15 rounds); larger inputs, and more cores, were not measured.
+MAX_ELEMENTS = 1 << 19
 
 _loaded = False
 _reason: str | None = None  # why there is no operator; None until the first attempt
