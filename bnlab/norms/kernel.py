@@ -78,10 +78,11 @@ def _build(compiler: str) -> Path:
         try:
             result = subprocess.run([compiler, *FLAGS, "-o", partial, str(SOURCES[0]), *LIBS],
                                     capture_output=True, text=True)
-            if result.returncode != 0:
-                errors = [line for line in result.stderr.splitlines() if "error" in line]
-                lines = errors or result.stderr.strip().splitlines() or [f"exit status {result.returncode}"]
-                raise OSError(f"{compiler} failed: {lines[0 if errors else -1]}")
+            if result.returncode != 0:  # say the first error, else the last line, else the status
+                lines = result.stderr.strip().splitlines()
+                errors = [line for line in lines if "error" in line]
+                reason = (errors or lines[-1:] or [f"exit status {result.returncode}"])[0]
+                raise OSError(f"{compiler} failed: {reason}")
             os.replace(partial, target)
         finally:
             if os.path.exists(partial):
