@@ -135,7 +135,8 @@ def batch_norm_backward(x: Tensor, weight: Tensor, grad_y: Tensor, eps: float,
     return grad_x, grad_weight, grad_bias
 
 
-# The compiled operator's backward pass under create_graph=True (bn_op.cpp) calls this formula.
+# The compiled operators' backward passes under create_graph=True (norm_ops.cpp: BN's, and batch
+# renormalization's with gamma * r for gamma) call this formula.
 _GRAPH_BACKWARD = torch.library.Library("bnlab", "FRAGMENT")
 _GRAPH_BACKWARD.define("batch_norm_backward_graph(Tensor x, Tensor weight, Tensor grad_y, float eps) "
                        "-> (Tensor, Tensor, Tensor)")
@@ -275,10 +276,11 @@ class BatchNorm(PopulationStatistics, Norm):
         """A training pass: the compiled operator where it serves (a training step's small (N, C)
         CPU batch, with autograd on), else :func:`batch_norm_train`; without autograd the
         operations, which ``torch.func.vmap`` can map."""
-        running = None
-        if self.update_stats:
-            running = self.running_mean, self.running_var, self.num_batches_tracked
-        if torch.is_grad_enabled() and kernel.serves(x, self.weight, self.bias, running):
+        if torch.is_grad_enabled() and kernel.serves(x, self.weight, self.bias, self.running_mean,
+                                                     self.running_var, counter=self.num_batches_tracked):
+            running = None
+            if self.update_stats:
+                running = self.running_mean, self.running_var, self.num_batches_tracked
             return kernel.batch_norm_train(x, self.weight, self.bias, running, self.momentum, self.eps)
         record = self._record_batch if self.update_stats else None
         return batch_norm_train(x, self.weight, self.bias, self.eps, self.reduce_dims(x), record)

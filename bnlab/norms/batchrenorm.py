@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+import bnlab.norms.kernel as kernel
 from bnlab.norm_options import BRNOptions
 from bnlab.norms.base import LOW_PRECISION, Norm, per_feature
 from bnlab.norms.registry import register_norm
@@ -56,17 +57,19 @@ class BatchRenorm(Norm):
                 f"r_max={self.r_max}, d_max={self.d_max}, warmup_steps={self.warmup_steps}, "
                 f"ramp_steps={self.ramp_steps}, d_ramp_steps={self.d_ramp_steps}")
 
-    def _ramp(self, step: Tensor, length: int) -> Tensor:
+    def _ramp(self, step: Tensor | int, length: int) -> Tensor | float:
         """0 during warm-up, then linear to 1 over ``length`` steps (1 at once when 0)."""
-        past = (step - self.warmup_steps).float()
+        past = step - self.warmup_steps
         if length == 0:
-            return (past >= 0).float()
-        return (past / length).clamp(0.0, 1.0)
+            return (past >= 0) * 1.0
+        ramp = past / length
+        return ramp.clamp(0.0, 1.0) if isinstance(ramp, Tensor) else min(max(ramp, 0.0), 1.0)
 
-    def limits(self, step: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def limits(self, step: Tensor | int | None = None) -> tuple[Tensor, Tensor] | tuple[float, float]:
         """(r_max, d_max) in force at training step ``step`` (default: the next step).
 
-        Kept as tensors on the layer's device so that the schedule costs no host sync.
+        Tensors on the layer's device for a tensor step (the schedule then costs no host sync),
+        numbers for a number (the CPU operator takes numbers).
         """
         step = self.num_batches_tracked if step is None else step
         r_max = 1.0 + (self.r_max - 1.0) * self._ramp(step, self.ramp_steps)
@@ -102,6 +105,12 @@ class BatchRenorm(Norm):
             scale = self.weight / self.running_std
             shift = self.bias - self.running_mean * scale
             return x * per_feature(scale, rank) + per_feature(shift, rank)
+        running = self.running_mean, self.running_std, self.num_batches_tracked
+        if torch.is_grad_enabled() and kernel.serves(x, self.weight, self.bias, *running[:2],
+                                                     counter=running[2]):
+            # the compiled operator: a training step's (N, C) CPU batch
+            return kernel.batch_renorm_train(x, self.weight, self.bias, running, self.limits(int(running[2])),
+                                             self.momentum, self.eps, self.update_stats)
         dims = self.reduce_dims(x)
         mean = x.mean(dims)
         centered = x - per_feature(mean, rank)

@@ -13,16 +13,16 @@
  * a pass is one call. Sums accumulate in double, so long batches lose no precision.
  * Matrices are row-major (an (m, c) contiguous tensor); the inner loops run along a row, over
  * the columns, so they vectorize (the arrays never overlap: restrict). The passes return 0, or
- * -1 if their workspace cannot be allocated. bn_op.cpp includes this file: it is also valid C++
+ * -1 if their workspace cannot be allocated. norm_ops.cpp includes this file: it is also valid C++
  * once `restrict` is defined (the allocations are cast).
  */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 
-int bn_forward(const float *restrict x, const float *restrict weight, const float *restrict bias,
-               int64_t m, int64_t c, double eps, float *restrict y, float *restrict x_hat,
-               float *restrict mean, float *restrict squares, float *restrict inv_std) {
+/* The batch statistics of each column: mean, sum of squared deviations, 1 / sqrt(var + eps). */
+int bn_statistics(const float *restrict x, int64_t m, int64_t c, double eps, float *restrict mean,
+                  float *restrict squares, float *restrict inv_std) {
     double *sum = (double *)calloc((size_t)c, sizeof(double)), *sq = (double *)calloc((size_t)c, sizeof(double));
     if (!sum || !sq) { free(sum); free(sq); return -1; }
     for (int64_t i = 0; i < m; i++) {
@@ -42,18 +42,24 @@ int bn_forward(const float *restrict x, const float *restrict weight, const floa
         squares[j] = (float)sq[j];
         inv_std[j] = (float)(1.0 / sqrt(sq[j] / (double)m + eps));
     }
+    free(sum);
+    free(sq);
+    return 0;
+}
+
+/* x_hat = (x - mean) * inv_std and y = scale * x_hat + shift, per column (BN: scale = gamma, shift = beta). */
+void bn_normalize(const float *restrict x, const float *restrict mean, const float *restrict inv_std,
+                  const float *restrict scale, const float *restrict shift, int64_t m, int64_t c,
+                  float *restrict y, float *restrict x_hat) {
     for (int64_t i = 0; i < m; i++) {
         const float *row = x + i * c;
         float *h = x_hat + i * c, *out = y + i * c;
         for (int64_t j = 0; j < c; j++) {
             float v = (row[j] - mean[j]) * inv_std[j];
             h[j] = v;
-            out[j] = weight[j] * v + bias[j];
+            out[j] = scale[j] * v + shift[j];
         }
     }
-    free(sum);
-    free(sq);
-    return 0;
 }
 
 /* grad_x may be NULL (the input needs no gradient): then only dgamma and dbeta are computed. */
@@ -108,5 +114,45 @@ void bn_running_update(const float *restrict mean, const float *restrict squares
     for (int64_t j = 0; j < c; j++) {
         running_mean[j] += factor * (mean[j] - running_mean[j]);
         running_var[j] = keep * running_var[j] + weight * squares[j];
+    }
+}
+
+/* NaN stays NaN (as torch.clamp), where fminf / fmaxf would drop it. */
+static float clip(float v, float lo, float hi) { return v < lo ? lo : (v > hi ? hi : v); }
+
+/* Batch renormalization's correction (Ioffe 2017, Alg. 1), per column, from bn_statistics and
+ * the moving mu and sigma, with the limits r_max and d_max in force:
+ *   sigma_B = sqrt(squares / m + eps),  r = clip(sigma_B / sigma, 1 / r_max, r_max),
+ *   d = clip((mu_B - mu) / sigma, -d_max, d_max),
+ *   y = gamma * (x_hat * r + d) + beta = (gamma * r) * x_hat + (gamma * d + beta)
+ * Writes r, d and the output's scale gamma * r and shift gamma * d + beta (for bn_normalize).
+ * r and d are constants for backprop, so the backward pass is BN's with gamma * r for gamma,
+ * then dgamma = r * sum(dy * x_hat) + d * sum(dy). */
+void brn_correction(const float *restrict mean, const float *restrict squares,
+                    const float *restrict running_mean, const float *restrict running_std,
+                    const float *restrict weight, const float *restrict bias, int64_t m, int64_t c,
+                    double eps, double r_max, double d_max, float *restrict r, float *restrict d,
+                    float *restrict scale, float *restrict shift) {
+    const float r_lo = (float)(1.0 / r_max), r_hi = (float)r_max, d_hi = (float)d_max;
+    for (int64_t j = 0; j < c; j++) {
+        float sigma = (float)sqrt((double)squares[j] / (double)m + eps);
+        r[j] = clip(sigma / running_std[j], r_lo, r_hi);
+        d[j] = clip((mean[j] - running_mean[j]) / running_std[j], -d_hi, d_hi);
+        scale[j] = weight[j] * r[j];
+        shift[j] = weight[j] * d[j] + bias[j];
+    }
+}
+
+/* Batch renormalization's moving averages (Alg. 1): tracked += 1,
+ *   mu = mu + momentum * (mu_B - mu),  sigma = sigma + momentum * (sigma_B - sigma) */
+void brn_running_update(const float *restrict mean, const float *restrict squares,
+                        float *restrict running_mean, float *restrict running_std, int64_t *restrict tracked,
+                        int64_t c, int64_t m, double eps, double momentum) {
+    *tracked += 1;
+    const float f = (float)momentum;
+    for (int64_t j = 0; j < c; j++) {
+        float sigma = (float)sqrt((double)squares[j] / (double)m + eps);
+        running_mean[j] += f * (mean[j] - running_mean[j]);
+        running_std[j] += f * (sigma - running_std[j]);
     }
 }

@@ -1,5 +1,6 @@
-"""BN's closed form as a compiled torch operator (``bn_op.cpp`` around ``bn_kernel.c``), for
-(N, C) float32 inputs on the CPU.
+"""The norms' closed forms as compiled torch operators (``norm_ops.cpp`` around ``bn_kernel.c``
+and ``gn_kernel.c``), for (N, C) float32 inputs on the CPU: BN (with noisy BN's BN), batch
+renormalization, and group and layer normalization.
 
 On the small MLP each torch operation costs 2-5 us of dispatch and allocation, as much as its
 arithmetic; bnlab's BN written as torch operations is about twenty of them per layer and step,
@@ -8,13 +9,13 @@ called from an operator whose autograd node is C++ too, make a ``norm=bn`` MLP s
 with torch's layer (a Python ``autograd.Function`` around the same loops, bnlab's path before,
 cost ~14% more per step).
 
-The operator is compiled on first use with the system's C++ compiler (``$CXX``, else ``c++``;
+The operators are compiled on first use with the system's C++ compiler (``$CXX``, else ``c++``;
 C++20, torch's headers from its wheel; ~16 s on a 2-core machine, once per torch version) into
 ``$XDG_CACHE_HOME/bnlab`` (default ``~/.cache/bnlab``), named by a hash of the sources, the
 compiler, its flags and torch's version, and loaded with ``torch.ops.load_library``. Processes
 that start together wait for one build (a lock in the cache). Without a compiler, or with
-``BNLAB_BN_KERNEL=off``, BN runs as torch operations: the same results to float rounding,
-slower on small inputs. :func:`status` says which, and every run records it.
+``BNLAB_BN_KERNEL=off``, the norms run as torch operations: the same results to float
+rounding, slower on small inputs. :func:`status` says which, and every run records it.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-SOURCES = [Path(__file__).with_name("bn_op.cpp"), Path(__file__).with_name("bn_kernel.c")]
+SOURCES = [Path(__file__).with_name(name) for name in ("norm_ops.cpp", "bn_kernel.c", "gn_kernel.c")]
 SWITCH = "BNLAB_BN_KERNEL"  # "off": always the torch operations
 TORCH_DIR = Path(torch.__file__).parent
 # portable code only: a cache in a home directory shared by a cluster's nodes must run on all;
@@ -60,7 +61,7 @@ def _build(compiler: str) -> Path:
     """The compiled library, built now unless the cache holds this build already."""
     command = " ".join([compiler, *FLAGS, *LIBS, torch.__version__])
     key = b"".join(p.read_bytes() for p in SOURCES) + command.encode()
-    target = _cache_dir() / f"bn_op-{platform.machine()}-{hashlib.sha256(key).hexdigest()[:16]}.so"
+    target = _cache_dir() / f"norm_ops-{platform.machine()}-{hashlib.sha256(key).hexdigest()[:16]}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -71,7 +72,7 @@ def _build(compiler: str) -> Path:
         if target.exists():
             return target
         if sys.stderr.isatty():
-            print("bnlab: compiling BN's operator (once per torch version, ~15 s)", file=sys.stderr)
+            print("bnlab: compiling the norms' operators (once per torch version, ~15 s)", file=sys.stderr)
         # compiled under a private name and renamed: a run never loads half a file
         fd, partial = tempfile.mkstemp(suffix=".so", dir=target.parent)
         os.close(fd)
@@ -107,32 +108,30 @@ def _load() -> bool:
 
 
 def status() -> str:
-    """``compiled``, or why BN runs as torch operations."""
+    """``compiled``, or why the norms run as torch operations."""
     return "compiled" if _load() else str(_reason)
 
 
-def serves(x: Tensor, weight: Tensor, bias: Tensor, running: tuple[Tensor, Tensor, Tensor] | None) -> bool:
-    """Whether the operator can normalize x: (N, C) float32 on the CPU, contiguous, at most
-    :data:`MAX_ELEMENTS` values, with per-feature parameters and ``running`` estimates (mean,
-    variance, int64 counter; or None) alike, outside ``torch.compile`` (which fuses the
-    operations itself)."""
-    if x.dim() != 2 or x.numel() > MAX_ELEMENTS or not _float32_cpu(x, weight, bias):
+def serves(x: Tensor, *per_feature: Tensor, counter: Tensor | None = None) -> bool:
+    """Whether the operators can normalize x: (N, C) float32 on the CPU, contiguous, at most
+    :data:`MAX_ELEMENTS` values, with its ``per_feature`` tensors (parameters, running
+    estimates) alike and of C values, a step ``counter``, if any, an int64 CPU scalar, outside
+    ``torch.compile`` (which fuses the operations itself)."""
+    if x.dim() != 2 or x.numel() > MAX_ELEMENTS or not _float32_cpu(x):
         return False
-    if running is not None:
-        mean, var, tracked = running
-        if not (_float32_cpu(mean, var) and mean.numel() == var.numel() == x.shape[1]
-                and tracked.dtype is torch.int64 and tracked.numel() == 1 and tracked.is_cpu):
+    width = x.shape[1]
+    for t in per_feature:
+        if not (_float32_cpu(t) and t.numel() == width):
             return False
+    if counter is not None and not (counter.dtype is torch.int64 and counter.numel() == 1 and counter.is_cpu):
+        return False
     return not torch.compiler.is_compiling() and (_loaded or _load())
 
 
-# Checked once per BN layer and step, so written for speed: ``is_cpu`` and ``dtype is`` rather
-# than ``device.type ==``, a loop rather than a generator.
-def _float32_cpu(*tensors: Tensor) -> bool:
-    for t in tensors:
-        if not (t.dtype is torch.float32 and t.is_cpu and t.is_contiguous()):
-            return False
-    return True
+# Checked once per layer and step, so written for speed: ``is_cpu`` and ``dtype is`` rather
+# than ``device.type ==``, plain loops rather than generators.
+def _float32_cpu(t: Tensor) -> bool:
+    return t.dtype is torch.float32 and t.is_cpu and t.is_contiguous()
 
 
 def batch_norm_train(x: Tensor, weight: Tensor, bias: Tensor, running: tuple[Tensor, Tensor, Tensor] | None,
@@ -142,3 +141,17 @@ def batch_norm_train(x: Tensor, weight: Tensor, bias: Tensor, running: tuple[Ten
     mean, var, tracked = running if running is not None else (None, None, None)
     return torch.ops.bnlab.batch_norm_train(x, weight, bias, mean, var, tracked,
                                             -1.0 if momentum is None else momentum, eps)
+
+
+def batch_renorm_train(x: Tensor, weight: Tensor, bias: Tensor, running: tuple[Tensor, Tensor, Tensor],
+                       limits: tuple[float, float], momentum: float, eps: float, update: bool) -> Tensor:
+    """Train-mode batch renormalization of x, which :func:`serves` accepted, with the limits
+    (r_max, d_max) and the ``running`` (mean, sigma, counter), updated in place if ``update``."""
+    mean, std, tracked = running
+    return torch.ops.bnlab.batch_renorm_train(x, weight, bias, mean, std, tracked, *limits, momentum, eps,
+                                              update)
+
+
+def group_norm(x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: float) -> Tensor:
+    """Group normalization of x (layer normalization: ``groups=1``), which :func:`serves` accepted."""
+    return torch.ops.bnlab.group_norm(x, weight, bias, groups, eps)
