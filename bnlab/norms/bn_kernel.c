@@ -62,10 +62,10 @@ void bn_normalize(const float *restrict x, const float *restrict mean, const flo
     }
 }
 
-/* grad_x may be NULL (the input needs no gradient): then only dgamma and dbeta are computed. */
-int bn_backward(const float *restrict grad_y, const float *restrict x_hat, const float *restrict inv_std,
-                const float *restrict weight, int64_t m, int64_t c, float *restrict grad_x,
-                float *restrict grad_weight, float *restrict grad_bias) {
+/* The affine parameters' gradients, per column over the m rows (sums in double):
+ * dbeta = sum(dy), dgamma = sum(dy * x_hat). Shared with gn_kernel.c. */
+int affine_backward(const float *restrict grad_y, const float *restrict x_hat, int64_t m, int64_t c,
+                    float *restrict grad_weight, float *restrict grad_bias) {
     double *db = (double *)calloc((size_t)c, sizeof(double)), *dg = (double *)calloc((size_t)c, sizeof(double));
     if (!db || !dg) { free(db); free(dg); return -1; }
     for (int64_t i = 0; i < m; i++) {
@@ -79,15 +79,25 @@ int bn_backward(const float *restrict grad_y, const float *restrict x_hat, const
         grad_bias[j] = (float)db[j];
         grad_weight[j] = (float)dg[j];
     }
+    free(db);
+    free(dg);
+    return 0;
+}
+
+/* grad_x may be NULL (the input needs no gradient): then only dgamma and dbeta are computed. */
+int bn_backward(const float *restrict grad_y, const float *restrict x_hat, const float *restrict inv_std,
+                const float *restrict weight, int64_t m, int64_t c, float *restrict grad_x,
+                float *restrict grad_weight, float *restrict grad_bias) {
+    if (affine_backward(grad_y, x_hat, m, c, grad_weight, grad_bias) != 0) return -1;
     if (grad_x) {
         /* per column: gamma * inv_std, dbeta / m and dgamma / m, in float for the vector loop */
         float *k = (float *)malloc(3 * (size_t)c * sizeof(float));
-        if (!k) { free(db); free(dg); return -1; }
+        if (!k) return -1;
         float *scale = k, *shift = k + c, *slope = k + 2 * c;
         for (int64_t j = 0; j < c; j++) {
             scale[j] = weight[j] * inv_std[j];
-            shift[j] = (float)(db[j] / (double)m);
-            slope[j] = (float)(dg[j] / (double)m);
+            shift[j] = grad_bias[j] / (float)m;
+            slope[j] = grad_weight[j] / (float)m;
         }
         for (int64_t i = 0; i < m; i++) {
             const float *g = grad_y + i * c, *h = x_hat + i * c;
@@ -96,8 +106,6 @@ int bn_backward(const float *restrict grad_y, const float *restrict x_hat, const
         }
         free(k);
     }
-    free(db);
-    free(dg);
     return 0;
 }
 

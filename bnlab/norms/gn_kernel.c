@@ -9,7 +9,8 @@
  *   dx = inv_std * (h - (sum(h) + x_hat * sum(h * x_hat)) / k),  h = gamma_j * dy (sums over the group)
  *
  * Sums accumulate in double. A group is contiguous in a row-major (n, c) matrix, so each pass
- * walks memory once. norm_ops.cpp includes this file next to bn_kernel.c.
+ * walks memory once. norm_ops.cpp includes this file after bn_kernel.c, whose affine_backward
+ * (dgamma, dbeta) it calls.
  */
 #include <math.h>
 #include <stdint.h>
@@ -45,21 +46,7 @@ void gn_forward(const float *restrict x, const float *restrict weight, const flo
 int gn_backward(const float *restrict grad_y, const float *restrict x_hat, const float *restrict inv_std,
                 const float *restrict weight, int64_t n, int64_t c, int64_t groups,
                 float *restrict grad_x, float *restrict grad_weight, float *restrict grad_bias) {
-    double *db = (double *)calloc((size_t)c, sizeof(double)), *dg = (double *)calloc((size_t)c, sizeof(double));
-    if (!db || !dg) { free(db); free(dg); return -1; }
-    for (int64_t i = 0; i < n; i++) {
-        const float *g = grad_y + i * c, *h = x_hat + i * c;
-        for (int64_t j = 0; j < c; j++) {
-            db[j] += g[j];
-            dg[j] += (double)(g[j] * h[j]);
-        }
-    }
-    for (int64_t j = 0; j < c; j++) {
-        grad_bias[j] = (float)db[j];
-        grad_weight[j] = (float)dg[j];
-    }
-    free(db);
-    free(dg);
+    if (affine_backward(grad_y, x_hat, n, c, grad_weight, grad_bias) != 0) return -1;
     if (!grad_x) return 0;
     const int64_t k = c / groups;
     for (int64_t r = 0; r < n * groups; r++) {
