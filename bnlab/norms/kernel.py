@@ -128,8 +128,8 @@ def serves(x: Tensor, *per_feature: Tensor, counter: Tensor | None = None) -> bo
     return not torch.compiler.is_compiling() and (_loaded or _load())
 
 
-# Checked once per layer and step, so written for speed: ``is_cpu`` and ``dtype is`` rather
-# than ``device.type ==``, plain loops rather than generators.
+# Checked for every tensor of every layer and step, so written for speed: ``is_cpu`` and
+# ``dtype is`` rather than ``device.type ==``.
 def _float32_cpu(t: Tensor) -> bool:
     return t.dtype is torch.float32 and t.is_cpu and t.is_contiguous()
 
