@@ -44,20 +44,27 @@ c10::TypedOperatorHandle<Signature> graph_formula(const char* name) {
 using BatchNormGraph = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
                                                                      const at::Tensor&, double);
 
-// (dx, d scale, dbeta) of y = scale * x_hat + shift by BN's closed form; dx undefined when the
-// input needs none.
+// (dx, dgamma, dbeta) from a closed-form backward `kernel(dx, dgamma, dbeta)` (0, or -1 without
+// workspace); dx undefined, and NULL for the kernel, when the input needs none.
+template <typename Kernel>
+variable_list closed_backward(AutogradContext* ctx, const at::Tensor& grad_y, Kernel kernel) {
+  const int64_t c = grad_y.size(1);
+  // separate tensors, not rows of one: autograd may adopt them as the parameters' .grad
+  at::Tensor grad_x = ctx->needs_input_grad(0) ? at::empty_like(grad_y) : at::Tensor();
+  at::Tensor grad_weight = at::empty({c}, grad_y.options()), grad_bias = at::empty({c}, grad_y.options());
+  TORCH_CHECK(kernel(grad_x.defined() ? grad_x.data_ptr<float>() : nullptr, grad_weight.data_ptr<float>(),
+                     grad_bias.data_ptr<float>()) == 0, NO_WORKSPACE);
+  return {grad_x, grad_weight, grad_bias};
+}
+
+// (dx, d scale, dbeta) of y = scale * x_hat + shift by BN's closed form.
 variable_list bn_closed_backward(AutogradContext* ctx, const at::Tensor& grad_y, const at::Tensor& x_hat,
                                  const at::Tensor& inv_std, const at::Tensor& scale) {
-  const int64_t m = grad_y.size(0), c = grad_y.size(1);
-  const bool input_grad = ctx->needs_input_grad(0);
-  // separate tensors, not rows of one: autograd may adopt them as the parameters' .grad
-  at::Tensor grad_x = input_grad ? at::empty_like(grad_y) : at::Tensor();
-  at::Tensor grad_scale = at::empty({c}, grad_y.options()), grad_bias = at::empty({c}, grad_y.options());
-  TORCH_CHECK(bn_backward(grad_y.const_data_ptr<float>(), x_hat.const_data_ptr<float>(),
-                          inv_std.const_data_ptr<float>(), scale.const_data_ptr<float>(), m, c,
-                          input_grad ? grad_x.data_ptr<float>() : nullptr, grad_scale.data_ptr<float>(),
-                          grad_bias.data_ptr<float>()) == 0, NO_WORKSPACE);
-  return {grad_x, grad_scale, grad_bias};
+  return closed_backward(ctx, grad_y, [&](float* dx, float* dscale, float* dbias) {
+    return bn_backward(grad_y.const_data_ptr<float>(), x_hat.const_data_ptr<float>(),
+                       inv_std.const_data_ptr<float>(), scale.const_data_ptr<float>(), grad_y.size(0),
+                       grad_y.size(1), dx, dscale, dbias);
+  });
 }
 
 struct BatchNormTrain : public torch::autograd::Function<BatchNormTrain> {
@@ -181,16 +188,12 @@ struct GroupNorm : public torch::autograd::Function<GroupNorm> {
       return out;
     }
     const at::Tensor grad_y = grads[0].contiguous();
-    const int64_t n = grad_y.size(0), c = grad_y.size(1);
-    const bool input_grad = ctx->needs_input_grad(0);
-    at::Tensor grad_x = input_grad ? at::empty_like(grad_y) : at::Tensor();
-    out[1] = at::empty({c}, grad_y.options());
-    out[2] = at::empty({c}, grad_y.options());
-    TORCH_CHECK(gn_backward(grad_y.const_data_ptr<float>(), x_hat.const_data_ptr<float>(),
-                            inv_std.const_data_ptr<float>(), weight.const_data_ptr<float>(), n, c, groups,
-                            input_grad ? grad_x.data_ptr<float>() : nullptr, out[1].data_ptr<float>(),
-                            out[2].data_ptr<float>()) == 0, NO_WORKSPACE);
-    out[0] = grad_x;
+    auto closed = closed_backward(ctx, grad_y, [&](float* dx, float* dweight, float* dbias) {
+      return gn_backward(grad_y.const_data_ptr<float>(), x_hat.const_data_ptr<float>(),
+                         inv_std.const_data_ptr<float>(), weight.const_data_ptr<float>(), grad_y.size(0),
+                         grad_y.size(1), groups, dx, dweight, dbias);
+    });
+    std::copy(closed.begin(), closed.end(), out.begin());
     return out;
   }
 };
