@@ -45,7 +45,7 @@ class Bench:
     def __init__(self, data: str, steps: int) -> None:
         import torch
 
-        from bnlab.config import compose
+        from bnlab.config.schema import compose
         from bnlab.data import load_dataset
         from bnlab.norms import kernel
 
@@ -83,7 +83,7 @@ class Bench:
         the run, its logging, evaluation and checkpoints count."""
         import csv
 
-        from bnlab.train import Trainer
+        from bnlab.run.trainer import Trainer
 
         cfg = self.cfg(*overrides, f"train.steps={steps}", f"train.threads={threads}")
         self.torch.set_num_threads(threads)
@@ -98,7 +98,7 @@ class Bench:
         import torch.nn.functional as F
 
         from bnlab.models import build_model
-        from bnlab.optim import build_optimizer
+        from bnlab.run.optim import build_optimizer
 
         cfg = self.cfg(*overrides)
         model = build_model(cfg, self.data.shape, self.data.num_classes)
@@ -197,7 +197,7 @@ class Bench:
         row("trainer", "textbook", "trainer vs textbook loop", "probes off")
 
     def _auto_threads(self) -> int:
-        from bnlab.process import auto_threads
+        from bnlab.run.process import auto_threads
 
         return auto_threads(self.cfg(*MLP))
 
@@ -269,8 +269,8 @@ class Bench:
         """The train-mode evaluation of the default MLP in vmap passes against one pass per
         batch, and the CNN's eval-mode evaluation in passes of ``train.eval_batch_size`` rows
         against one pass of the whole test split."""
-        from bnlab.evaluation import ROWS_PER_MAPPED_PASS, evaluate, evaluate_train_mode
         from bnlab.models import build_model
+        from bnlab.run.evaluation import ROWS_PER_MAPPED_PASS, evaluate, evaluate_train_mode
 
         def model(overrides: list[str]):
             cfg = self.cfg(*overrides)
@@ -372,7 +372,7 @@ class Bench:
 
     # -- report
     def report(self, runs: int, steps: int) -> None:
-        from bnlab.report_bench import bench_report
+        from bnlab.report.synthetic import bench_report
 
         seconds = bench_report(runs, steps)
         self.add("report", f"report of {runs} runs x {steps} steps", seconds, 10.0, "s",
@@ -400,10 +400,10 @@ def _train_seeds(job: tuple) -> float:
     """Train the MLP for each seed of ``seeds``, one after another in this process, as the
     basic launcher does; returns the seconds of training (model building excluded)."""
     data_name, overrides, seeds, steps, threads = job
-    from bnlab.config import compose
+    from bnlab.config.schema import compose
     from bnlab.data import load_dataset
-    from bnlab.process import seed_everything, setup_process
-    from bnlab.train import Trainer
+    from bnlab.run.process import seed_everything, setup_process
+    from bnlab.run.trainer import Trainer
 
     seconds = 0.0
     for seed in seeds:
@@ -430,7 +430,7 @@ _DATA: dict = {}  # data sets loaded by _train_seeds in this process
 def _train_group(make_cfg, overrides: list[str], seeds: int, threads: int) -> float:
     """Train ``seeds`` seeds of the MLP as one vectorized program; returns the seconds of
     training (building the program excluded)."""
-    from bnlab.group import build_group
+    from bnlab.batched.group import build_group
 
     with tempfile.TemporaryDirectory() as tmp:
         jobs = [(make_cfg(*overrides, f"seed={s}", f"train.threads={threads}"), Path(tmp) / str(s))

@@ -21,8 +21,8 @@ def _train(argv: list[str]) -> int:
     # One tag per invocation, inherited by parallel workers, keeps run and sweep directories unique.
     os.environ.setdefault("BNLAB_RUN_ID", secrets.token_hex(3))
     from bnlab.errors import UserError
-    from bnlab.preflight import check_output_dir
-    from bnlab.resume import resume_argv
+    from bnlab.run.preflight import check_output_dir
+    from bnlab.run.resume import resume_argv
 
     try:
         argv = resume_argv(argv)
@@ -38,12 +38,12 @@ def _train(argv: list[str]) -> int:
 
     import hydra
 
-    from bnlab.config import config_dir, register_configs
+    from bnlab.config.schema import config_dir, register_configs
 
     if any(a in ("-m", "--multirun") for a in argv):
         argv = _name_runs_by_swept_keys(argv, config_dir() / "train.yaml")
     if "LOCAL_RANK" in os.environ:  # started by torchrun: all ranks must share one run directory
-        from bnlab.distributed import agree_on_run_dir, launched_by_torchrun
+        from bnlab.run.distributed import agree_on_run_dir, launched_by_torchrun
 
         try:
             if launched_by_torchrun():
@@ -57,7 +57,7 @@ def _train(argv: list[str]) -> int:
     sys.argv = ["bnlab train", *argv]
 
     def task(cfg) -> None:
-        from bnlab.train import main as train_main
+        from bnlab.run.trainer import main as train_main
 
         train_main(cfg)
 
@@ -65,7 +65,7 @@ def _train(argv: list[str]) -> int:
         hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")(task)()
     finally:
         if "torch" in sys.modules:  # only a run that trained can have joined a process group
-            from bnlab.distributed import shutdown
+            from bnlab.run.distributed import shutdown
 
             shutdown()
     return 0
@@ -109,7 +109,7 @@ def _name_runs_by_swept_keys(argv: list[str], train_yaml) -> list[str]:
 
 
 def _report(argv: list[str]) -> int:
-    from bnlab.report import main as report_main
+    from bnlab.report.command import main as report_main
 
     return report_main(argv)
 

@@ -489,7 +489,7 @@ def check_sampler(cfg, data: Dataset, batch_size: int) -> None:
     """One clear error, before training, when ``data.sampler=grouped`` lacks examples: K labels x
     m examples need m examples of every class, in the training split and in the test split
     (whose train-mode evaluation uses the same rule). The number of classes and the task are
-    checked before, with the config (bnlab.preflight)."""
+    checked before, with the config (bnlab.run.preflight)."""
     if cfg.get("sampler", "iid") != "grouped":
         return
     k = int(cfg.labels_per_batch)

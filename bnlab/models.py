@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bnlab.norms import build_norm, norm_class
@@ -19,6 +20,11 @@ ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "relu": nn.ReLU,
     "leaky_relu": lambda: nn.LeakyReLU(0.01), "gelu": nn.GELU, "identity": nn.Identity,
 }
+
+def loss_function(task: str):
+    """The training loss of a data set's task: cross-entropy (classification), MSE (regression)."""
+    return F.cross_entropy if task == "classification" else F.mse_loss
+
 
 NormFactory = Callable[[int, int], nn.Module]  # (num_features, dims) -> layer
 

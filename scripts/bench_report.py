@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Time `bnlab report` on a synthetic sweep: `python scripts/bench_report.py --help`."""
 
-from bnlab.report_bench import main
+from bnlab.report.synthetic import main
 
 main()

@@ -17,12 +17,12 @@ REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 
-from bnlab.config import compose, config_dir  # noqa: E402  (compose is re-exported for the tests)
+from bnlab.config.schema import compose, config_dir  # noqa: E402  (compose is re-exported for the tests)
 
 
 def train_in_process(run_dir: Path, *overrides: str) -> str:
     """Train in this process (no Hydra run directory set-up); returns the final status."""
-    from bnlab.train import run
+    from bnlab.run.trainer import run
 
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg = compose("train.progress=off", "train.threads=1", *overrides)
@@ -42,7 +42,7 @@ def compose_hydra(*overrides: str):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from bnlab.config import register_configs
+    from bnlab.config.schema import register_configs
 
     register_configs()
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
@@ -65,7 +65,7 @@ def run_main(argv: list[str]) -> tuple[int, str]:
     from contextlib import redirect_stdout
     from io import StringIO
 
-    from bnlab.report import main
+    from bnlab.report.command import main
 
     buffer = StringIO()
     with redirect_stdout(buffer):
@@ -131,7 +131,7 @@ def start(run: Path, cwd: Path, *extra: str) -> subprocess.Popen:
 
 
 def wait_for_checkpoint(run: Path, proc: subprocess.Popen, min_step: int) -> None:
-    from bnlab.checkpoint import load_checkpoint
+    from bnlab.run.checkpoint import load_checkpoint
 
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
@@ -156,7 +156,7 @@ def summary_of(run: Path) -> dict:
 
 def execute(run: Path, *overrides: str) -> int:
     """`bnlab train` in this process, from the run directory on: its exit code."""
-    from bnlab.train import execute as execute_job
+    from bnlab.run.trainer import execute as execute_job
 
     run.mkdir(parents=True, exist_ok=True)
     return execute_job(compose(*SHORT, *overrides), run, multirun=False)

@@ -88,10 +88,39 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return found
 
 
+# The layers, top to bottom: a module imports only modules of its own package or of a lower
+# layer. docs/architecture.md draws the same picture.
+LAYERS: list[tuple[str, ...]] = [
+    ("bnlab.__main__",),
+    ("bnlab.cli",),
+    ("bnlab.bench",),
+    ("bnlab.batched",),
+    ("bnlab.run", "bnlab.report"),
+    ("bnlab.probes",),
+    ("bnlab.models",),
+    ("bnlab.norms", "bnlab.data", "bnlab.rundir"),
+    ("bnlab.config",),
+    ("bnlab.errors", "bnlab"),
+]
+
+
+def package_of(module: str) -> str:
+    """The layer entry a module belongs to: its sub-package, or itself at the top level."""
+    for layer in LAYERS:
+        for entry in layer:
+            if module == entry or module.startswith(entry + "."):
+                return entry
+    raise AssertionError(f"{module} is in no layer of LAYERS: add it")
+
+
+def rank(module: str) -> int:
+    entry = package_of(module)
+    return next(i for i, layer in enumerate(LAYERS) if entry in layer)
+
+
 def test_the_graph_sees_lazy_imports():
-    """The reader finds an import inside a function: cli imports train only inside a command."""
-    graph = import_graph()
-    assert "bnlab.train" in graph["bnlab.cli"] or "bnlab.report" in graph["bnlab.cli"]
+    """The reader finds an import inside a function: cli imports the trainer only inside a command."""
+    assert "bnlab.run.trainer" in import_graph()["bnlab.cli"]
 
 
 def test_no_import_cycles():
@@ -102,8 +131,25 @@ def test_cycle_finder_finds_a_cycle():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 
+def test_every_module_has_a_layer():
+    assert all(package_of(name) for name in import_graph())
+
+
+def test_imports_flow_down_the_layers():
+    """cli -> bench -> batched -> run | report -> probes -> models -> norms | data | rundir -> config."""
+    upward = sorted(f"{name} -> {target}" for name, targets in import_graph().items() for target in targets
+                    if package_of(name) != package_of(target) and rank(target) <= rank(name))
+    assert upward == []
+
+
+def test_the_layer_check_catches_an_upward_import():
+    assert rank("bnlab.norms.batchnorm") > rank("bnlab.models") > rank("bnlab.run.trainer")
+    assert package_of("bnlab.run.trainer") != package_of("bnlab.report.claims")
+    assert rank("bnlab.run.trainer") == rank("bnlab.report.claims")  # siblings: neither may import the other
+
+
 # Torch-free declarations a norm module may use: its options, their bounds, and the error they raise.
-NORM_LEAVES = {"bnlab.norm_options", "bnlab.bounds", "bnlab.errors"}
+NORM_LEAVES = {"bnlab.config.norm_options", "bnlab.config.bounds", "bnlab.errors"}
 
 
 def test_norms_import_only_norms():
@@ -119,15 +165,16 @@ def test_norms_import_only_norms():
 
 
 def test_report_side_never_imports_the_trainer():
-    """cli -> report -> runs: reading runs back needs neither the trainer nor torch's modules."""
+    """cli -> report -> rundir: reading runs back needs neither the trainer nor torch's modules."""
     graph = import_graph()
-    reachable, todo = set(), ["bnlab.report"]
+    reachable, todo = set(), [m for m in graph if m.startswith("bnlab.report")]
     while todo:
         for target in graph[todo.pop()]:
             if target not in reachable:
                 reachable.add(target)
                 todo.append(target)
-    assert not reachable & {"bnlab.train", "bnlab.models", "bnlab.probes", "bnlab.data"}
+    forbidden = ("bnlab.run.", "bnlab.models", "bnlab.probes.", "bnlab.data", "bnlab.norms")
+    assert sorted(m for m in reachable if m.startswith(forbidden)) == []
 
 
 def test_the_norm_modules_import_the_registry_not_the_package():

@@ -20,13 +20,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bnlab.batched import Job, plan
-from bnlab.group import train_group
+from bnlab.batched.group import train_group
+from bnlab.batched.launch import Job, plan
+from bnlab.batched.stacked import StackedAdamW, StackedMLP, StackedSGD, train_step
 from bnlab.models import build_model
-from bnlab.optim import build_optimizer
-from bnlab.rundir import CHECKPOINT
-from bnlab.stacked import StackedAdamW, StackedMLP, StackedSGD, train_step
-from bnlab.train import run
+from bnlab.run.optim import build_optimizer
+from bnlab.run.trainer import run
+from bnlab.rundir.names import CHECKPOINT
 
 from helpers import bnlab, compose, train_in_process
 

@@ -1,4 +1,4 @@
-"""Claims (bnlab.claims): the verdict rule on synthetic runs whose values are known, the claims
+"""Claims (bnlab.report.claims): the verdict rule on synthetic runs whose values are known, the claims
 table of the report, and claims kept out of the config keys, the groups and TensorBoard's hparams."""
 
 from __future__ import annotations
@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from bnlab.report_data import build_report
-from bnlab.runs import find_runs
+from bnlab.report.data import build_report
+from bnlab.rundir.reader import find_runs
 
 from helpers import run_main, sweep_of, synthetic_run, train_in_process
 
 
 def judged_on(root: Path):
-    from bnlab.claims import judge_all
+    from bnlab.report.claims import judge_all
 
     runs = find_runs([root])
     return judge_all(runs, build_report(runs, [root]).keys)

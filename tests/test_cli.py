@@ -79,7 +79,7 @@ def test_wheel_carries_the_config_tree_for_a_normal_install(tmp_path):
                             env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"})
     assert result.returncode == 0, result.stderr
     assert "name: none" in result.stdout and "batch_size: 60" in result.stdout
-    from_wheel = subprocess.run([sys.executable, "-c", "import bnlab.config as c; print(c.config_dir())"],
+    from_wheel = subprocess.run([sys.executable, "-c", "import bnlab.config.schema as c; print(c.config_dir())"],  # noqa: E501
                                 cwd=tmp_path, capture_output=True, text=True,
                                 env={"PYTHONPATH": str(target)})
     assert from_wheel.stdout.strip() == str(target / "bnlab" / "conf")
@@ -115,7 +115,7 @@ def test_a_run_ends_by_saying_its_status_accuracy_directory_and_next_commands(tm
 
 
 def test_the_rich_bar_shows_the_last_evaluation():
-    from bnlab.progress import Progress
+    from bnlab.run.progress import Progress
 
     progress = Progress(100, 0, mode="rich")
     try:

@@ -11,8 +11,8 @@ import sys
 
 import pytest
 
+from bnlab.config.norm_options import NORM_SCHEMAS
 from bnlab.errors import UserError
-from bnlab.norm_options import NORM_SCHEMAS
 from bnlab.norms import NORMS, build_norm
 from bnlab.norms.batchnorm import TorchBatchNorm
 
@@ -82,7 +82,7 @@ def test_misconfigurations_fail_before_training_and_leave_no_directory(tmp_path,
     (["norm=ln", "train.batch_size=1"], (1, 8, 8), None),  # per-example statistics
 ])
 def test_the_config_is_checked_against_the_data_sets_shape(overrides, shape, expected):
-    from bnlab.preflight import check_against_data
+    from bnlab.run.preflight import check_against_data
 
     cfg = compose("data=digits", "model.widths=[]", *overrides) if "model=vgg" in overrides \
         else compose("data=digits", *overrides)
@@ -118,11 +118,11 @@ def test_a_run_looks_for_its_data_in_the_xdg_cache(tmp_path):
 
 # ---------------------------------------------------------------- a norm's options
 def test_help_and_composing_a_config_do_not_load_torch():
-    """The norms' options are torch-free (bnlab.norm_options): `bnlab train --help` shows a
+    """The norms' options are torch-free (bnlab.config.norm_options): `bnlab train --help` shows a
     norm's keys, and a config composes, without importing torch (~2 s of start-up)."""
     code = ("import contextlib, io, sys\n"
             "from bnlab.cli import main\n"
-            "from bnlab.config import compose\n"
+            "from bnlab.config.schema import compose\n"
             "shown = io.StringIO()\n"
             "with contextlib.redirect_stdout(shown), contextlib.suppress(SystemExit):\n"
             "    main(['train', 'norm=whiten', '--help'])  # Hydra exits after its help\n"
@@ -134,7 +134,7 @@ def test_help_and_composing_a_config_do_not_load_torch():
 
 
 def test_sync_is_an_option_of_the_norms_that_support_it():
-    from bnlab.config import validate
+    from bnlab.config.schema import validate
 
     for name, cls in NORMS.items():
         assert ("sync" in NORM_SCHEMAS[name].__dataclass_fields__) == cls.supports_sync, name
@@ -153,7 +153,7 @@ def test_sync_is_an_option_of_the_norms_that_support_it():
     (["norm=whiten", "norm.method=svd"], "norm.method='svd' is not valid: expected one of zca, pca"),
 ])
 def test_a_norms_own_checks_run_in_validate(overrides, message):
-    from bnlab.config import validate
+    from bnlab.config.schema import validate
 
     with pytest.raises(UserError, match=re.escape(message)):
         validate(compose(*overrides, "data=digits"))
@@ -240,8 +240,8 @@ def test_every_documented_train_command_composes_and_validates():
     from hydra import initialize_config_dir
     from omegaconf import OmegaConf
 
-    from bnlab.config import config_dir, register_configs, validate
-    from bnlab.resume import RESUMABLE_KEYS
+    from bnlab.config.schema import config_dir, register_configs, validate
+    from bnlab.run.resume import RESUMABLE_KEYS
 
     commands = documented_commands()
     assert len([c for c in commands if c[1] and not c[1][0].startswith("scripts/")]) >= 10

@@ -154,7 +154,7 @@ def test_a_run_with_its_files_present_never_imports_torchvision(tmp_path):
     tiny_mnist(tmp_path / "MNIST" / "raw")
     tiny_cifar(tmp_path)
     code = ("import sys, torch; from omegaconf import OmegaConf; "
-            "from bnlab.data import load_dataset; from bnlab.process import versions; "
+            "from bnlab.data import load_dataset; from bnlab.run.process import versions; "
             "[load_dataset(OmegaConf.create({'name': n, 'root': sys.argv[1], 'download': False, "
             "'normalize': True}), torch.device('cpu')) for n in ('mnist', 'cifar10', 'digits')]; "
             "v = versions(); print('torchvision' in sys.modules, v['torchvision'])")
@@ -339,7 +339,7 @@ def test_the_linear_data_set_is_a_regression_the_trainer_fits_with_mse(tmp_path:
     import torch.nn.functional as F
 
     from bnlab.models import build_model
-    from bnlab.train import evaluate
+    from bnlab.run.trainer import evaluate
 
     cfg = compose("experiment=santurkar_dln", "model.widths=[10,10,10]")
     data = load_dataset(cfg.data, torch.device("cpu"))

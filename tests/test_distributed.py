@@ -19,12 +19,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from bnlab.distributed import _resolve_run_dir, agree_on_run_dir, replica
 from bnlab.errors import UserError
 from bnlab.models import build_model
 from bnlab.norms import build_norm, frozen_stats
 from bnlab.norms.batchnorm import BatchNorm, TorchBatchNorm
 from bnlab.norms.sync import SyncBatchNorm, convert_sync
+from bnlab.run.distributed import _resolve_run_dir, agree_on_run_dir, replica
 
 from helpers import compose, train_in_process
 

@@ -1,4 +1,4 @@
-"""Evaluation (bnlab.evaluation): how often it happens (eval_every=auto), and the train-mode
+"""Evaluation (bnlab.run.evaluation): how often it happens (eval_every=auto), and the train-mode
 metrics of the norms that use batch statistics."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from helpers import compose, csv_series, train_in_process
 
 # ---------------------------------------------------------------- eval_every=auto
 def test_eval_every_auto_evaluates_twenty_times_whatever_the_length(tmp_path):
-    from bnlab.evaluation import EVALUATIONS_PER_RUN, eval_interval
+    from bnlab.run.evaluation import EVALUATIONS_PER_RUN, eval_interval
 
     assert EVALUATIONS_PER_RUN == 20
     assert eval_interval(7, 100) == 7 and eval_interval("auto", 10) == 1
@@ -57,7 +57,7 @@ def test_train_mode_evaluation_equals_a_direct_computation(norm, sampler, rows_p
     import torch.nn.functional as F
 
     from bnlab.data import make_batch_stream
-    from bnlab.evaluation import TRAIN_MODE_SEED_OFFSET, evaluate, evaluate_train_mode, maps_batches
+    from bnlab.run.evaluation import TRAIN_MODE_SEED_OFFSET, evaluate, evaluate_train_mode, maps_batches
 
     cfg, data, model = trained_digits_model("norm=bn", norm, f"data.sampler={sampler}",
                                             "data.labels_per_batch=2", "train.batch_size=20")
@@ -92,7 +92,7 @@ def test_train_mode_evaluation_equals_a_direct_computation(norm, sampler, rows_p
 
 
 def test_train_mode_metrics_only_for_batch_statistic_norms():
-    from bnlab.evaluation import train_mode_metrics
+    from bnlab.run.evaluation import train_mode_metrics
 
     for norm, expected in (("bn", True), ("brn", True), ("noisy_bn", True), ("whiten", True),
                            ("ln", False), ("none", False)):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from bnlab.checkpoint import load_checkpoint
+from bnlab.run.checkpoint import load_checkpoint
 
 from helpers import SHORT, bnlab, execute, fail_on_call, scalars, summary_of, train_in_process
 
@@ -41,12 +41,12 @@ def test_divergence_can_be_watched_to_the_end(tmp_path):
 
 
 # ---------------------------------------------------------------- exceptions and Ctrl-C
-# Runs `bnlab` in a fresh process after a patch of bnlab.train (a fault injected where a real
+# Runs `bnlab` in a fresh process after a patch of bnlab.run.trainer (a fault injected where a real
 # one could happen), so that exit code, stderr and files are what a user would get.
 INJECT = """
 import sys
 sys.path.insert(0, {tests!r})
-import bnlab.train as train
+import bnlab.run.trainer as train
 from helpers import fail_on_call
 {patch}
 from bnlab.cli import main
@@ -77,10 +77,11 @@ def test_an_exception_in_the_loop_marks_the_run_failed_with_one_line_and_the_tra
 
 @pytest.mark.parametrize("where", ["load_dataset", "versions"])  # before the Trainer; first summary
 def test_an_exception_before_training_also_ends_failed(tmp_path, monkeypatch, capsys, where):
-    import bnlab.train
+    import bnlab.run.trainer
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(bnlab.train, where, fail_on_call(1, ValueError("boom"), getattr(bnlab.train, where)))
+    trainer = bnlab.run.trainer
+    monkeypatch.setattr(trainer, where, fail_on_call(1, ValueError("boom"), getattr(trainer, where)))
     assert execute(tmp_path / "run") == 1
     assert capsys.readouterr().err == ("bnlab: error: ValueError: boom; run run failed "
                                        "(traceback in run/train.log)\n")
@@ -91,9 +92,9 @@ def test_an_exception_before_training_also_ends_failed(tmp_path, monkeypatch, ca
 
 
 def test_ctrl_c_before_training_keeps_nothing(tmp_path, monkeypatch, capsys):
-    import bnlab.train
+    import bnlab.run.trainer
 
-    monkeypatch.setattr(bnlab.train, "load_dataset", fail_on_call(1, KeyboardInterrupt(), None))
+    monkeypatch.setattr(bnlab.run.trainer, "load_dataset", fail_on_call(1, KeyboardInterrupt(), None))
     (tmp_path / "run" / ".hydra").mkdir(parents=True)
     assert execute(tmp_path / "run") == 130
     assert capsys.readouterr().err == "bnlab: interrupted before training started; nothing kept\n"
@@ -102,11 +103,12 @@ def test_ctrl_c_before_training_keeps_nothing(tmp_path, monkeypatch, capsys):
 
 def test_a_second_ctrl_c_mid_run_says_interrupted_and_the_run_resumes_exactly(tmp_path, monkeypatch, capsys):
     """A second Ctrl-C raises KeyboardInterrupt wherever the loop is (here: in an evaluation)."""
-    import bnlab.train
+    import bnlab.run.trainer
 
     monkeypatch.chdir(tmp_path)
     with monkeypatch.context() as patch:
-        patch.setattr(bnlab.train, "evaluate", fail_on_call(3, KeyboardInterrupt(), bnlab.train.evaluate))
+        trainer = bnlab.run.trainer
+        patch.setattr(trainer, "evaluate", fail_on_call(3, KeyboardInterrupt(), trainer.evaluate))
         assert execute(tmp_path / "run") == 130
     assert capsys.readouterr().err == "bnlab: interrupted; resume with: bnlab train resume=run\n"
     summary = summary_of(tmp_path / "run")
@@ -190,7 +192,7 @@ def test_write_failures_name_the_file_leave_no_partial_file_and_resume(
 
     from tensorboard.compat.tensorflow_stub.io.gfile import LocalFileSystem
 
-    import bnlab.record
+    import bnlab.rundir.writer
 
     monkeypatch.chdir(tmp_path)
     error = OSError(errno_, os.strerror(errno_))
@@ -204,7 +206,7 @@ def test_write_failures_name_the_file_leave_no_partial_file_and_resume(
         if fails_now():
             os.write(fd, data[: len(data) // 2])
             raise error
-        return bnlab.record.os.write(fd, data)
+        return bnlab.rundir.writer.os.write(fd, data)
 
     def failing_append(self, filename, content, binary_mode=False):
         if fails_now():
@@ -220,9 +222,9 @@ def test_write_failures_name_the_file_leave_no_partial_file_and_resume(
         if target == "events":
             patch.setattr(LocalFileSystem, "append", failing_append)
         elif target == "scalars.csv":
-            patch.setattr(bnlab.record, "_write_all", lambda fd, data: partial_write(fd, data))
+            patch.setattr(bnlab.rundir.writer, "_write_all", lambda fd, data: partial_write(fd, data))
         else:
-            patch.setattr(bnlab.record, "open", failing_open, raising=False)
+            patch.setattr(bnlab.rundir.writer, "open", failing_open, raising=False)
         assert execute(tmp_path / "run") == 1
     err = capsys.readouterr().err
     name = {"last.pt.tmp": "checkpoints/last.pt", "summary.json.tmp": "summary.json"}.get(target, target)

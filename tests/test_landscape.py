@@ -1,4 +1,4 @@
-"""The loss landscape along the gradient (bnlab.landscape): the definitions on a quadratic with a
+"""The loss landscape along the gradient (bnlab.probes.landscape): the definitions on a quadratic with a
 known Hessian and on a real network, and that measuring never changes training."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from bnlab.data import load_dataset
-from bnlab.landscape import landscape, step_sizes
 from bnlab.models import build_model
+from bnlab.probes.landscape import landscape, step_sizes
 
 from helpers import compose, train_in_process
 
@@ -162,9 +162,9 @@ def test_report_draws_the_landscape_figure_from_the_runs(tmp_path):
 
     from omegaconf import OmegaConf
 
-    from bnlab.report import REPORT_TAGS, build_report, main
-    from bnlab.report_figures import landscape as landscape_figure
-    from bnlab.runs import find_runs, load_scalars
+    from bnlab.report.command import REPORT_TAGS, build_report, main
+    from bnlab.report.figures import landscape as landscape_figure
+    from bnlab.rundir.reader import find_runs, load_scalars
 
     sweep = tmp_path / "sweep"
     for norm in ("none", "bn"):

@@ -1,4 +1,4 @@
-"""One writer per run directory (bnlab.lock): a second writer is refused and touches nothing,
+"""One writer per run directory (bnlab.rundir.lock): a second writer is refused and touches nothing,
 from the command line or in the task; a lock left by a killed process never blocks, and a run
 whose process died without a word reads as killed."""
 
@@ -11,16 +11,16 @@ import sys
 
 import pytest
 
-from bnlab.checkpoint import load_checkpoint
+from bnlab.run.checkpoint import load_checkpoint
 
 from helpers import LONG, bnlab, execute, start, summary_of, wait_for_checkpoint
 
-HOLD = "import sys, time; from pathlib import Path; from bnlab.lock import hold\n" \
+HOLD = "import sys, time; from pathlib import Path; from bnlab.rundir.lock import hold\n" \
        "with hold(Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(300)"
 
 
 def test_a_lock_left_by_a_killed_process_never_blocks(tmp_path):
-    from bnlab.lock import RunLocked, hold, holder
+    from bnlab.rundir.lock import RunLocked, hold, holder
 
     holder_proc = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path)], stdout=subprocess.PIPE,
                                    text=True)
@@ -80,9 +80,9 @@ def test_one_writer_per_run_even_from_the_command_line_and_sigkill_frees_it(tmp_
 def test_a_run_whose_process_died_without_a_word_reads_as_killed(tmp_path):
     """summary.json says running; the reader and the sweep's end lines say killed once no
     process on this machine holds the run, and keep running for a lock taken elsewhere."""
-    from bnlab.outcome import read_summary, sweep_runs
-    from bnlab.rundir import LOCK
-    from bnlab.runs import Run
+    from bnlab.rundir.names import LOCK
+    from bnlab.rundir.outcome import read_summary, sweep_runs
+    from bnlab.rundir.reader import Run
 
     run = tmp_path / "sweep" / "0"
     (run / ".hydra").mkdir(parents=True)

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from torch import nn
 from torch.testing import assert_close
 
-from bnlab.norm_options import NORM_SCHEMAS
+from bnlab.config.norm_options import NORM_SCHEMAS
 from bnlab.norms import (
     NORMS,
     Norm,

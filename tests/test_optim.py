@@ -1,4 +1,4 @@
-"""The training loop's backward pass and update (bnlab.optim) against torch's own
+"""The training loop's backward pass and update (bnlab.run.optim) against torch's own
 ``loss.backward()`` and ``optimizer.step``: the same gradients, parameters and momentum buffers,
 bit for bit, whatever the settings, the schedule or a checkpoint in between."""
 
@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bnlab.norms.batchnorm import BatchNorm
-from bnlab.optim import clear_grads, loop_backward, loop_update
+from bnlab.run.optim import clear_grads, loop_backward, loop_update
 
 
 def _net() -> nn.Module:

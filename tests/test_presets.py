@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from bnlab.config import config_dir, validate
-from bnlab.runs import find_runs
+from bnlab.config.schema import config_dir, validate
+from bnlab.rundir.reader import find_runs
 
 from helpers import REPO, compose, compose_hydra
 
@@ -80,7 +80,7 @@ def test_the_santurkar_landscape_preset_composes_and_keeps_the_papers_protocol()
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from bnlab.config import register_configs
+    from bnlab.config.schema import register_configs
 
     text = (config_dir() / "experiment" / "santurkar_landscape.yaml").read_text()
     assert text.startswith("# @package _global_\n") and "arXiv 1805.11604" in text
@@ -111,8 +111,8 @@ def test_every_preset_states_claims_its_own_sweep_can_judge(preset):
     """Each claim reads, and names keys and values that the preset's sweep produces."""
     import yaml
 
-    from bnlab.claims import parse_claim
-    from bnlab.runs import flatten
+    from bnlab.report.claims import parse_claim
+    from bnlab.rundir.reader import flatten
 
     raw = compose(f"experiment={preset}")
     config = flatten({k: v for k, v in _plain(raw).items() if k != "claims"})

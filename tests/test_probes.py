@@ -1,5 +1,5 @@
-"""Probes (bnlab.probes) and gradient-based ICS (bnlab.ics): formulas, and that measuring never
-changes training."""
+"""Probes (bnlab.probes.activations) and gradient-based ICS (bnlab.probes.ics): formulas, and that
+measuring never changes training."""
 
 from __future__ import annotations
 
@@ -17,10 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from bnlab.data import load_dataset
-from bnlab.ics import gradient_ics
 from bnlab.models import ACTIVATIONS, Block, Net, build_model
 from bnlab.norms import Norm, build_norm
-from bnlab.probes import (
+from bnlab.probes.activations import (
     Prober,
     batch_noise,
     drift,
@@ -29,6 +28,7 @@ from bnlab.probes import (
     saturation_bounds,
     unit_percentiles,
 )
+from bnlab.probes.ics import gradient_ics
 
 from helpers import compose, train_in_process
 
@@ -36,7 +36,7 @@ CPU = torch.device("cpu")
 
 
 class Recorder:
-    """Stands in for bnlab.record.Recorder: keeps what the prober logs."""
+    """Stands in for bnlab.rundir.writer.Recorder: keeps what the prober logs."""
 
     def __init__(self) -> None:
         self.values: dict[int, dict[str, float]] = defaultdict(dict)
@@ -631,20 +631,20 @@ def test_a_probe_pass_sees_the_noise_of_the_next_training_step():
 
 
 def test_ics_sees_the_noise_and_the_gradient_of_the_real_step(monkeypatch):
-    import bnlab.ics
+    import bnlab.probes.ics
 
     batch = 32
     model, prober, data = _noisy_model(probe_batch=batch)
     x, y = data.train.x[:batch], data.train.y[:batch]
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     captured = {}
-    update = bnlab.ics.updated_parameters
+    update = bnlab.probes.ics.updated_parameters
 
     def capture(model_, optimizer_, grads):  # G: the gradients of ICS's first pass
         captured.update(grads=grads, noise=_noise(model_))
         return update(model_, optimizer_, grads)
 
-    monkeypatch.setattr(bnlab.ics, "updated_parameters", capture)
+    monkeypatch.setattr(bnlab.probes.ics, "updated_parameters", capture)
     torch.manual_seed(2)
     recorder = _Sink()
     prober.ics(1, model, optimizer, x, y, recorder)

@@ -1,4 +1,4 @@
-"""The run's record (bnlab.record): scalars.csv and TensorBoard's event file agree, also after a
+"""The run's record (bnlab.rundir.writer): scalars.csv and TensorBoard's event file agree, also after a
 resume, a half-written CSV row is never data, and the hparams TensorBoard compares runs by."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bnlab.record import Recorder, truncate_scalars
+from bnlab.rundir.writer import Recorder, truncate_scalars
 
 
 def test_partial_last_csv_row_is_never_data(tmp_path):

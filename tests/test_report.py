@@ -1,8 +1,8 @@
-"""`bnlab report` (bnlab.report, bnlab.runs) on a small real sweep, on damaged runs, on synthetic
-runs, and against a swept key.
+"""`bnlab report` (bnlab.report.command, bnlab.rundir.reader) on a small real sweep, on damaged runs,
+on synthetic runs, and against a swept key.
 
 The numbers in the report are checked against each run's own scalars.csv, read here with the
-csv module, independently of bnlab.runs.
+csv module, independently of bnlab.rundir.reader.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 
 from bnlab.errors import UserError
-from bnlab.report import main
-from bnlab.report_data import build_report
-from bnlab.runs import _parse_careful, _parse_fast, find_runs, read_scalars
+from bnlab.report.command import main
+from bnlab.report.data import build_report
+from bnlab.rundir.reader import _parse_careful, _parse_fast, find_runs, read_scalars
 
 from helpers import bnlab, compose, csv_series, run_main, sweep_of, synthetic_run, train_in_process
 
@@ -178,7 +178,7 @@ def test_figures_are_real_images_linked_from_report_md(clean_report):
 
 
 def test_import_does_not_load_torch_or_matplotlib():
-    code = ("import sys, bnlab.report, bnlab.runs; "
+    code = ("import sys, bnlab.report.command, bnlab.rundir.reader; "
             "print(sorted(m for m in ('torch', 'matplotlib') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             check=True)
@@ -346,7 +346,7 @@ def test_auto_target_is_not_dragged_down_by_a_group_that_never_learned(tmp_path)
 
 
 def test_equal_step_counts_are_a_tie_not_1x_fewer(tmp_path):
-    from bnlab.report import headline
+    from bnlab.report.command import headline
 
     for seed in range(2):
         synthetic_run(tmp_path, ["norm=bn", f"seed={seed}"], [0.5, 0.95, 0.96])

@@ -1,4 +1,4 @@
-"""`resume=` (bnlab.resume, bnlab.checkpoint): a run killed (SIGKILL) or interrupted (SIGINT)
+"""`resume=` (bnlab.run.resume, bnlab.run.checkpoint): a run killed (SIGKILL) or interrupted (SIGINT)
 resumes to exactly the scalars of the uninterrupted run; resume refuses what would change the run;
 a checkpoint is replaced atomically."""
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bnlab.checkpoint import load_checkpoint, save_checkpoint
+from bnlab.run.checkpoint import load_checkpoint, save_checkpoint
 
 from helpers import bnlab, scalars, start, train_in_process, wait_for_checkpoint
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from bnlab.cli import _name_runs_by_swept_keys
-from bnlab.config import config_dir
+from bnlab.config.schema import config_dir
 
 from helpers import bnlab, compose_hydra
 

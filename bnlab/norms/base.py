@@ -41,7 +41,7 @@ class Norm(nn.Module):
     # Szegedy, Sec. 3.2), so the model drops it.
     replaces_bias: bool = True
     # A train-mode measurement without autograd may run many batches as one ``torch.func.vmap``
-    # pass, each batch with its own statistics (bnlab.evaluation); not a layer that keeps
+    # pass, each batch with its own statistics (bnlab.run.evaluation); not a layer that keeps
     # state between calls (noisy BN's last noise sample).
     maps_over_batches: bool = True
 

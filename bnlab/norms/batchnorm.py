@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import bnlab.norms.kernel as kernel
-from bnlab.norm_options import BNOptions
+from bnlab.config.norm_options import BNOptions
 from bnlab.norms.base import LOW_PRECISION, Norm, in_forward_order, per_feature
 from bnlab.norms.registry import register_norm
 

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 import bnlab.norms.kernel as kernel
-from bnlab.norm_options import BRNOptions
+from bnlab.config.norm_options import BRNOptions
 from bnlab.norms.base import LOW_PRECISION, Norm, per_feature
 from bnlab.norms.registry import register_norm
 

@@ -2,7 +2,7 @@
 
 from torch import Tensor
 
-from bnlab.norm_options import NoneOptions
+from bnlab.config.norm_options import NoneOptions
 from bnlab.norms.base import Norm
 from bnlab.norms.registry import register_norm
 

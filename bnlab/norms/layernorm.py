@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bnlab.norm_options import LNOptions
+from bnlab.config.norm_options import LNOptions
 from bnlab.norms.groupnorm import GroupNorm
 from bnlab.norms.registry import register_norm
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from bnlab.norm_options import NoisyBNOptions
+from bnlab.config.norm_options import NoisyBNOptions
 from bnlab.norms.batchnorm import BatchNorm, TorchBatchNorm
 from bnlab.norms.registry import register_norm
 

@@ -1,6 +1,6 @@
 """The norm registry: ``norm=<name>`` stands for a layer class and the schema of its options.
 
-A norm is its options class in :mod:`bnlab.norm_options` (the ``norm.*`` keys, their defaults and
+A norm is its options class in :mod:`bnlab.config.norm_options` (the ``norm.*`` keys, their defaults and
 bounds, and its name), one module of this package holding its layer (every module in it is
 imported with the package), and one config file, ``configs/norm/<name>.yaml``. The layer
 registers with its options class and takes its constructor's defaults from it::
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import fields
 
-from bnlab.norm_options import NORM_SCHEMAS, NormOptions
+from bnlab.config.norm_options import NORM_SCHEMAS, NormOptions
 from bnlab.norms.base import Norm
 
 NORMS: dict[str, type[Norm]] = {}
@@ -27,7 +27,7 @@ def register_norm(options: type[NormOptions]):
     """Class decorator: ``norm=<options.name>`` builds this :class:`Norm` with the keys of ``options``."""
     name = options.name
     if NORM_SCHEMAS.get(name) is not options:
-        raise ValueError(f"{options.__name__} is not in bnlab.norm_options.NORM_SCHEMAS")
+        raise ValueError(f"{options.__name__} is not in bnlab.config.norm_options.NORM_SCHEMAS")
 
     def add(cls: type[Norm]) -> type[Norm]:
         if name in NORMS:

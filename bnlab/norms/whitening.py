@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from bnlab.norm_options import (
+from bnlab.config.norm_options import (
     WHITENING_METHODS,
     IterNormOptions,
     PCAOptions,

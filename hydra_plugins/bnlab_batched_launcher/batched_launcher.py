@@ -1,7 +1,7 @@
 """The Launcher class Hydra instantiates for ``hydra/launcher=batched``.
 
 Hydra imports every module of its plugin packages at start-up: this one stays light, and the
-work (which imports torch) is in :mod:`bnlab.batched`.
+work (which imports torch) is in :mod:`bnlab.batched.launch`.
 """
 
 from __future__ import annotations
@@ -27,6 +27,6 @@ class BatchedLauncher(Launcher):
         self.config, self.task_function, self.hydra_context = config, task_function, hydra_context
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        from bnlab.batched import launch
+        from bnlab.batched.launch import launch
 
         return launch(self, job_overrides, initial_job_idx)

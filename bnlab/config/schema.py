@@ -8,13 +8,13 @@ value costs nothing and leaves nothing behind.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from omegaconf import MISSING, DictConfig
 
-from bnlab.bounds import (
+from bnlab.config.bounds import (
     at_least,
     bounded,
     check_fields,
@@ -25,11 +25,11 @@ from bnlab.bounds import (
     positive,
     unit_interval,
 )
-from bnlab.bounds import invalid as _fail
+from bnlab.config.bounds import invalid as _fail
+from bnlab.config.norm_options import NORM_SCHEMAS
 from bnlab.errors import UserError
-from bnlab.norm_options import NORM_SCHEMAS
 
-PACKAGE_DIR = Path(__file__).resolve().parent
+PACKAGE_DIR = Path(__file__).resolve().parent.parent  # bnlab/
 
 
 def config_dir() -> Path:
@@ -39,10 +39,10 @@ def config_dir() -> Path:
 
 
 # ---------------------------------------------------------------- groups
-# The norms' options are in bnlab.norm_options, one dataclass per norm.
+# The norms' options are in bnlab.config.norm_options, one dataclass per norm.
 @dataclass
 class ActivationConfig:
-    name: str = "sigmoid"  # one of bnlab.models.ACTIVATIONS (checked in validate)
+    name: str = "sigmoid"  # one of bnlab.models.ACTIVATIONS (checked by bnlab.run.preflight)
 
 
 INITS = ("default", "glorot")  # torch's layer init | Xavier uniform, zero biases
@@ -129,7 +129,7 @@ class TrainLoopConfig:
     steps: int = at_least(8000, 1)
     epochs: int | None = optional_at_least(None, 1, "use train.steps")  # when set, replaces steps
     batch_size: int = at_least(60, 1)
-    # An integer, or "auto": a fixed number of evaluations per run (bnlab.evaluation.eval_interval).
+    # An integer, or "auto": a fixed number of evaluations per run (bnlab.run.evaluation.eval_interval).
     eval_every: Any = bounded(EVAL_AUTO, lambda v: v == EVAL_AUTO or (isinstance(v, int) and v >= 1),
                               f"an integer >= 1 or {EVAL_AUTO}")
     # Rows per eval-mode pass: on 2 CPU cores the CNN evaluated 10,000 test images in 0.60 s in
@@ -219,22 +219,17 @@ def validate(cfg: DictConfig) -> None:
     """Raise UserError naming the first key whose value is out of range.
 
     Bounds declared on the schema fields come first; then the checks that relate two keys.
-    Checks that need the data set's shape are in :mod:`bnlab.preflight`.
+    Checks that need the data set's shape are in :mod:`bnlab.run.preflight`.
     """
     for prefix, schema in schemas_of(cfg):
         check_fields(_node(cfg, prefix), schema, prefix)
-    from bnlab.models import ACTIVATIONS  # torch is loaded by now: validate runs inside training
-
-    if cfg.activation.name not in ACTIVATIONS:
-        raise _fail("activation.name", cfg.activation.name, "one of " + ", ".join(ACTIVATIONS))
     if cfg.model.name == "cnn" and len(cfg.model.paddings) != len(cfg.model.channels):
         raise _fail("model.paddings", list(cfg.model.paddings),
                     f"one padding per conv layer ({len(cfg.model.channels)})")
     widths = hidden_widths(cfg)
-    from bnlab.norms import norm_class
-
-    NORM_SCHEMAS[cfg.norm.name].check(cfg.norm, widths)  # relations between its own keys
-    if cfg.norm.get("sync", False) and not norm_class(cfg.norm.name).supports_sync:
+    options = NORM_SCHEMAS[cfg.norm.name]
+    options.check(cfg.norm, widths)  # relations between its own keys
+    if cfg.norm.get("sync", False) and "sync" not in {f.name for f in fields(options)}:
         raise UserError(f"norm.sync=true is not valid with norm={cfg.norm.name}: it has no "
                         "cross-replica statistics")
     if widths and cfg.probe.unit >= min(widths):

@@ -9,9 +9,9 @@ The launcher (``hydra_plugins/bnlab_batched_launcher``) hands the sweep's jobs t
    has none). Re-running a sweep's command with ``hydra.sweep.dir=<that sweep>`` therefore
    finishes what a killed sweep left undone;
 3. groups the jobs whose configs differ only in ``hydra.launcher.vary`` (seed, learning rate,
-   momentum, weight decay) and that can be vectorized (:func:`bnlab.group.not_vectorized`), at
+   momentum, weight decay) and that can be vectorized (:func:`bnlab.batched.group.not_vectorized`), at
    most ``hydra.launcher.max_group`` per program, and trains each group with
-   :func:`bnlab.group.train_group`, after Hydra has set up each member's run directory
+   :func:`bnlab.batched.group.train_group`, after Hydra has set up each member's run directory
    (``.hydra/``, its job log) exactly as for any job;
 4. runs every other job as the basic launcher would: in this process, one after another.
 """
@@ -33,7 +33,7 @@ from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrid
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from bnlab.errors import UserError
-from bnlab.rundir import CHECKPOINT, CONFIG, SCALARS_CSV, SUMMARY_JSON, TRAIN_LOG
+from bnlab.rundir.names import CHECKPOINT, CONFIG, SCALARS_CSV, SUMMARY_JSON, TRAIN_LOG
 
 log = logging.getLogger(__name__)
 
@@ -84,16 +84,16 @@ def _make_job(launcher, idx: int, overrides: list[str]) -> Job:
 
 # ---------------------------------------------------------------- what a run directory holds
 def _flat(tree: dict[str, Any], skip: tuple[str, ...]) -> dict[str, Any]:
-    from bnlab.runs import flatten
+    from bnlab.rundir.reader import flatten
 
     return {k: v for k, v in flatten(tree).items() if k not in skip}
 
 
 def _inspect(job: Job) -> None:
     """Set ``job.previous`` (and ``start_step``) from what its run directory already holds."""
-    from bnlab.lock import holder, refusal
-    from bnlab.outcome import read_summary
-    from bnlab.resume import RESUMABLE_KEYS
+    from bnlab.run.resume import RESUMABLE_KEYS
+    from bnlab.rundir.lock import holder, refusal
+    from bnlab.rundir.outcome import read_summary
 
     pid = holder(job.run_dir)
     if pid is not None:  # a live process writes it: touch nothing
@@ -117,7 +117,7 @@ def _inspect(job: Job) -> None:
     if summary.get("status") in KEPT and same_length:
         job.previous = "keep"
     elif (job.run_dir / CHECKPOINT).is_file():
-        from bnlab.checkpoint import load_checkpoint
+        from bnlab.run.checkpoint import load_checkpoint
 
         job.previous = "resume"
         job.start_step = int(load_checkpoint(job.run_dir / CHECKPOINT)["step"])
@@ -142,7 +142,7 @@ def _clear(run_dir: Path) -> None:
 # ---------------------------------------------------------------- grouping
 def group_key(task: dict[str, Any], vary: list[str], start_step: int) -> str | None:
     """The key shared by jobs that can run as one program, or None when the job cannot."""
-    from bnlab.group import not_vectorized
+    from bnlab.batched.group import not_vectorized
 
     cfg = OmegaConf.create(task)
     if not_vectorized(cfg) is not None:
@@ -222,7 +222,7 @@ def _append_log(run_dir: Path, text: str) -> None:
 
 
 def _run_group(launcher, jobs: list[Job]) -> None:
-    from bnlab.group import train_group
+    from bnlab.batched.group import train_group
 
     names = ", ".join(j.label for j in jobs)
     note = f"bnlab: trained by hydra/launcher=batched as one program of {len(jobs)} runs: {names}"
@@ -245,13 +245,13 @@ def _run_group(launcher, jobs: list[Job]) -> None:
             job.result.status = JobStatus.FAILED
             job.result.return_value = err
         return
-    from bnlab.outcome import headline, read_summary
+    from bnlab.rundir.outcome import headline, read_summary
 
     for job, status in zip(jobs, statuses, strict=True):  # what a sweep's job says at its end
         print(f"bnlab: [{job.label}] {headline(read_summary(job.run_dir) or {'status': status})}",
               flush=True)
     if "interrupted" in statuses:
-        from bnlab.train import EXIT_INTERRUPTED
+        from bnlab.run.trainer import EXIT_INTERRUPTED
 
         sweep_dir = launcher.config.hydra.sweep.dir
         print(f"bnlab: interrupted; continue the sweep with the same command and "
@@ -261,7 +261,7 @@ def _run_group(launcher, jobs: list[Job]) -> None:
 
 def launch(launcher, job_overrides, initial_job_idx: int) -> list[JobReturn]:
     """Hydra's Launcher.launch for ``hydra/launcher=batched``: one JobReturn per job, in order."""
-    from bnlab.group import VARYING_KEYS
+    from bnlab.batched.group import VARYING_KEYS
 
     setup_globals()
     configure_log(launcher.config.hydra.hydra_logging, launcher.config.hydra.verbose)

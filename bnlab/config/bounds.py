@@ -1,7 +1,7 @@
 """A config value's bounds, declared as metadata on its schema field; :func:`check_fields` walks them.
 
 Torch-free, and importing nothing of bnlab's but its errors, so that both the config schemas
-(:mod:`bnlab.config`) and the norms' option schemas (:mod:`bnlab.norm_options`) can use it.
+(:mod:`bnlab.config.schema`) and the norms' option schemas (:mod:`bnlab.config.norm_options`) can use it.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The numbers of ``bnlab report``: runs grouped by the config keys that differ, seeds aggregated.
 
-Shared by the report's text (:mod:`bnlab.report`), its figures (:mod:`bnlab.report_figures`)
-and its claims (:mod:`bnlab.claims`); imports neither. Runs whose config differs only in
+Shared by the report's text (:mod:`bnlab.report.command`), its figures (:mod:`bnlab.report.figures`)
+and its claims (:mod:`bnlab.report.claims`); imports neither. Runs whose config differs only in
 ``seed`` (and bookkeeping keys) form a group; a group's numbers are the mean and sample standard
 deviation over its completed runs (its seeds).
 
@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from bnlab.errors import UserError
-from bnlab.runs import Run, Series
+from bnlab.rundir.reader import Run, Series
 
 # Config keys that never make two runs different experiments.
 IGNORED_KEYS = {"seed", "device", "resume", "train.progress", "train.threads", "data.root",

@@ -1,7 +1,7 @@
 """The options of each norm: the ``norm.*`` keys, with their defaults and bounds.
 
 One dataclass per ``norm=<name>``: its ``name`` field's default is that name, its other fields
-are the norm's keys (``choice``, ``positive``, ``unit_interval``, ... from :mod:`bnlab.bounds`),
+are the norm's keys (``choice``, ``positive``, ``unit_interval``, ... from :mod:`bnlab.config.bounds`),
 and ``sync`` (cross-replica statistics under torchrun) is a key of the norms that have them.
 :data:`NORM_SCHEMAS` lists them all: the one list of norm names. The layers
 (:mod:`bnlab.norms`) take their constructors' defaults from these classes and register against
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from omegaconf import MISSING, DictConfig
 
-from bnlab.bounds import (
+from bnlab.config.bounds import (
     at_least,
     choice,
     invalid,
@@ -38,8 +38,8 @@ class NormOptions:
     def check(cls, norm: DictConfig, widths: list[int]) -> None:
         """Checks relating this norm's keys to each other or to the model's hidden ``widths``.
 
-        Run by ``bnlab.config.validate`` after the bounds of the fields; raise
-        :func:`bnlab.bounds.invalid` for a bad value.
+        Run by ``bnlab.config.schema.validate`` after the bounds of the fields; raise
+        :func:`bnlab.config.bounds.invalid` for a bad value.
         """
 
 

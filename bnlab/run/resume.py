@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from bnlab.errors import UserError
-from bnlab.rundir import CHECKPOINT, CONFIG, OVERRIDES
+from bnlab.rundir.names import CHECKPOINT, CONFIG, OVERRIDES
 
 # Keys a resumed run may change: where it runs, how it reports, and how far it goes.
 RESUMABLE_KEYS = ("device", "train.progress", "train.threads", "train.steps", "train.epochs")

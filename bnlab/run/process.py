@@ -12,8 +12,9 @@ import platform
 
 import torch
 
-from bnlab import __version__, distributed
+from bnlab import __version__
 from bnlab.errors import UserError
+from bnlab.run import distributed
 
 
 def _launcher() -> object | None:

@@ -25,7 +25,7 @@ def check_output_dir(argv: list[str]) -> None:
     ``.hydra/``. A throw-away temporary folder in the nearest existing ancestor is the only
     writability test that also holds for root and odd filesystems.
     """
-    from bnlab.lock import RunLocked, holder, refusal
+    from bnlab.rundir.lock import RunLocked, holder, refusal
 
     multirun = any(a in ("-m", "--multirun") for a in argv)
     key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
@@ -48,6 +48,19 @@ def check_output_dir(argv: list[str]) -> None:
         pid = holder(run)
         if pid is not None:
             raise RunLocked(refusal(run, pid))
+
+
+# ---------------------------------------------------------------- the config on its own
+def check_config(cfg) -> None:
+    """Raise UserError for the first bad value of ``cfg``, before any data is loaded: the schema's
+    bounds and relations (:func:`bnlab.config.schema.validate`), then the names that only the
+    model side knows (the activation)."""
+    from bnlab.config.schema import _fail, validate
+    from bnlab.models import ACTIVATIONS
+
+    validate(cfg)
+    if cfg.activation.name not in ACTIVATIONS:
+        raise _fail("activation.name", cfg.activation.name, "one of " + ", ".join(ACTIVATIONS))
 
 
 # ---------------------------------------------------------------- the config against the data set

@@ -1,4 +1,4 @@
-"""The loss of a data set's task, and evaluation on a whole split: shared by trainer and probes."""
+"""Evaluation on a whole split, in eval mode and in train mode (batch statistics)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bnlab.config import EVAL_AUTO
+from bnlab.config.schema import EVAL_AUTO
 from bnlab.data import Split, make_batch_stream
 from bnlab.models import Net
 from bnlab.norms import frozen_stats, maps_over_batches, uses_batch_statistics
@@ -16,11 +16,6 @@ from bnlab.norms import frozen_stats, maps_over_batches, uses_batch_statistics
 # The test batches of the train-mode evaluation have their own stream, seeded apart from the
 # training stream (`seed`, `seed + 1`) and the probe batch (probes.PROBE_SEED_OFFSET).
 TRAIN_MODE_SEED_OFFSET = 104729
-
-
-def loss_function(task: str):
-    """The training loss of a data set's task: cross-entropy (classification), MSE (regression)."""
-    return F.cross_entropy if task == "classification" else F.mse_loss
 
 
 def _sums(out: torch.Tensor, y: torch.Tensor, task: str) -> tuple[torch.Tensor, torch.Tensor]:

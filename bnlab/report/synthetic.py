@@ -15,7 +15,7 @@ The time is the wall time of `python -m bnlab report` in a fresh process (import
 tables, figures), as a user sees it; other processes on the machine slow it down.
 
     python scripts/bench_report.py                 # 100 runs x 10,000 steps, default logging
-    (the same as python -m bnlab.report_bench; `bnlab bench` runs it as one of its rows)
+    (the same as python -m bnlab.report.synthetic; `bnlab bench` runs it as one of its rows)
     python scripts/bench_report.py --every-step    # worst case: 20 tags at every step
 """
 
@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bnlab.rundir import CONFIG, OVERRIDES, SCALARS_CSV, SUMMARY_JSON
+from bnlab.rundir.names import CONFIG, OVERRIDES, SCALARS_CSV, SUMMARY_JSON
 
 NORMS = ("none", "bn", "ln", "brn")
 LAYERS = (1, 2, 3)

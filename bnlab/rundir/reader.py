@@ -22,8 +22,8 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from bnlab.errors import UserError
-from bnlab.lock import process_status
-from bnlab.rundir import CONFIG, OVERRIDES, SCALARS_CSV, SUMMARY_JSON
+from bnlab.rundir.lock import process_status
+from bnlab.rundir.names import CONFIG, OVERRIDES, SCALARS_CSV, SUMMARY_JSON
 
 HEADER = b"step,tag,value"
 # Folders that never hold runs: a report's output, Hydra's and the trainer's own.

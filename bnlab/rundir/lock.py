@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from bnlab.errors import UserError, WriteError
-from bnlab.rundir import LOCK
+from bnlab.rundir.names import LOCK
 
 
 class RunLocked(UserError):

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from bnlab.errors import UserError, WriteError
-from bnlab.record import atomic_write
+from bnlab.rundir.writer import atomic_write
 
 
 def rng_states() -> dict[str, Any]:
@@ -36,7 +36,7 @@ def set_rng_states(states: dict[str, Any]) -> None:
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Serialize in memory, then write atomically (:func:`bnlab.record.atomic_write`): a kill or
+    """Serialize in memory, then write atomically (:func:`bnlab.rundir.writer.atomic_write`): a kill or
     a full disk mid-write keeps the previous checkpoint and leaves no temporary file. In memory
     first, because torch's own file writer reports a full disk as a RuntimeError without errno.
     """

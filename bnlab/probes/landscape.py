@@ -26,8 +26,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from bnlab.ics import preserved_rng
 from bnlab.norms import frozen_stats, held_noise
+from bnlab.probes.ics import preserved_rng
 
 STEP_RANGE = (0.5, 4.0)  # eta / learning rate, both ends included (their VGG's range)
 N_STEPS = 8

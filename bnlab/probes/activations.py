@@ -33,12 +33,11 @@ import torch
 from omegaconf import DictConfig
 from torch import Tensor
 
-from bnlab.config import world_size
+from bnlab.config.schema import world_size
 from bnlab.data import Dataset
-from bnlab.evaluation import loss_function
-from bnlab.ics import gradient_ics, preserved_rng
-from bnlab.models import Net
+from bnlab.models import Net, loss_function
 from bnlab.norms import frozen_stats
+from bnlab.probes.ics import gradient_ics, preserved_rng
 
 POINTS = ("pre", "norm", "act")
 PERCENTILES = (15, 50, 85)
@@ -189,7 +188,7 @@ class Prober:
     """Measures a model's activations on a fixed probe batch; the trainer calls it.
 
     ``probe`` logs the statistics of the module docstring, ``ics`` the gradient-based ICS of
-    :mod:`bnlab.ics`, ``landscape`` the loss landscape of :mod:`bnlab.landscape`. None of them
+    :mod:`bnlab.probes.ics`, ``landscape`` the loss landscape of :mod:`bnlab.probes.landscape`. None of them
     changes training: running statistics are frozen, torch's global RNG state is restored, and
     the probe batch comes from a private generator.
     """
@@ -347,9 +346,9 @@ class Prober:
     # -- loss landscape along the gradient
     def landscape(self, step: int, model: Net, optimizer: torch.optim.Optimizer, x: Tensor,
                   y: Tensor, recorder) -> None:
-        """Log ``landscape/*`` (:mod:`bnlab.landscape`) at the batch (x, y) of the update about to
+        """Log ``landscape/*`` (:mod:`bnlab.probes.landscape`) at the batch (x, y) of the update about to
         be made, with step sizes scaled by the learning rate in force."""
-        from bnlab.landscape import landscape
+        from bnlab.probes.landscape import landscape
 
         lr = float(optimizer.param_groups[0]["lr"])
         stats = landscape(model, x, y, lr, loss_function(self.task))

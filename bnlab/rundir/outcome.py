@@ -18,8 +18,8 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 
-from bnlab.lock import process_status
-from bnlab.rundir import CONFIG, SUMMARY_JSON
+from bnlab.rundir.lock import process_status
+from bnlab.rundir.names import CONFIG, SUMMARY_JSON
 
 # Statuses of a run that ended as planned; the sweep's summary names the runs of any other.
 ENDED_WELL = ("completed", "diverged")

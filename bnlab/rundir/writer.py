@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from bnlab.errors import WriteError
-from bnlab.rundir import SCALARS_CSV
+from bnlab.rundir.names import SCALARS_CSV
 
 
 def atomic_write(path: Path, content: str | bytes | memoryview) -> None:

@@ -1,8 +1,8 @@
 """``bnlab report``: compare runs -- which variant converged faster, by how much, over how many
 seeds, and whether the preset's claims hold.
 
-Runs are read only through the run directory contract (:mod:`bnlab.runs`); their numbers come
-from :mod:`bnlab.report_data`, the claims' verdicts from :mod:`bnlab.claims`. Output: tables on
+Runs are read only through the run directory contract (:mod:`bnlab.rundir.reader`); their numbers come
+from :mod:`bnlab.report.data`, the claims' verdicts from :mod:`bnlab.report.claims`. Output: tables on
 the terminal, and in the output folder ``report.md`` (tables and figures), ``summary.csv`` (one
 row per group), ``pivot.csv`` (a metric against a swept key), ``claims.csv`` and PNG figures.
 
@@ -18,10 +18,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from bnlab.claims import ALPHA, MIN_SEEDS, Judgement, NotJudged, Side, claim_metrics, judge_all
 from bnlab.errors import UserError
-from bnlab.lock import KILLED
-from bnlab.report_data import (
+from bnlab.report.claims import ALPHA, MIN_SEEDS, Judgement, NotJudged, Side, claim_metrics, judge_all
+from bnlab.report.data import (
     AUTO,
     Group,
     Report,
@@ -33,7 +32,8 @@ from bnlab.report_data import (
     mean_std,
     value_key,
 )
-from bnlab.runs import NO_SUMMARY, find_runs, load_scalars
+from bnlab.rundir.lock import KILLED
+from bnlab.rundir.reader import NO_SUMMARY, find_runs, load_scalars
 
 # The tags a report reads; everything else in scalars.csv is skipped unparsed.
 REPORT_TAGS = ("test/acc", "test/loss", "train/loss", "perf/steps_per_s",
@@ -596,6 +596,6 @@ def write_summary_csv(report: Report, path: Path) -> None:
 # ---------------------------------------------------------------- figures
 def draw_figures(report: Report, out: Path) -> list[tuple[str, str]]:
     """Write the PNG figures; returns ``(title, file name)`` for each one drawn."""
-    from bnlab.report_figures import draw_all
+    from bnlab.report.figures import draw_all
 
     return draw_all(report, out)

@@ -3,7 +3,7 @@
 ``main`` is the Hydra task behind ``bnlab train``: it checks the config, trains, and turns the
 errors a user can cause into one line on stderr. ``Trainer`` holds one run's state; its loop is
 the step followed by one block of bookkeeping (:meth:`Trainer._after_step`). Setting up the
-process (threads, device, seeds) is :mod:`bnlab.process`; file names are :mod:`bnlab.rundir`.
+process (threads, device, seeds) is :mod:`bnlab.run.process`; file names are :mod:`bnlab.rundir.names`.
 """
 
 from __future__ import annotations
@@ -25,19 +25,16 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
-from bnlab import distributed
-from bnlab.checkpoint import load_checkpoint, rng_states, save_checkpoint, set_rng_states
-from bnlab.config import validate
 from bnlab.data import Dataset, check_sampler, load_dataset, make_batch_stream
 from bnlab.errors import UserError, WriteError
-from bnlab.evaluation import eval_interval, evaluate, loss_function, train_mode_metrics
-from bnlab.lock import RunLocked, hold
-from bnlab.models import build_model
+from bnlab.models import build_model, loss_function
 from bnlab.norms import Norm, finish_training
-from bnlab.optim import build_optimizer, clear_grads, learning_rate, loop_backward, loop_update
-from bnlab.outcome import headline, read_summary, run_report, shown_path
-from bnlab.preflight import check_against_data
-from bnlab.process import (
+from bnlab.run import distributed
+from bnlab.run.checkpoint import load_checkpoint, rng_states, save_checkpoint, set_rng_states
+from bnlab.run.evaluation import eval_interval, evaluate, train_mode_metrics
+from bnlab.run.optim import build_optimizer, clear_grads, learning_rate, loop_backward, loop_update
+from bnlab.run.preflight import check_against_data, check_config
+from bnlab.run.process import (
     device_name,
     job_label,
     progress_setting,
@@ -45,9 +42,11 @@ from bnlab.process import (
     setup_process,
     versions,
 )
-from bnlab.progress import Progress
-from bnlab.record import Recorder, overwrite_json, write_json_atomic
-from bnlab.rundir import CHECKPOINT, HYDRA_DIR, LOCK, SUMMARY_JSON, TRAIN_LOG
+from bnlab.run.progress import Progress
+from bnlab.rundir.lock import RunLocked, hold
+from bnlab.rundir.names import CHECKPOINT, HYDRA_DIR, LOCK, SUMMARY_JSON, TRAIN_LOG
+from bnlab.rundir.outcome import headline, read_summary, run_report, shown_path
+from bnlab.rundir.writer import Recorder, overwrite_json, write_json_atomic
 
 EXIT_FAILED = 1  # an exception inside the run, a write that failed
 EXIT_USER_ERROR = 2  # a bad config or input, found before any work; a second writer
@@ -100,7 +99,7 @@ class Trainer:
                                         rank=rank, world_size=world_size)
         self.prober = None
         if cfg.probe.enabled:
-            from bnlab.probes import Prober
+            from bnlab.probes.activations import Prober
 
             self.prober = Prober(cfg, self.model, data, device)
         self.step_fn = self._make_step()
@@ -360,7 +359,7 @@ class Trainer:
 
     def _write_hparams(self, recorder: Recorder) -> None:
         """The run's config and final metrics for TensorBoard's HParams dashboard."""
-        from bnlab.runs import flatten
+        from bnlab.rundir.reader import flatten
 
         config = flatten(OmegaConf.to_container(self.cfg, resolve=True))
         skip = ("resume", "train.progress", "train.threads", "data.root", "claims")
@@ -444,7 +443,7 @@ def run(cfg: DictConfig, run_dir: Path) -> str:
     trainer, writer = None, distributed.replica().is_writer
     with _Signals(run_dir).installed() as signals:
         try:
-            validate(cfg)
+            check_config(cfg)
             replica = distributed.init_process_group()  # a no-op outside torchrun
             device = setup_process(cfg)
             seed_everything(cfg.seed)

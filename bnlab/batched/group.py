@@ -1,10 +1,10 @@
 """Runs that differ only in seed, learning rate, momentum or weight decay, trained as one program.
 
-Each member is an ordinary :class:`~bnlab.train.Trainer` of its own run directory: its model
+Each member is an ordinary :class:`~bnlab.run.trainer.Trainer` of its own run directory: its model
 (built from its seed, exactly as a standalone run builds it), its optimizer, its batch stream
 (seeded by its seed, so it sees the standalone run's batches in the standalone order), its
 prober, recorder, checkpoints and summary. Only the training step is shared: the members'
-parameters are rows of one :class:`~bnlab.stacked.StackedMLP`, and one forward, backward and
+parameters are rows of one :class:`~bnlab.batched.stacked.StackedMLP`, and one forward, backward and
 update moves every member. Logging, evaluation, probes and checkpoints then run per member on
 its own module, at the steps a standalone run would run them, so a member's run directory is
 what the standalone run would have written, and ``bnlab train resume=<member>`` continues it.
@@ -27,19 +27,25 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from bnlab.checkpoint import load_checkpoint
-from bnlab.config import validate
+from bnlab.batched.stacked import (
+    StackedAdamW,
+    StackedMLP,
+    StackedOptimizer,
+    StackedSGD,
+    train_step,
+    unstackable,
+)
 from bnlab.data import check_sampler, load_dataset
 from bnlab.errors import UserError
-from bnlab.lock import hold
-from bnlab.optim import learning_rate
-from bnlab.preflight import check_against_data
-from bnlab.process import seed_everything, setup_process
-from bnlab.progress import Progress
-from bnlab.record import Recorder
-from bnlab.rundir import CHECKPOINT
-from bnlab.stacked import StackedAdamW, StackedMLP, StackedOptimizer, StackedSGD, train_step, unstackable
-from bnlab.train import EXIT_INTERRUPTED, Interrupted, Trainer
+from bnlab.run.checkpoint import load_checkpoint
+from bnlab.run.optim import learning_rate
+from bnlab.run.preflight import check_against_data, check_config
+from bnlab.run.process import seed_everything, setup_process
+from bnlab.run.progress import Progress
+from bnlab.run.trainer import EXIT_INTERRUPTED, Interrupted, Trainer
+from bnlab.rundir.lock import hold
+from bnlab.rundir.names import CHECKPOINT
+from bnlab.rundir.writer import Recorder
 
 # The keys in which the members of one program may differ.
 VARYING_KEYS = ("seed", "optim.lr", "optim.momentum", "optim.weight_decay")
@@ -49,7 +55,7 @@ VECTORIZED_NORMS = ("none", "bn", "ln", "gn")
 def not_vectorized(cfg: DictConfig) -> str | None:
     """Why a run of ``cfg`` cannot join a vectorized program (a short reason), or None.
 
-    From the config alone, before anything is built; :func:`bnlab.stacked.unstackable`
+    From the config alone, before anything is built; :func:`bnlab.batched.stacked.unstackable`
     checks the built network as well.
     """
     if cfg.model.name != "mlp":
@@ -302,7 +308,7 @@ def build_group(jobs: Sequence[tuple[DictConfig, Path]], label: str = "batched")
     """
     cfgs = [cfg for cfg, _ in jobs]
     for cfg in cfgs:
-        validate(cfg)
+        check_config(cfg)
         reason = not_vectorized(cfg)
         if reason:
             raise UserError(reason)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bnlab.report_data import (
+from bnlab.report.data import (
     Axis,
     Group,
     Report,
@@ -26,7 +26,7 @@ from bnlab.report_data import (
     layer_tags,
     nonlinearity_point,
 )
-from bnlab.runs import Series
+from bnlab.rundir.reader import Series
 
 STYLE = {"font.size": 11, "axes.titlesize": 12, "axes.labelsize": 11, "legend.fontsize": 10,
          "xtick.labelsize": 10, "ytick.labelsize": 10, "figure.titlesize": 13,

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from bnlab.report_data import (
+from bnlab.report.data import (
     MISSING,
     Group,
     best_of,
@@ -41,7 +41,7 @@ from bnlab.report_data import (
     make_groups,
     value_key,
 )
-from bnlab.runs import Run
+from bnlab.rundir.reader import Run
 
 ALPHA = 0.05
 MIN_SEEDS = 3

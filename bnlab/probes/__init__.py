@@ -1,0 +1,2 @@
+"""Measurements during training that never change it: activation statistics, gradient ICS,
+the loss landscape along the gradient."""

@@ -1,0 +1,1 @@
+"""Training a run: the loop, its optimizer, checkpoints, resume, process set-up, evaluation."""
