@@ -47,10 +47,8 @@ class Bench:
 
         from bnlab.config.schema import compose
         from bnlab.data import load_dataset
-        from bnlab.norms import kernel
 
         torch.set_flush_denormal(True)
-        kernel.status()  # BN's operator is built (once per torch version) before anything is timed
         self.torch = torch
         self.compose = compose
         self.data_name, self.steps = data, steps
@@ -511,10 +509,7 @@ def main(argv: list[str] | None = None) -> int:
     if "startup" in groups:
         bench.startup()
     print_table(bench.rows)
-    from bnlab.norms import kernel
-
     meta = {"python": platform.python_version(), "torch": bench.torch.__version__,
-            "bn_kernel": kernel.status(),
             "machine": platform.machine(), "cores": os.cpu_count(), "data": args.data,
             "steps": args.steps, "seconds": round(time.perf_counter() - t0, 1),
             "load": statistics.mean(os.getloadavg()) if hasattr(os, "getloadavg") else None}

@@ -63,8 +63,8 @@ def not_vectorized(cfg: DictConfig) -> str | None:
     norm = cfg.norm
     if norm.name not in VECTORIZED_NORMS:
         return f"norm={norm.name}: vectorized norms are {', '.join(VECTORIZED_NORMS)}"
-    if norm.name == "bn" and (norm.get("impl", "scratch") != "scratch" or norm.get("sync", False)):
-        return "norm=bn is vectorized with norm.impl=scratch and norm.sync=false only"
+    if norm.name == "bn" and norm.get("sync", False):
+        return "norm=bn is vectorized with norm.sync=false only"
     if cfg.optim.name not in ("sgd", "adam"):
         return f"optim={cfg.optim.name} is not vectorized"
     for key in ("compile", "amp"):

@@ -51,12 +51,19 @@ class NoneOptions(NormOptions):
 
 
 @dataclass
-class BatchStatisticsOptions(NormOptions):
+class TorchKernelOptions(NormOptions):
+    """The norms that torch has a kernel for: ``impl=torch`` (the default, the fast path on every
+    device) or ``scratch`` (the paper's equations in Python, the reference)."""
+
+    impl: str = choice("torch", "torch", "scratch")
+
+
+@dataclass
+class BatchStatisticsOptions(TorchKernelOptions):
     """The keys of the layers built on BN's batch statistics (``bn``, ``noisy_bn``)."""
 
     momentum: float = unit_interval(0.1)
     eps: float = positive(1e-5)
-    impl: str = choice("scratch", "scratch", "torch")
     inference: str = choice("moving", "moving", "population")
 
 
@@ -86,7 +93,7 @@ class NoisyBNOptions(BatchStatisticsOptions):
 
 
 @dataclass
-class BRNOptions(NormOptions):
+class BRNOptions(TorchKernelOptions):
     """``norm=brn``: the defaults are the paper's Sec. 4 schedule."""
 
     name: str = "brn"
@@ -100,7 +107,7 @@ class BRNOptions(NormOptions):
 
 
 @dataclass
-class LNOptions(NormOptions):
+class LNOptions(TorchKernelOptions):
     """``norm=ln``."""
 
     name: str = "ln"
@@ -108,7 +115,7 @@ class LNOptions(NormOptions):
 
 
 @dataclass
-class GNOptions(NormOptions):
+class GNOptions(TorchKernelOptions):
     """``norm=gn``."""
 
     name: str = "gn"

@@ -8,7 +8,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-import bnlab.norms.kernel as kernel
 from bnlab.config.norm_options import BNOptions
 from bnlab.norms.base import LOW_PRECISION, Norm, in_forward_order, per_feature
 from bnlab.norms.registry import register_norm
@@ -50,10 +49,8 @@ class _BatchNormTrain(torch.autograd.Function):
     autograd. On the small MLP each operation's dispatch costs about as much as its arithmetic
     (3-5 us), so the pass is written in few operations: x_hat is normalized in place and kept
     for the backward pass, constants are tensors made once (:func:`_constant`), and nothing is
-    reshaped that need not be. :class:`BatchNorm`'s training steps on the CPU with (N, C)
-    float32 inputs of up to :data:`bnlab.norms.kernel.MAX_ELEMENTS` values run the same
-    equations as a compiled operator instead (:mod:`bnlab.norms.kernel`); elsewhere, and
-    without a C++ compiler, this Function.
+    reshaped that need not be. This is the reference (``impl=scratch``); the default path is
+    torch's own kernel (``F.batch_norm``, :class:`BatchNorm` with ``impl=torch``).
 
     Double backward (``create_graph=True``, as Hessian-vector products need): the backward
     pass then computes the same formula from x with differentiable operations, so autograd
@@ -122,8 +119,8 @@ def _batch_norm_forward(x: Tensor, weight: Tensor, bias: Tensor, eps: float, dim
 def batch_norm_backward(x: Tensor, weight: Tensor, grad_y: Tensor, eps: float,
                         dims: tuple[int, ...], keepdim: bool):
     """(dx, dgamma, dbeta) of train-mode BN, differentiable in x, gamma and dy (the backward
-    pass of :class:`_BatchNormTrain` and of the compiled operator under ``create_graph=True``);
-    ``weight`` shaped as the statistics."""
+    pass of :class:`_BatchNormTrain` under ``create_graph=True``); ``weight`` shaped as the
+    statistics."""
     mean = x.mean(dims, keepdim=keepdim)
     m = x.numel() // mean.numel()
     centered = x - mean
@@ -133,16 +130,6 @@ def batch_norm_backward(x: Tensor, weight: Tensor, grad_y: Tensor, eps: float,
     grad_weight = (grad_y * x_hat).sum(dims, keepdim=keepdim)
     grad_x = weight * inv_std * (grad_y - (grad_bias + x_hat * grad_weight) / m)
     return grad_x, grad_weight, grad_bias
-
-
-# The compiled operators' backward passes under create_graph=True (norm_ops.cpp: BN's, and batch
-# renormalization's with gamma * r for gamma) call this formula.
-_GRAPH_BACKWARD = torch.library.Library("bnlab", "FRAGMENT")
-_GRAPH_BACKWARD.define("batch_norm_backward_graph(Tensor x, Tensor weight, Tensor grad_y, float eps) "
-                       "-> (Tensor, Tensor, Tensor)")
-_GRAPH_BACKWARD.impl("batch_norm_backward_graph",
-                     lambda x, weight, grad_y, eps: batch_norm_backward(x, weight, grad_y, eps, (0,), False),
-                     "CompositeImplicitAutograd")
 
 
 def batch_norm_train(x: Tensor, weight: Tensor, bias: Tensor, eps: float, dims: tuple[int, ...],
@@ -194,28 +181,6 @@ class PopulationStatistics:
             buffer.copy_(value)
 
 
-class TorchBatchNorm(PopulationStatistics, Norm):
-    """torch's native layer, the reference (``norm.impl=torch``), honouring the frozen mode."""
-
-    uses_batch_statistics = True
-    supports_sync = True
-
-    def __init__(self, num_features: int, dims: int = 2, momentum: float | None = BNOptions.momentum,
-                 eps: float = BNOptions.eps, inference: str = BNOptions.inference) -> None:
-        super().__init__()
-        self.bn = (nn.BatchNorm1d if dims == 2 else nn.BatchNorm2d)(num_features, eps, momentum)
-        self.inference = inference
-
-    def running(self) -> tuple[Tensor, Tensor]:
-        return self.bn.running_mean, self.bn.running_var
-
-    def forward(self, x: Tensor) -> Tensor:
-        bn = self.bn
-        if self.training and not self.update_stats:
-            return F.batch_norm(x, None, None, bn.weight, bn.bias, True, 0.0, bn.eps)
-        return bn(x)
-
-
 @register_norm(BNOptions)
 class BatchNorm(PopulationStatistics, Norm):
     """y = gamma * (x - mu_B) / sqrt(var_B + eps) + beta, per feature (Ioffe & Szegedy, Alg. 1).
@@ -226,38 +191,38 @@ class BatchNorm(PopulationStatistics, Norm):
     The backward pass is the paper's closed form (:class:`_BatchNormTrain`), not autograd's
     graph of the forward: same gradients, a fraction of the operations.
 
+    ``impl=torch`` (the default) runs torch's kernel, ``F.batch_norm``, on the same parameters
+    and buffers (what ``torch.nn.BatchNorm{1,2}d`` runs); ``impl=scratch`` the paper's equations
+    written in Python, the reference that the tests hold equal to torch's layer.
+
     ``inference=population`` replaces the running statistics at the end of training with the
     population estimates of Alg. 2 (:meth:`finish_training`, run by the trainer); until then,
     and with ``moving``, eval mode uses the moving averages.
     """
 
     uses_batch_statistics = True
-    native: type[Norm] = TorchBatchNorm  # impl=torch
 
     def __init__(self, num_features: int, dims: int = 2, momentum: float | None = BNOptions.momentum,
-                 eps: float = BNOptions.eps, inference: str = BNOptions.inference) -> None:
+                 eps: float = BNOptions.eps, inference: str = BNOptions.inference,
+                 impl: str = BNOptions.impl) -> None:
         super().__init__()
+        if impl not in ("torch", "scratch"):
+            raise ValueError(f"impl={impl!r} is not valid: expected torch or scratch")
         self.num_features, self.dims, self.momentum, self.eps = num_features, dims, momentum, eps
-        self.inference = inference
+        self.inference, self.impl = inference, impl
         self.weight = nn.Parameter(torch.ones(num_features))
         self.bias = nn.Parameter(torch.zeros(num_features))
         self.register_buffer("running_mean", torch.zeros(num_features))
         self.register_buffer("running_var", torch.ones(num_features))
         self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
 
-    @classmethod
-    def build(cls, num_features: int, dims: int = 2, impl: str = BNOptions.impl, **options) -> Norm:
-        """``impl=scratch``: this class; ``impl=torch``: its :attr:`native` twin, the reference."""
-        layers = {"scratch": cls, "torch": cls.native}
-        if impl not in layers:
-            raise ValueError(f"impl={impl!r} is not valid: expected scratch or torch")
-        return layers[impl](num_features, dims, **options)
-
     def extra_repr(self) -> str:
         return (f"{self.num_features}, dims={self.dims}, momentum={self.momentum}, eps={self.eps}, "
-                f"inference={self.inference}")
+                f"inference={self.inference}, impl={self.impl}")
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.impl == "torch":
+            return self._torch_forward(x)
         low = x.dtype in LOW_PRECISION  # statistics in float32 under autocast, as torch does
         xf = x.float() if low else x
         if self.training:
@@ -272,16 +237,22 @@ class BatchNorm(PopulationStatistics, Norm):
             y = torch.addcmul(per_feature(shift, xf.dim()), xf, per_feature(scale, xf.dim()))
         return y.to(x.dtype) if low else y
 
+    def _torch_forward(self, x: Tensor) -> Tensor:
+        """torch's kernel with ``torch.nn.BatchNorm``'s bookkeeping; frozen statistics: batch
+        statistics and no running update."""
+        if not self.training:
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                                False, 0.0, self.eps)
+        if not self.update_stats:
+            return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
+        self.num_batches_tracked.add_(1)
+        factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                            True, factor, self.eps)
+
     def _train_forward(self, x: Tensor) -> Tensor:
-        """A training pass: the compiled operator where it serves (a training step's small (N, C)
-        CPU batch, with autograd on), else :func:`batch_norm_train`; without autograd the
-        operations, which ``torch.func.vmap`` can map."""
-        if torch.is_grad_enabled() and kernel.serves(x, self.weight, self.bias, self.running_mean,
-                                                     self.running_var, counter=self.num_batches_tracked):
-            running = None
-            if self.update_stats:
-                running = self.running_mean, self.running_var, self.num_batches_tracked
-            return kernel.batch_norm_train(x, self.weight, self.bias, running, self.momentum, self.eps)
+        """A training pass (:func:`batch_norm_train`); without autograd plain operations, which
+        ``torch.func.vmap`` can map."""
         record = self._record_batch if self.update_stats else None
         return batch_norm_train(x, self.weight, self.bias, self.eps, self.reduce_dims(x), record)
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-import bnlab.norms.kernel as kernel
 from bnlab.config.norm_options import BRNOptions
 from bnlab.norms.base import LOW_PRECISION, Norm, per_feature
 from bnlab.norms.registry import register_norm
@@ -29,6 +29,11 @@ class BatchRenorm(Norm):
     passes do not advance): plain BN (r_max = 1, d_max = 0) while t < ``warmup_steps``, then
     r_max rises linearly to ``r_max`` over ``ramp_steps`` and d_max to ``d_max`` over
     ``d_ramp_steps`` (a ramp of 0 steps jumps to the final value right after warm-up).
+
+    ``impl=torch`` (the default) runs torch's BN kernel with r and d folded into the affine
+    parameters, y = (gamma * r) * x_hat + (gamma * d + beta), r and d outside the graph: the
+    same function and the same gradients (dgamma = r * sum(dy * x_hat) + d * sum(dy)), and
+    torch's double backward. ``impl=scratch`` writes the equations above as they stand.
     """
 
     uses_batch_statistics = True
@@ -37,14 +42,14 @@ class BatchRenorm(Norm):
                  eps: float = BRNOptions.eps, r_max: float = BRNOptions.r_max,
                  d_max: float = BRNOptions.d_max, warmup_steps: int = BRNOptions.warmup_steps,
                  ramp_steps: int = BRNOptions.ramp_steps,
-                 d_ramp_steps: int = BRNOptions.d_ramp_steps) -> None:
+                 d_ramp_steps: int = BRNOptions.d_ramp_steps, impl: str = BRNOptions.impl) -> None:
         super().__init__()
         if r_max < 1 or d_max < 0:
             raise ValueError(f"brn: need r_max >= 1 and d_max >= 0, got r_max={r_max}, d_max={d_max}")
         if min(warmup_steps, ramp_steps, d_ramp_steps) < 0:
             raise ValueError("brn: warmup_steps, ramp_steps and d_ramp_steps must be >= 0")
         self.num_features, self.dims, self.momentum, self.eps = num_features, dims, momentum, eps
-        self.r_max, self.d_max = r_max, d_max
+        self.r_max, self.d_max, self.impl = r_max, d_max, impl
         self.warmup_steps, self.ramp_steps, self.d_ramp_steps = warmup_steps, ramp_steps, d_ramp_steps
         self.weight = nn.Parameter(torch.ones(num_features))
         self.bias = nn.Parameter(torch.zeros(num_features))
@@ -55,7 +60,7 @@ class BatchRenorm(Norm):
     def extra_repr(self) -> str:
         return (f"{self.num_features}, dims={self.dims}, momentum={self.momentum}, eps={self.eps}, "
                 f"r_max={self.r_max}, d_max={self.d_max}, warmup_steps={self.warmup_steps}, "
-                f"ramp_steps={self.ramp_steps}, d_ramp_steps={self.d_ramp_steps}")
+                f"ramp_steps={self.ramp_steps}, d_ramp_steps={self.d_ramp_steps}, impl={self.impl}")
 
     def _ramp(self, step: Tensor | int, length: int) -> Tensor | float:
         """0 during warm-up, then linear to 1 over ``length`` steps (1 at once when 0)."""
@@ -69,7 +74,7 @@ class BatchRenorm(Norm):
         """(r_max, d_max) in force at training step ``step`` (default: the next step).
 
         Tensors on the layer's device for a tensor step (the schedule then costs no host sync),
-        numbers for a number (the CPU operator takes numbers).
+        numbers for a number.
         """
         step = self.num_batches_tracked if step is None else step
         r_max = 1.0 + (self.r_max - 1.0) * self._ramp(step, self.ramp_steps)
@@ -94,6 +99,17 @@ class BatchRenorm(Norm):
         self.running_std.lerp_(std, self.momentum)
         self.num_batches_tracked.add_(1)
 
+    @torch.no_grad()
+    def _corrections(self, mean: Tensor, std: Tensor) -> tuple[Tensor, Tensor]:
+        """(r, d) of this batch from its mu_B and sigma_B, constants for backprop (stop_gradient),
+        then the moving averages' update (unless the statistics are frozen)."""
+        r_max, d_max = self.limits()
+        r = torch.clamp(std / self.running_std, 1.0 / r_max, r_max)
+        d = torch.clamp((mean - self.running_mean) / self.running_std, -d_max, d_max)
+        if self.update_stats:
+            self._update_running(mean, std)
+        return r, d
+
     def forward(self, x: Tensor) -> Tensor:
         if x.dtype in LOW_PRECISION:  # statistics in float32 under autocast, as torch's BN does
             return self._renorm(x.float()).to(x.dtype)
@@ -105,21 +121,16 @@ class BatchRenorm(Norm):
             scale = self.weight / self.running_std
             shift = self.bias - self.running_mean * scale
             return x * per_feature(scale, rank) + per_feature(shift, rank)
-        running = self.running_mean, self.running_std, self.num_batches_tracked
-        if torch.is_grad_enabled() and kernel.serves(x, self.weight, self.bias, *running[:2],
-                                                     counter=running[2]):
-            # the compiled operator: a training step's (N, C) CPU batch
-            return kernel.batch_renorm_train(x, self.weight, self.bias, running, self.limits(int(running[2])),
-                                             self.momentum, self.eps, self.update_stats)
         dims = self.reduce_dims(x)
+        if self.impl == "torch":
+            with torch.no_grad():
+                var, mean = torch.var_mean(x, dims, correction=0)
+                r, d = self._corrections(mean, (var + self.eps).sqrt())
+            return F.batch_norm(x, None, None, self.weight * r, torch.addcmul(self.bias, self.weight, d),
+                                True, 0.0, self.eps)
         mean = x.mean(dims)
         centered = x - per_feature(mean, rank)
         std = (centered.square().mean(dims) + self.eps).sqrt()
-        with torch.no_grad():  # r and d are constants for backprop (stop_gradient)
-            r_max, d_max = self.limits()
-            r = torch.clamp(std / self.running_std, 1.0 / r_max, r_max)
-            d = torch.clamp((mean - self.running_mean) / self.running_std, -d_max, d_max)
-            if self.update_stats:
-                self._update_running(mean, std)
+        r, d = self._corrections(mean, std)
         x_hat = centered * per_feature(r / std, rank) + per_feature(d, rank)
         return x_hat * per_feature(self.weight, rank) + per_feature(self.bias, rank)

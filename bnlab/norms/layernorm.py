@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import torch.nn.functional as F
+from torch import Tensor
+
 from bnlab.config.norm_options import LNOptions
 from bnlab.norms.groupnorm import GroupNorm
 from bnlab.norms.registry import register_norm
@@ -16,11 +19,19 @@ class LayerNorm(GroupNorm):
 
     That is group normalization with a single group. gamma and beta have one entry per feature
     (per channel for conv inputs, unlike ``torch.nn.LayerNorm``'s elementwise affine over C, H,
-    W). No batch statistics: train and eval mode compute the same thing.
+    W). No batch statistics: train and eval mode compute the same thing. ``impl=torch`` (the
+    default) is ``F.layer_norm`` on (N, C) inputs and ``F.group_norm`` with one group on conv
+    inputs (for the per-channel affine).
     """
 
-    def __init__(self, num_features: int, dims: int = 2, eps: float = LNOptions.eps) -> None:
-        super().__init__(num_features, dims, groups=1, eps=eps)
+    def __init__(self, num_features: int, dims: int = 2, eps: float = LNOptions.eps,
+                 impl: str = LNOptions.impl) -> None:
+        super().__init__(num_features, dims, groups=1, eps=eps, impl=impl)
 
     def extra_repr(self) -> str:
-        return f"{self.num_features}, dims={self.dims}, eps={self.eps}"
+        return f"{self.num_features}, dims={self.dims}, eps={self.eps}, impl={self.impl}"
+
+    def _normalize(self, x: Tensor) -> Tensor:
+        if self.impl == "torch" and x.dim() == 2:
+            return F.layer_norm(x, (self.num_features,), self.weight, self.bias, self.eps)
+        return super()._normalize(x)

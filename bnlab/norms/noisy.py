@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from bnlab.config.norm_options import NoisyBNOptions
-from bnlab.norms.batchnorm import BatchNorm, TorchBatchNorm
+from bnlab.norms.batchnorm import BatchNorm
 from bnlab.norms.registry import register_norm
 
 
@@ -67,33 +67,15 @@ class NoiseInjection:
         return torch.addcmul(m, s, a)
 
 
-class NoisyTorchBatchNorm(NoiseInjection, TorchBatchNorm):
-    """:class:`TorchBatchNorm` (``impl=torch``), then :class:`NoiseInjection` in training mode."""
-
-    supports_sync = False  # a cross-replica copy would lose the noise
-
-    def __init__(self, num_features: int, dims: int = 2, momentum: float | None = NoisyBNOptions.momentum,
-                 eps: float = NoisyBNOptions.eps, inference: str = NoisyBNOptions.inference,
-                 **noise: float) -> None:
-        TorchBatchNorm.__init__(self, num_features, dims, momentum=momentum, eps=eps, inference=inference)
-        self._init_noise(**noise)
-
-    def forward(self, x: Tensor) -> Tensor:
-        y = TorchBatchNorm.forward(self, x)
-        return self.add_noise(y) if self.training else y
-
-
 @register_norm(NoisyBNOptions)
 class NoisyBatchNorm(NoiseInjection, BatchNorm):
-    """:class:`BatchNorm`, then :class:`NoiseInjection` in training mode (``impl=torch``:
-    :class:`NoisyTorchBatchNorm`)."""
-
-    native = NoisyTorchBatchNorm
+    """:class:`BatchNorm` (either ``impl``), then :class:`NoiseInjection` in training mode."""
 
     def __init__(self, num_features: int, dims: int = 2, momentum: float | None = NoisyBNOptions.momentum,
                  eps: float = NoisyBNOptions.eps, inference: str = NoisyBNOptions.inference,
-                 **noise: float) -> None:
-        BatchNorm.__init__(self, num_features, dims, momentum=momentum, eps=eps, inference=inference)
+                 impl: str = NoisyBNOptions.impl, **noise: float) -> None:
+        BatchNorm.__init__(self, num_features, dims, momentum=momentum, eps=eps, inference=inference,
+                           impl=impl)
         self._init_noise(**noise)
 
     def forward(self, x: Tensor) -> Tensor:

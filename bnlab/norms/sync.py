@@ -12,7 +12,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from bnlab.norms.base import LOW_PRECISION, Norm, per_feature
-from bnlab.norms.batchnorm import BatchNorm, TorchBatchNorm
+from bnlab.norms.batchnorm import BatchNorm
 
 
 def _replicas() -> int:
@@ -93,21 +93,19 @@ class SyncBatchNorm(BatchNorm):
         self.running_var.lerp_(var * (count / (count - 1).clamp_min(1)), factor)
 
 
-def _sync_copy(layer: BatchNorm | TorchBatchNorm) -> SyncBatchNorm:
-    source = layer.bn if isinstance(layer, TorchBatchNorm) else layer
-    dims = layer.dims if isinstance(layer, BatchNorm) else (2 if isinstance(source, nn.BatchNorm1d) else 4)
-    sync = SyncBatchNorm(source.num_features, dims, momentum=source.momentum, eps=source.eps,
+def _sync_copy(layer: BatchNorm) -> SyncBatchNorm:
+    sync = SyncBatchNorm(layer.num_features, layer.dims, momentum=layer.momentum, eps=layer.eps,
                          inference=layer.inference)
-    sync.load_state_dict(source.state_dict())
+    sync.load_state_dict(layer.state_dict())
     sync.train(layer.training)
     sync.update_stats = layer.update_stats
-    return sync.to(device=source.weight.device)
+    return sync.to(device=layer.weight.device)
 
 
 def convert_sync(model: nn.Module) -> nn.Module:
     """Replace every layer of ``model`` that ``supports_sync`` by a :class:`SyncBatchNorm`, in place.
 
-    Those are bnlab's BN layers (``BatchNorm``, ``TorchBatchNorm``; not their subclasses that
+    Those are bnlab's BN layers (``BatchNorm``, either ``impl``; not its subclasses that
     add behaviour a plain swap would lose, such as noisy BN's noise). Parameters, buffers, mode
     and device are copied. Returns ``model``.
     """

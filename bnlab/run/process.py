@@ -111,8 +111,7 @@ def job_label() -> str:
 
 def versions() -> dict[str, str]:
     """The versions a run's results depend on; torchvision's from its installed metadata, since
-    importing it costs ~2 s of start-up and a run from resident tensors never needs it. Also
-    whether BN's compiled passes ran (bnlab.norms.kernel): the results agree to float rounding."""
+    importing it costs ~2 s of start-up and a run from resident tensors never needs it."""
     from importlib.metadata import PackageNotFoundError, version
 
     import hydra
@@ -121,11 +120,8 @@ def versions() -> dict[str, str]:
         vision = version("torchvision")
     except PackageNotFoundError:
         vision = "not installed"
-    from bnlab.norms import kernel
-
     return {"bnlab": __version__, "torch": torch.__version__, "torchvision": vision,
-            "hydra": hydra.__version__, "python": platform.python_version(),
-            "bn_kernel": kernel.status()}
+            "hydra": hydra.__version__, "python": platform.python_version()}
 
 
 def device_name(device: torch.device) -> str:
