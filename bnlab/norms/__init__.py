@@ -36,6 +36,24 @@ def _set_flag(model: nn.Module, flag: str, value: bool) -> Iterator[None]:
 
 
 @contextmanager
+def preserved_buffers(model: nn.Module) -> Iterator[None]:
+    """Every buffer of every module of ``model`` is as it was when the block ends, whatever the
+    layers did to it inside (updated in place, or replaced by a new tensor)."""
+    saved = [(module, name, buffer.clone()) for module in model.modules()
+             for name, buffer in module._buffers.items() if buffer is not None]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for module, name, value in saved:
+                current = module._buffers.get(name)
+                if current is not None and current.shape == value.shape and current.dtype == value.dtype:
+                    current.copy_(value)
+                else:
+                    module._buffers[name] = value
+
+
+@contextmanager
 def frozen_stats(model: nn.Module) -> Iterator[None]:
     """A measurement pass: train-mode batch statistics that leave no trace in ``model`` or in torch.
 
@@ -43,10 +61,16 @@ def frozen_stats(model: nn.Module) -> Iterator[None]:
     CUDA devices of ``model``) is restored on exit. Inside, stochastic layers (noisy BN) draw
     from it one after another as in a training step, so the pass sees in every layer the noise
     the next training step will draw there (for inputs of the same shape).
+
+    bnlab's layers honour ``update_stats=False`` and leave their buffers alone; a layer that
+    does not know the flag (one written the way ``torch.nn.BatchNorm`` is, or torch's own) may
+    update its buffers inside, and :func:`preserved_buffers` puts them back on exit, so the
+    guarantee does not depend on the layer's cooperation.
     """
     tensors = itertools.chain(model.parameters(), model.buffers())
     cuda = sorted({t.device for t in tensors if t.device.type == "cuda"}, key=str)
-    with torch.random.fork_rng(devices=cuda, device_type="cuda"), _set_flag(model, "update_stats", False):
+    with torch.random.fork_rng(devices=cuda, device_type="cuda"), preserved_buffers(model), \
+            _set_flag(model, "update_stats", False):
         yield
 
 
@@ -56,8 +80,18 @@ def held_noise(model: nn.Module):
 
 
 def maps_over_batches(model: nn.Module) -> bool:
-    """Whether every norm layer of ``model`` may run under ``torch.func.vmap`` (Norm.maps_over_batches)."""
-    return all(m.maps_over_batches for m in model.modules() if isinstance(m, Norm))
+    """Whether ``model`` may run under ``torch.func.vmap``, many batches each with its own statistics.
+
+    Opt-in: every bnlab norm layer must declare it (:attr:`Norm.maps_over_batches`), and any
+    other module that holds buffers (a layer bnlab does not know, ``torch.nn.BatchNorm1d``) rules
+    it out, since updating state in place under vmap fails or goes wrong."""
+    for m in model.modules():
+        if isinstance(m, Norm):
+            if not m.maps_over_batches:
+                return False
+        elif any(True for _ in m.buffers(recurse=False)):
+            return False
+    return True
 
 
 def uses_batch_statistics(model: nn.Module) -> bool:
@@ -85,4 +119,4 @@ for _module in pkgutil.iter_modules(__path__):
 
 __all__ = ["LOW_PRECISION", "NORMS", "Norm", "build_norm",
            "finish_training", "frozen_stats", "held_noise", "norm_class", "per_feature",
-           "maps_over_batches", "register_norm", "uses_batch_statistics"]
+           "maps_over_batches", "preserved_buffers", "register_norm", "uses_batch_statistics"]

@@ -41,9 +41,10 @@ class Norm(nn.Module):
     # Szegedy, Sec. 3.2), so the model drops it.
     replaces_bias: bool = True
     # A train-mode measurement without autograd may run many batches as one ``torch.func.vmap``
-    # pass, each batch with its own statistics (bnlab.run.evaluation); not a layer that keeps
-    # state between calls (noisy BN's last noise sample).
-    maps_over_batches: bool = True
+    # pass, each batch with its own statistics (bnlab.run.evaluation). Opt-in: a layer declares
+    # it once it is known to run under vmap with frozen statistics (no in-place update of its
+    # state, no state kept between calls); the others take one pass per batch, same numbers.
+    maps_over_batches: bool = False
 
     @classmethod
     def build(cls, num_features: int, dims: int = 2, **options) -> Norm:

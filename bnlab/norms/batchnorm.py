@@ -200,6 +200,7 @@ class BatchNorm(PopulationStatistics, Norm):
     and with ``moving``, eval mode uses the moving averages.
     """
 
+    maps_over_batches = True  # frozen statistics leave no state to update: vmap maps it
     uses_batch_statistics = True
 
     def __init__(self, num_features: int, dims: int = 2, momentum: float | None = BNOptions.momentum,

@@ -36,6 +36,7 @@ class BatchRenorm(Norm):
     torch's double backward. ``impl=scratch`` writes the equations above as they stand.
     """
 
+    maps_over_batches = True  # frozen statistics leave no state to update: vmap maps it
     uses_batch_statistics = True
 
     def __init__(self, num_features: int, dims: int = 2, momentum: float = BRNOptions.momentum,

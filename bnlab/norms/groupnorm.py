@@ -23,6 +23,8 @@ class GroupNorm(Norm):
     default) is ``F.group_norm``; ``impl=scratch`` the equations above as torch operations.
     """
 
+    maps_over_batches = True  # frozen statistics leave no state to update: vmap maps it
+
     def __init__(self, num_features: int, dims: int = 2, groups: int = GNOptions.groups,
                  eps: float = GNOptions.eps, impl: str = GNOptions.impl) -> None:
         super().__init__()

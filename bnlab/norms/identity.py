@@ -11,6 +11,7 @@ from bnlab.norms.registry import register_norm
 class Identity(Norm):
     """y = x. No shift of its own, so the layer before it keeps its bias."""
 
+    maps_over_batches = True  # frozen statistics leave no state to update: vmap maps it
     replaces_bias = False
 
     def __init__(self, num_features: int, dims: int = 2) -> None:

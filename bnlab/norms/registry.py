@@ -5,9 +5,13 @@ bounds, and its name), one module of this package holding its layer (every modul
 imported with the package), and one config file, ``configs/norm/<name>.yaml``. The layer
 registers with its options class and takes its constructor's defaults from it::
 
-    @register_norm(CenterOptions)
-    class Center(Norm):
-        def __init__(self, num_features, dims=2, momentum=CenterOptions.momentum): ...
+    @register_norm(MeanBNOptions)
+    class MeanBatchNorm(Norm):
+        def __init__(self, num_features, dims=2, momentum=MeanBNOptions.momentum): ...
+
+docs/norms.md ("Adding a norm") has that example whole; tests/test_own_norm.py trains it. The
+layer may be written as torch writes its own (buffers updated in place in training mode):
+measurement passes save and restore every buffer, and vmap is opt-in.
 
 A layer ``supports_sync`` (cross-replica statistics under torchrun) exactly when its options
 have the key ``sync``.

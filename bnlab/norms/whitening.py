@@ -163,6 +163,7 @@ class BatchWhitening(Norm):
     running + momentum * batch``), as DBN and IterNorm do.
     """
 
+    maps_over_batches = True  # frozen statistics leave no state to update: vmap maps it
     uses_batch_statistics = True
 
     def __init__(self, num_features: int, dims: int = 2, method: str = WhitenOptions.method,
