@@ -18,8 +18,8 @@ def test_a_row_ratio_is_the_median_of_its_rounds_and_the_table_shows_their_range
 
 
 def test_the_cpu_group_times_by_cpu_time_at_one_thread_and_pairs_its_rounds():
-    """The cpu group's two target rows come from the process's CPU clock at one thread, each
-    round's trainer and bnlab's BN paired with that round's native-BN ceiling."""
+    """The cpu group's two rows come from the process's CPU clock at one thread, each round's
+    trainer and the reference BN (impl=scratch) paired with that round's native-BN ceiling."""
     import time
 
     bench = Bench.__new__(Bench)
@@ -31,7 +31,7 @@ def test_the_cpu_group_times_by_cpu_time_at_one_thread_and_pairs_its_rounds():
 
     def ceiling(overrides, threads, steps, clock):
         calls.append((threads, clock))
-        return next(native) if "norm.impl=torch" in overrides else next(scratch)
+        return next(native) if "norm.impl=torch" in overrides else next(scratch)  # impl=scratch
 
     def trainer(overrides, threads, steps, clock):
         calls.append((threads, clock))
@@ -41,5 +41,36 @@ def test_the_cpu_group_times_by_cpu_time_at_one_thread_and_pairs_its_rounds():
     bench.cpu_time(1000, 2)
     assert calls and all(c == (1, time.process_time) for c in calls)
     bn, defaults = bench.rows
-    assert bn["ratios"] == [1000 / 900, 1.0] and "<= 1.1" in bn["note"]
+    assert bn["ratios"] == [1000 / 900, 1.0] and "scratch" in bn["name"]
     assert defaults["ratios"] == [500 / 1000, 250 / 800] and ">= 0.9" in defaults["note"]
+
+
+def test_the_threads_group_pairs_automatic_threads_with_fixed_counts_idle_and_with_a_core_busy(monkeypatch):
+    """Two phases (idle, then one core kept busy by another process), each round's automatic
+    count against the better of 1 thread and all cores measured in the same round."""
+    import subprocess
+
+    import bnlab.run.process
+
+    started = []
+    real_popen = subprocess.Popen
+
+    def popen(*args, **kwargs):
+        started.append(real_popen(*args, **kwargs))
+        return started[-1]
+
+    def steps_per_s(overrides, threads, steps):  # 1 thread: 100 steps/s; 2: 80; half as fast when loaded
+        loaded = any(p.poll() is None for p in started)
+        return (100.0 if threads == 1 else 80.0) / (2 if loaded else 1)
+
+    monkeypatch.setattr(subprocess, "Popen", popen)
+    monkeypatch.setattr(bnlab.run.process, "usable_cores", lambda: 2)
+    bench = Bench.__new__(Bench)
+    bench.rows = []
+    bench.trainer_steps_per_s, bench._auto_threads = steps_per_s, lambda: 2
+    bench.threads(10, 2)
+    assert len(started) == 1 and started[0].poll() is not None  # the busy process is gone after
+    idle, loaded, fixed = bench.rows
+    assert idle["ratios"] == [0.8, 0.8] and "idle" in idle["name"]
+    assert loaded["ratios"] == [0.8, 0.8] and "one core busy" in loaded["name"]
+    assert fixed["ratios"] == [0.8, 0.8] and fixed["name"].endswith("vs train.threads=1")

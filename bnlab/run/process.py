@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import platform
+import time
 
 import torch
 
@@ -44,16 +45,52 @@ def launcher_cpus() -> int | None:
     return int(cpus) if cpus else None
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity mask, else the machine's)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def _cpu_times() -> tuple[int, int] | None:
+    """(idle, total) jiffies of all cores from /proc/stat (Linux), or None."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return fields[3] + fields[4], sum(fields[:8])  # idle + iowait; user .. steal
+
+
+def free_cores(window: float = 0.05) -> int | None:
+    """Cores left idle by the rest of the machine over ``window`` seconds, or None where it
+    cannot be read. A compute thread that must meet the others at every operation waits for
+    the slowest: on a core another process keeps busy it waits for the scheduler, and a
+    2-thread step then runs 10-50x slower than a 1-thread one (docs/performance.md)."""
+    before = _cpu_times()
+    if before is None:
+        return None
+    time.sleep(window)
+    after = _cpu_times()
+    idle, total = after[0] - before[0], after[1] - before[1]
+    if total <= 0:
+        return None
+    return max(1, round(idle / total * (os.cpu_count() or 1)))
+
+
 def auto_threads(cfg) -> int:
     """``train.threads``, or the CPUs a cluster launcher reserved, or this process's share of
-    the cores: more threads than free cores collapse throughput (docs/performance.md)."""
+    the cores that are free when it starts: more threads than free cores collapse throughput
+    (docs/performance.md). Never above the usable cores."""
+    cores = usable_cores()
     if cfg.train.threads:
         return int(cfg.train.threads)
     reserved = launcher_cpus()
     if reserved:
-        return reserved
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, (cores or 1) // parallel_jobs())
+        return min(reserved, cores)
+    share = max(1, cores // parallel_jobs())
+    free = free_cores()
+    return share if free is None else max(1, min(share, free))
 
 
 def setup_process(cfg) -> torch.device:

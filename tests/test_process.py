@@ -1,0 +1,39 @@
+"""A training process's threads (bnlab.run.process): never more compute threads than free cores."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from bnlab.run import process
+
+from helpers import compose
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/stat")
+def test_free_cores_sees_a_core_kept_busy_by_another_process():
+    busy = subprocess.Popen([sys.executable, "-c", "print('ready', flush=True)\nwhile True: pass"],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert busy.stdout.readline().strip() == "ready"
+        free = process.free_cores(window=0.3)
+        assert free is not None and 1 <= free <= process.usable_cores() - 1
+    finally:
+        busy.kill()
+        busy.wait()
+
+
+@pytest.mark.parametrize("free, expected", [(None, 2), (2, 2), (1, 1)])
+def test_automatic_threads_are_the_share_of_the_free_cores(monkeypatch, free, expected):
+    monkeypatch.setattr(process, "usable_cores", lambda: 2)
+    monkeypatch.setattr(process, "free_cores", lambda window=0.05: free)
+    monkeypatch.setattr(process, "parallel_jobs", lambda: 1)
+    monkeypatch.setattr(process, "launcher_cpus", lambda: None)
+    assert process.auto_threads(compose("data=digits")) == expected
+    assert process.auto_threads(compose("data=digits", "train.threads=3")) == 3  # asked for: kept
+    monkeypatch.setattr(process, "parallel_jobs", lambda: 2)
+    assert process.auto_threads(compose("data=digits")) == 1
+    monkeypatch.setattr(process, "launcher_cpus", lambda: 8)
+    assert process.auto_threads(compose("data=digits")) == 2  # a reservation above the cores is capped
