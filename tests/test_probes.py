@@ -16,16 +16,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bnlab.data import load_dataset
+from bnlab.data import load_dataset, make_batch_stream
 from bnlab.models import ACTIVATIONS, Block, Net, build_model
 from bnlab.norms import Norm, build_norm
 from bnlab.probes.activations import (
+    BATCH_NOISE_SEED_OFFSET,
     Prober,
     batch_noise,
     drift,
     feature_moments,
     saturated_fraction,
     saturation_bounds,
+    settling_step,
     unit_percentiles,
 )
 from bnlab.probes.ics import gradient_ics
@@ -137,16 +139,16 @@ def test_saturation_is_where_the_derivative_is_below_a_tenth_of_its_maximum(name
         assert got == 0.0
 
 
-def direct_batch_noise(x: torch.Tensor, chunk: int, eps: float = 1e-5) -> tuple[float, float]:
-    """Batch noise by the definition, one chunk and one feature at a time, in float64."""
-    x = x.double()
-    n, features = x.shape[0] // chunk, x.shape[1]
+def direct_batch_noise(chunks: list[torch.Tensor], reference: torch.Tensor,
+                       eps: float = 1e-5) -> tuple[float, float]:
+    """Batch noise by the definition, one batch and one feature at a time, in float64: each
+    batch's moments against those of ``reference``."""
     shifts, scales = [], []
-    for j in range(features):
-        whole = x[:, j].reshape(-1)
+    for j in range(reference.shape[1]):
+        whole = reference[:, j].double().reshape(-1)
         mu, var = whole.mean().item(), whole.var(unbiased=False).item()
-        for c in range(n):
-            part = x[c * chunk:(c + 1) * chunk, j].reshape(-1)
+        for chunk in chunks:
+            part = chunk[:, j].double().reshape(-1)
             mu_c, var_c = part.mean().item(), part.var(unbiased=False).item()
             shifts.append((mu_c - mu) / math.sqrt(var + eps))
             scales.append(math.log(math.sqrt(var_c + eps) / math.sqrt(var + eps)))
@@ -154,19 +156,25 @@ def direct_batch_noise(x: torch.Tensor, chunk: int, eps: float = 1e-5) -> tuple[
             math.sqrt(sum(v * v for v in scales) / len(scales)))
 
 
+def noise_of(chunks: list[torch.Tensor], reference: torch.Tensor) -> list[float]:
+    stats = [feature_moments(c) for c in chunks]
+    mean, var = feature_moments(reference)
+    noise = batch_noise(torch.stack([m for m, _ in stats]), torch.stack([v for _, v in stats]), mean, var)
+    return [t.item() for t in noise]
+
+
 @pytest.mark.parametrize("shape,chunk", [((100, 6), 16), ((30, 4, 3, 3), 7)])
 def test_batch_noise_matches_the_definition(shape, chunk):
-    x = torch.randn(*shape) * torch.linspace(0.5, 3, shape[1]).view(1, -1, *[1] * (len(shape) - 2)) + 2
-    mean_noise, std_noise = batch_noise(x, chunk)
-    expected = direct_batch_noise(x, chunk)  # the rows past the last whole chunk are dropped
-    assert mean_noise.item() == pytest.approx(expected[0], rel=1e-5)
-    assert std_noise.item() == pytest.approx(expected[1], rel=1e-5)
+    scale = torch.linspace(0.5, 3, shape[1]).view(1, -1, *[1] * (len(shape) - 2))
+    reference = torch.randn(*shape) * scale + 2
+    chunks = [torch.randn(chunk, *shape[1:]) * scale * 1.3 + 2.2 for _ in range(5)]
+    assert noise_of(chunks, reference) == pytest.approx(direct_batch_noise(chunks, reference), rel=1e-5)
 
 
 def test_batch_noise_vanishes_for_large_chunks_and_is_large_for_chunks_of_two():
     torch.manual_seed(0)
     x = torch.randn(4096, 16) * 2 + 1
-    noise = {chunk: [t.item() for t in batch_noise(x, chunk)] for chunk in (2, 8, 64, 512, 2048, 4096)}
+    noise = {size: noise_of(list(x.split(size)), x) for size in (2, 8, 64, 512, 2048, 4096)}
     assert noise[4096] == [0.0, 0.0]  # one chunk: the whole batch
     for kind in (0, 1):  # the mean noise, then the std noise
         values = [noise[c][kind] for c in sorted(noise)]
@@ -175,8 +183,6 @@ def test_batch_noise_vanishes_for_large_chunks_and_is_large_for_chunks_of_two():
     assert noise[2][0] == pytest.approx(1 / math.sqrt(2), rel=0.1)
     assert noise[64][0] == pytest.approx(1 / 8, rel=0.1)
     assert noise[2][1] > 0.5 and noise[2048][1] < 0.05
-    with pytest.raises(ValueError, match="no chunk"):
-        batch_noise(x[:10], 16)
 
 
 # ---------------------------------------------------------------- probes in a run
@@ -237,6 +243,9 @@ def test_eval_view_logs_the_inference_network_under_infer(digits):
     prober.probe(0, recorder)
     logged = recorder.values[0]
     assert all(tag.startswith("infer/") for tag in logged)  # eval only: no train-mode tags
+    # No batch statistics in the inference network: no batch noise. Step 0 is before its running
+    # averages settled: no reference yet, so no drift0.
+    assert not any(tag.startswith(("infer/batchnoise/", "infer/drift0/")) for tag in logged)
     with torch.no_grad():
         h = prober.x.flatten(1)
         for k, block in enumerate(model.blocks, start=1):
@@ -250,14 +259,10 @@ def test_eval_view_logs_the_inference_network_under_infer(digits):
                     t.mean(0).mean().item(), abs=1e-5)
                 assert logged[f"infer/act/layer{k}/{point}/var"] == pytest.approx(
                     t.var(0, unbiased=False).mean().item(), rel=1e-4)
-            assert logged[f"infer/drift0/layer{k}/norm/mean"] == 0.0
             p = np.percentile(normed[:, 0].numpy(), [15, 50, 85])
             assert [logged[f"infer/pct/layer{k}/p{q}"] for q in (15, 50, 85)] == pytest.approx(p, rel=1e-4)
             t = math.atanh(math.sqrt(0.9))
             assert logged[f"infer/sat/layer{k}"] == pytest.approx((normed.abs() > t).float().mean().item())
-            expected = direct_batch_noise(normed, 50)
-            assert [logged[f"infer/batchnoise/layer{k}/{s}"] for s in ("mean", "std")] == pytest.approx(
-                expected, rel=1e-4)
             # Not standardized: the running statistics are not the probe batch's.
             assert abs(logged[f"infer/act/layer{k}/norm/var"] - 1) > 0.05
 
@@ -283,24 +288,57 @@ def test_both_views_log_what_each_mode_logs_alone_with_their_own_references(digi
     assert "infer/drift/layer1/pre/mean" not in infer[0] and "infer/drift/layer1/pre/mean" in infer[1]
 
 
-def test_batch_noise_is_logged_at_the_nonlinearity_input_in_chunks_of_the_training_batch(digits):
-    prober, model = make_prober(digits, "norm=ln", "norm.position=after_act", "train.batch_size=32")
+def norm_inputs_by_hand(model: Net, x: torch.Tensor, norm_first: bool) -> list[torch.Tensor]:
+    """Each layer's norm input for the batch x through the train-mode BN network, written out:
+    every layer normalizes with x's own statistics (F.batch_norm), so noise compounds."""
+    h, inputs = x.flatten(1), []
+    for block in model.blocks:
+        pre = block.layer(h)
+        inputs.append(pre if norm_first else torch.tanh(pre))
+        normed = F.batch_norm(inputs[-1], None, None, block.norm.weight, block.norm.bias, True, 0.0, 1e-5)
+        h = torch.tanh(normed) if norm_first else normed
+    return inputs
+
+
+@pytest.mark.parametrize("position", ["before_act", "after_act"])
+def test_batch_noise_is_each_training_batch_through_the_network_with_its_own_statistics(digits, position):
+    prober, model = make_prober(digits, "norm=bn", "activation=tanh", f"norm.position={position}",
+                                "train.batch_size=32")
+    cfg = compose("data=digits", "train.batch_size=32")
+    stream = make_batch_stream(digits.train, 32, cfg.seed + BATCH_NOISE_SEED_OFFSET, cfg.data, augment=False)
+    assert len(prober.chunks) == 200 // 32
+    for chunk in prober.chunks:  # the training sampler's batches, from their own seed
+        assert torch.equal(chunk, next(stream)[0])
     recorder = Recorder()
     prober.probe(0, recorder)
-    with torch.no_grad():
-        taps = {}
-        model.blocks[1].taps = taps
-        model(prober.x)
-        model.blocks[1].taps = None
-    expected = direct_batch_noise(taps["pre"], 32)  # after_act: the nonlinearity input is `pre`
     logged = recorder.values[0]
-    assert [logged["batchnoise/layer2/mean"], logged["batchnoise/layer2/std"]] == pytest.approx(
-        expected, rel=1e-4)
+    norm_first = position == "before_act"
+    with torch.no_grad():
+        reference = norm_inputs_by_hand(model, prober.x, norm_first)  # the probe batch's pass
+        per_chunk = [norm_inputs_by_hand(model, chunk, norm_first) for chunk in prober.chunks]
+    for k in (1, 2, 3):
+        chunks = [inputs[k - 1] for inputs in per_chunk]
+        expected = direct_batch_noise(chunks, reference[k - 1])
+        assert [logged[f"batchnoise/layer{k}/mean"], logged[f"batchnoise/layer{k}/std"]] == pytest.approx(
+            expected, rel=1e-4)
+    # Batches of 32 stray by ~1/sqrt(32) = 0.18 of a standard deviation in their means.
+    assert 0.1 < logged["batchnoise/layer1/mean"] < 0.3
     # A training batch larger than the probe batch: no chunk to measure, nothing logged.
     prober, _ = make_prober(digits, "train.batch_size=300")
     prober.probe(0, recorder := Recorder())
     assert not any(tag.startswith("batchnoise/") for tag in recorder.values[0])
     assert "act/layer1/norm/mean" in recorder.values[0]
+
+
+def test_batch_noise_batches_are_drawn_as_the_grouped_sampler_draws(digits):
+    overrides = ["data.sampler=grouped", "data.labels_per_batch=4", "train.batch_size=32"]
+    prober, _ = make_prober(digits, *overrides)
+    cfg = compose("data=digits", *overrides)
+    stream = make_batch_stream(digits.train, 32, cfg.seed + BATCH_NOISE_SEED_OFFSET, cfg.data, augment=False)
+    for chunk in prober.chunks:
+        x, y = next(stream)
+        assert torch.equal(chunk, x)
+        assert sorted(torch.bincount(y).tolist(), reverse=True)[:5] == [8, 8, 8, 8, 0]  # 4 labels x 8
 
 
 def test_probe_changes_no_running_statistics_rng_or_mode(digits):
@@ -337,9 +375,51 @@ def test_drift_and_drift0_against_first_and_previous_probe(digits):
         assert recorder.values[step][f"{kind}/layer2/act/var"] == pytest.approx(var_drift.item())
 
 
+@pytest.mark.parametrize("overrides,step", [(["norm=bn"], 30), (["norm=bn", "norm.momentum=0.05"], 60),
+                                            (["norm=brn"], 300), (["norm=ln"], 0), (["norm=none"], 0)])
+def test_running_averages_settle_after_three_time_constants(digits, overrides, step):
+    _, model = make_prober(digits, *overrides)
+    assert settling_step(model) == step  # ceil(3 / momentum): (1 - m)^(3/m) < e^-3 of the start left
+
+
+def test_the_inference_views_reference_waits_for_the_running_averages_to_settle(digits):
+    prober, model = make_prober(digits, "norm=bn", "probe.mode=both")
+    recorder = Recorder()
+    eval_moments = {}
+    for step in (0, 20, 40, 60):
+        prober.probe(step, recorder)
+        with torch.no_grad():
+            model.eval()
+            taps = {}
+            model.blocks[1].taps = taps
+            model(prober.x)
+            model.blocks[1].taps = None
+            eval_moments[step] = feature_moments(taps["norm"])
+            for block in model.blocks:  # a stand-in for training: the running averages move
+                block.norm.running_mean.add_(0.3)
+                block.norm.running_var.mul_(0.7)
+        model.train()
+    values = recorder.values
+    # Steps 0 and 20 come before BN's running averages settle (step 30): no reference, no drift0.
+    for step in (0, 20):
+        assert not any(tag.startswith("infer/drift0/") for tag in values[step])
+        assert values[step]["drift0/layer2/norm/mean"] == pytest.approx(0.0, abs=1e-3 * step + 1e-12)
+    assert "infer/drift/layer2/norm/mean" in values[20]  # the rate since the previous probe: from the 2nd
+    assert values[40]["infer/drift0/layer2/norm/mean"] == 0.0  # the reference
+    mean_drift, var_drift = drift(*eval_moments[60], *eval_moments[40])
+    assert values[60]["infer/drift0/layer2/norm/mean"] == pytest.approx(mean_drift.item())
+    assert values[60]["infer/drift0/layer2/norm/var"] == pytest.approx(var_drift.item())
+    assert mean_drift.item() > 0.1
+    # Without running statistics (the inference network is the trained one) the reference is step 0.
+    prober, _ = make_prober(digits, "norm=ln", "probe.mode=eval")
+    prober.probe(0, recorder := Recorder())
+    assert recorder.values[0]["infer/drift0/layer1/act/mean"] == 0.0
+
+
 def test_histograms_and_layout(digits):
     prober, model = make_prober(digits, "probe.every=20", "probe.hist_every=50", "norm.position=after_act",
-                                "probe.mode=both", "probe.landscape_every=20", "probe.ics_every=20")
+                                "probe.mode=both", "probe.landscape_every=20", "probe.ics_every=20",
+                                "probe.curvature_every=100", "probe.snd_every=100")
     recorder = Recorder()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     x, y = digits.train.x[:32], digits.train.y[:32]
@@ -353,8 +433,9 @@ def test_histograms_and_layout(digits):
                                                    for view in ("", "infer/")}
     assert len(recorder.layouts) == 1
     charts = {c: spec for category in recorder.layouts[0].values() for c, spec in category.items()}
-    tags = set(recorder.values[20])
-    assert {"infer/batchnoise/layer3/std", "landscape/beta", "ics/layer2/cos"} <= tags
+    tags = set(recorder.values[20]) | set(recorder.values[100])
+    assert {"batchnoise/layer3/std", "landscape/beta", "ics/layer2/cos", "infer/drift0/layer1/act/var",
+            "curvature/top_eig", "curvature/residual", "snd/layer3"} <= tags
     for tag in tags:
         assert any(re.match(rx, tag) for spec in charts.values() for rx in spec[1]), tag
 
@@ -365,20 +446,21 @@ def test_resumed_prober_continues_drift_exactly(digits, tmp_path):
     prober.probe(0, recorders[0])
     with torch.no_grad():
         model.blocks[0].layer.weight.mul_(1.5)
-    prober.probe(1, recorders[0])
+    prober.probe(40, recorders[0])  # past BN's settling step (30): the inference view's reference
     torch.save(prober.state_dict(), tmp_path / "probe.pt")
     with torch.no_grad():
         model.blocks[1].norm.bias.add_(0.3)
-    prober.probe(2, recorders[0])
+        model.blocks[0].norm.running_mean.add_(0.2)
+    prober.probe(80, recorders[0])
 
     resumed, resumed_model = make_prober(digits, "norm=bn", "probe.mode=both")
     resumed_model.load_state_dict(model.state_dict())
     resumed.load_state_dict(torch.load(tmp_path / "probe.pt", weights_only=True))
-    resumed.probe(2, recorders[1])
-    assert recorders[1].values[2] == recorders[0].values[2]
-    assert recorders[0].values[2]["drift/layer2/norm/mean"] > 0.1
-    assert recorders[0].values[2]["infer/drift/layer2/norm/mean"] > 0.1
-    assert recorders[0].values[2]["infer/drift0/layer1/pre/mean"] > 0.1
+    resumed.probe(80, recorders[1])
+    assert recorders[1].values[80] == recorders[0].values[80]
+    assert recorders[0].values[80]["drift/layer2/norm/mean"] > 0.1
+    assert recorders[0].values[80]["infer/drift/layer2/norm/mean"] > 0.1
+    assert recorders[0].values[80]["infer/drift0/layer1/norm/mean"] > 0.1
 
 
 # ---------------------------------------------------------------- probing never changes training
@@ -391,7 +473,8 @@ def test_training_is_identical_with_and_without_probes(tmp_path, data, norm):
         "off": ["probe=off"],
         "every_step": ["probe.every=1"],
         "full": ["probe=full", "probe.every=1", "probe.ics_every=1", "probe.hist_every=10",
-                 "probe.mode=both", "probe.landscape_every=1"],
+                 "probe.mode=both", "probe.landscape_every=1", "probe.curvature_every=10",
+                 "probe.snd_every=10"],
     }
     tables = {}
     for name, extra in variants.items():
@@ -405,6 +488,7 @@ def test_training_is_identical_with_and_without_probes(tmp_path, data, norm):
     assert set(full["ics/layer3/l2"]) == set(range(1, 31))
     assert set(full["landscape/beta"]) == set(range(1, 31))
     assert 30 in full["infer/drift/layer3/act/mean"] and 30 in full["batchnoise/layer3/std"]
+    assert set(full["curvature/top_eig"]) == set(full["snd/layer3"]) == {0, 10, 20, 30}
     assert 30 in tables["every_step"]["drift/layer3/act/mean"]
     # Layer 1 has no earlier layer: G' is G exactly, noise included (held, not redrawn).
     assert set(full["ics/layer1/l2"].values()) == {0.0}
@@ -546,7 +630,8 @@ def test_state_dict_loads_with_weights_only(digits, tmp_path):
     torch.save(prober.state_dict(), buffer)
     buffer.seek(0)
     state = torch.load(buffer, weights_only=True)
-    assert state["infer"]["first"][0]["var"].shape == (3, 100)  # (points, units) of layer 1
+    assert state["infer"]["prev"][0]["var"].shape == (3, 100)  # (points, units) of layer 1
+    assert state["infer"]["first"] is None  # step 0: BN's running averages have not settled
 
 
 def test_a_model_without_hidden_layers_logs_nothing(digits):
@@ -572,7 +657,9 @@ def test_inference_batch_noise_and_landscape_tags_reach_csv_and_tensorboard(tmp_
     for tag, steps in (("infer/drift/layer2/norm/mean", {50, 100, 150, 200}),
                        ("infer/sat/layer3", {0, 50, 100, 150, 200}),
                        ("batchnoise/layer1/mean", {0, 50, 100, 150, 200}),
-                       ("infer/batchnoise/layer3/std", {0, 50, 100, 150, 200}),
+                       ("batchnoise/layer3/std", {0, 50, 100, 150, 200}),
+                       # from the first probe after BN's running averages settled (step 30)
+                       ("infer/drift0/layer3/norm/mean", {50, 100, 150, 200}),
                        ("landscape/loss_min", {100, 200}), ("landscape/loss_max", {100, 200}),
                        ("landscape/loss_range", {100, 200}),
                        ("landscape/grad_change", {100, 200}), ("landscape/beta", {100, 200})):
@@ -582,6 +669,8 @@ def test_inference_batch_noise_and_landscape_tags_reach_csv_and_tensorboard(tmp_
         assert all(math.isfinite(v) for v in csv_tags[tag].values()), tag
     for step in (100, 200):
         assert csv_tags["landscape/loss_min"][step] <= csv_tags["landscape/loss_max"][step]
+    assert csv_tags["infer/drift0/layer3/norm/mean"][50] == 0.0
+    assert "infer/batchnoise/layer1/mean" not in csv_tags
 
 
 # ---------------------------------------------------------------- noisy BN: the probes see the step's noise

@@ -119,6 +119,13 @@ class ProbeConfig:
     ics_every: int = every_or_never(0)
     mode: str = choice("train", "train", "eval", "both")  # which network the probes measure
     landscape_every: int = every_or_never(0)  # Santurkar et al. 2018, Sec. 3 (loss landscape)
+    # The Hessian's top eigenvalue (Lanczos) and g'Hg/g'g on the probe batch (bnlab.probes.curvature)
+    curvature_every: int = every_or_never(0)
+    curvature_iters: int = at_least(20, 1)  # Lanczos steps (Hessian-vector products) per measurement
+    # Stochastic normalization disturbance (Huang et al. 2019, IterNorm; bnlab.probes.snd)
+    snd_every: int = every_or_never(0)
+    snd_samples: int = at_least(4, 1)  # samples x whose disturbance is averaged
+    snd_draws: int = at_least(8, 2)  # batches drawn around each sample
 
 
 EVAL_AUTO = "auto"
@@ -236,6 +243,16 @@ def validate(cfg: DictConfig) -> None:
         raise _fail("probe.unit", cfg.probe.unit,
                     f"an integer below the narrowest hidden width ({min(widths)})")
     replicas = world_size()
+    probe = cfg.probe
+    if probe.enabled and probe.get("snd_every", 0):  # its batches come from the probe batch
+        if probe.snd_samples > probe.batch_size:
+            raise _fail("probe.snd_samples", probe.snd_samples,
+                        f"at most probe.batch_size ({probe.batch_size}) with probe.snd_every > 0")
+        share = cfg.train.batch_size // (1 if cfg.norm.get("sync", False) else replicas)
+        if share > probe.batch_size:
+            raise _fail("probe.snd_every", probe.snd_every,
+                        f"0 when one layer's training batch ({share}) exceeds probe.batch_size "
+                        f"({probe.batch_size}): the disturbance's batches are drawn from the probe batch")
     if cfg.train.batch_size % replicas:
         raise _fail("train.batch_size", cfg.train.batch_size,
                     f"a multiple of {replicas} with {replicas} processes "

@@ -1,5 +1,5 @@
 """Activation statistics on a fixed probe batch: per-layer moments, drift, percentiles, saturation,
-batch noise.
+batch noise; and, when asked, the loss's curvature and the normalization's disturbance.
 
 Every ``probe.every`` steps the model runs without gradients and without touching running
 statistics on a batch drawn once from the training split: in train mode (batch statistics, the
@@ -11,16 +11,28 @@ a channel over N, H, W) it takes the mean mu_j and the biased variance var_j and
     act/layerK/<point>/mean, /var   mean_j mu_j, mean_j var_j
     drift/layerK/<point>/mean       RMS_j (mu_j(t) - mu_j(t')) / sqrt(var_j(t') + eps)
     drift/layerK/<point>/var        RMS_j 0.5 * log((var_j(t) + eps) / (var_j(t') + eps))
-    drift0/layerK/<point>/...       the same with t' = the first probe (before training)
+    drift0/layerK/<point>/...       the same with t' = the view's reference probe
     pct/layerK/p15, p50, p85        percentiles of the nonlinearity input of unit ``probe.unit``
     sat/layerK                      fraction of nonlinearity inputs x with f'(x) < 0.1 max f'
-    batchnoise/layerK/mean, /std    RMS over units and chunks of the training batch size of
+    batchnoise/layerK/mean, /std    RMS over training-sized batches c and units j of
                                     (mu_cj - mu_j) / sqrt(var_j + eps) and
-                                    0.5 * log((var_cj + eps) / (var_j + eps)) at the nonlinearity input
+                                    0.5 * log((var_cj + eps) / (var_j + eps)) at the norm's input
 
-where t' is the previous probe for ``drift`` (logged from the second probe on) and c a chunk.
-The eval-mode view logs the same tags under the prefix ``infer/``, with its own first and previous
-probe. The statistic functions below are pure, so tests check them against direct computations.
+where t' is the previous probe for ``drift`` (logged from the second probe on). The eval-mode view
+logs the same tags, ``batchnoise/`` excepted, under the prefix ``infer/``, with its own reference
+and previous probe. The train view's reference is the first probe (step 0); the eval view's is the
+first probe once its running averages have settled (:func:`settling_step`): at step 0 they are
+(0, 1) and the inference network is not normalized at all.
+
+Batch noise is what a training batch sees: a fixed set of batches of the training batch size,
+drawn by the training sampler's rule (:func:`bnlab.data.make_batch_stream`, its own seed), each
+run through the train-mode network with its own statistics at every layer (so a layer's input
+carries the earlier layers' noise, as in training); mu_cj, var_cj are batch c's moments at the
+norm's input, mu_j, var_j the probe batch's at the same point (its 1,000 i.i.d. images stand in
+for the population). ``curvature/`` (:mod:`bnlab.probes.curvature`) and ``snd/``
+(:mod:`bnlab.probes.snd`) are measured at the first probe at or after each multiple of
+``probe.curvature_every`` and ``probe.snd_every``. The statistic functions below are pure, so
+tests check them against direct computations.
 """
 
 from __future__ import annotations
@@ -34,17 +46,25 @@ from omegaconf import DictConfig
 from torch import Tensor
 
 from bnlab.config.schema import world_size
-from bnlab.data import Dataset
-from bnlab.models import Net, loss_function
-from bnlab.norms import frozen_stats
+from bnlab.data import Dataset, make_batch_stream
+from bnlab.models import Block, Net, loss_function
+from bnlab.norms import Norm, frozen_stats
+from bnlab.probes.curvature import check_double_backward, curvature, start_generator
 from bnlab.probes.ics import gradient_ics, preserved_rng
+from bnlab.probes.snd import batch_plan, layer_disturbances
 
 POINTS = ("pre", "norm", "act")
 PERCENTILES = (15, 50, 85)
 DRIFT_EPS = 1e-5
 SATURATION_LEVEL = 0.1  # "saturated": the derivative is below 10% of its maximum
-# The probe batch's own stream; the batch stream uses `seed` and `seed + 1`.
+# The probe batch's own stream; the batch stream uses `seed` and `seed + 1`, the train-mode
+# evaluation bnlab.run.evaluation.TRAIN_MODE_SEED_OFFSET.
 PROBE_SEED_OFFSET = 7919
+BATCH_NOISE_SEED_OFFSET = 15485863  # the batch-noise batches
+SND_SEED_OFFSET = 32452843  # the disturbance probe's batches
+# A running average r <- (1 - m) r + m b keeps (1 - m)^k of its start after k updates: ~e^-3 = 5%
+# after 3/m. The inference view's drift reference waits for that many training steps.
+SETTLING_TIME_CONSTANTS = 3
 # probe.mode -> the views measured: (tag prefix, train mode?)
 TRAIN_VIEW, INFER_VIEW = ("", True), ("infer/", False)
 MODE_VIEWS = {"train": (TRAIN_VIEW,), "eval": (INFER_VIEW,), "both": (TRAIN_VIEW, INFER_VIEW)}
@@ -145,41 +165,50 @@ def saturated_fraction(x: Tensor, bounds: tuple[float, float]) -> Tensor:
     return torch.count_nonzero((x < lo) | (x > hi)).double() / x.numel()  # exact; 1.5x a float mean
 
 
-def batch_noise(x: Tensor, chunk_size: int, mean: Tensor | None = None, var: Tensor | None = None,
+def batch_noise(chunk_mean: Tensor, chunk_var: Tensor, mean: Tensor, var: Tensor,
                 eps: float = DRIFT_EPS) -> tuple[Tensor, Tensor]:
-    """How far the statistics of batches of ``chunk_size`` stray from those of the whole of x.
+    """How far the statistics of batches c stray from the reference statistics, per feature j.
 
-    x (N, C) or (N, C, H, W) is cut into n = N // chunk_size chunks c of consecutive rows (the
-    rest is dropped); with mu_j, var_j the moments of x (``mean``, ``var`` if already known) and
-    mu_cj, var_cj those of chunk c (biased variance, as BN normalizes)::
+    ``chunk_mean``, ``chunk_var`` (n, C): each batch's mu_cj and biased var_cj; ``mean``, ``var``
+    (C,): the reference mu_j, var_j. Returns, as float64 0-dim tensors::
 
         mean noise = RMS_{c,j} (mu_cj - mu_j) / sqrt(var_j + eps)
         std noise  = RMS_{c,j} 0.5 * log((var_cj + eps) / (var_j + eps))   (log sigma_cj / sigma_j)
 
-    the shift and log-scale a BN layer normalizing by a chunk's statistics instead of the
-    whole batch's applies to unit j. Float64 scalars; ValueError if no chunk fits.
+    the shift and log-scale a BN layer applies to unit j when it normalizes by a batch's
+    statistics instead of the reference's.
     """
-    n = x.shape[0] // chunk_size
-    if n == 0:
-        raise ValueError(f"batch_noise: no chunk of {chunk_size} in a batch of {x.shape[0]}")
-    if mean is None or var is None:
-        mean, var = feature_moments(x)
-    chunks = x[: n * chunk_size].unflatten(0, (n, chunk_size)).float()
-    dims = (1,) if x.dim() == 2 else (1, *range(3, chunks.dim()))
-    chunk_mean = chunks.mean(dims, keepdim=True)
-    chunk_var = (chunks - chunk_mean).square_().mean(dims)
-    shift, scale = drift(chunk_mean.flatten(1).double(), chunk_var.double(), mean, var, eps)
-    return rms(shift), rms(scale)  # RMS over chunks of the per-chunk RMS over units
+    shift, scale = drift(chunk_mean.double(), chunk_var.double(), mean, var, eps)
+    return rms(shift), rms(scale)  # RMS over batches of the per-batch RMS over units
+
+
+def norm_input(block: Block) -> str:
+    """The point whose statistics the block's norm computes: ``pre`` before the activation,
+    ``act`` after it."""
+    return "pre" if block.norm_first else "act"
+
+
+def settling_step(model: Net) -> int:
+    """The first step at which the running averages of ``model``'s norm layers have settled:
+    ceil(SETTLING_TIME_CONSTANTS / m) for the slowest momentum m > 0 among the layers that use
+    batch statistics (BN's 0.1: step 30; BRN's 0.01: step 300); 0 when no layer keeps one (the
+    inference network is then the training one) or none moves (m = 0)."""
+    momenta = [float(m.momentum) for m in model.modules()
+               if isinstance(m, Norm) and m.uses_batch_statistics
+               and isinstance(getattr(m, "momentum", None), (int, float)) and m.momentum > 0]
+    return math.ceil(SETTLING_TIME_CONSTANTS / min(momenta)) if momenta else 0
 
 
 # ---------------------------------------------------------------- the prober
 @dataclass
 class View:
     """One network the probes measure: train mode (prefix "") or eval mode ("infer/"), with its
-    own first and previous probe statistics (per layer, (3, C) float64 mu_j and var_j)."""
+    own reference and previous probe statistics (per layer, (3, C) float64 mu_j and var_j). The
+    reference (``first``) is the first probe at or after ``reference_step``."""
 
     prefix: str
     train_mode: bool
+    reference_step: int = 0
     first: list[tuple[Tensor, Tensor]] | None = None
     prev: list[tuple[Tensor, Tensor]] | None = None
 
@@ -187,30 +216,59 @@ class View:
 class Prober:
     """Measures a model's activations on a fixed probe batch; the trainer calls it.
 
-    ``probe`` logs the statistics of the module docstring, ``ics`` the gradient-based ICS of
-    :mod:`bnlab.probes.ics`, ``landscape`` the loss landscape of :mod:`bnlab.probes.landscape`. None of them
-    changes training: running statistics are frozen, torch's global RNG state is restored, and
-    the probe batch comes from a private generator.
+    ``probe`` logs the statistics of the module docstring (and, when due, ``curvature/`` and
+    ``snd/``), ``ics`` the gradient-based ICS of :mod:`bnlab.probes.ics`, ``landscape`` the loss
+    landscape of :mod:`bnlab.probes.landscape`. None of them changes training: running statistics
+    are frozen, torch's global RNG state is restored, and the probe batch and every batch a probe
+    draws come from private generators.
     """
 
     def __init__(self, cfg: DictConfig, model: Net, data: Dataset, device: torch.device) -> None:
         self.cfg, self.model, self.device = cfg.probe, model, torch.device(device)
+        self.seed = int(cfg.seed)
         self.ics_every = int(cfg.probe.ics_every)
         self.landscape_every = int(cfg.probe.get("landscape_every", 0))
-        self.views = [View(prefix, train) for prefix, train in MODE_VIEWS[cfg.probe.get("mode", "train")]]
+        self.curvature_every = int(cfg.probe.get("curvature_every", 0))
+        self.curvature_iters = int(cfg.probe.get("curvature_iters", 20))
+        self.snd_every = int(cfg.probe.get("snd_every", 0))
+        settled = settling_step(model)
+        self.views = [View(prefix, train, 0 if train else settled)
+                      for prefix, train in MODE_VIEWS[cfg.probe.get("mode", "train")]]
         self.task = getattr(data, "task", "classification")
+        self.loss_fn = loss_function(self.task)
         self.bounds = saturation_bounds(str(cfg.activation.name))
         self.fractions = percentile_fractions(self.device)
         # The batch one norm layer sees in a training step: a replica's share under torchrun.
         synced = bool(cfg.norm.get("sync", False))
-        self.chunk_size = max(1, int(cfg.train.batch_size) // (1 if synced else world_size()))
-        generator = torch.Generator().manual_seed(int(cfg.seed) + PROBE_SEED_OFFSET)
+        replicas = 1 if synced else world_size()
+        self.chunk_size = max(1, int(cfg.train.batch_size) // replicas)
+        generator = torch.Generator().manual_seed(self.seed + PROBE_SEED_OFFSET)
         index = torch.randperm(len(data.train), generator=generator)[: self.cfg.batch_size]
-        self.x = data.train.x[index.to(data.train.x.device)].to(self.device)
+        index = index.to(data.train.x.device)
+        self.x = data.train.x[index].to(self.device)
+        self.y = data.train.y[index].to(self.device)
+        # Batch noise: as many training batches as fit in the probe batch's size, drawn once.
+        n_chunks = int(self.cfg.batch_size) // self.chunk_size
+        self.chunks: list[Tensor] = []
+        if n_chunks and any(view.train_mode for view in self.views):
+            stream = make_batch_stream(data.train, int(cfg.train.batch_size),
+                                       self.seed + BATCH_NOISE_SEED_OFFSET, cfg.data,
+                                       world_size=replicas, augment=False)
+            self.chunks = [next(stream)[0].to(self.device) for _ in range(n_chunks)]
+        self.snd_plan: Tensor | None = None
+        if self.snd_every > 0 and self.chunk_size <= len(self.x):
+            snd_generator = torch.Generator().manual_seed(self.seed + SND_SEED_OFFSET)
+            self.snd_plan = batch_plan(len(self.x), self.chunk_size, int(cfg.probe.get("snd_samples", 4)),
+                                       int(cfg.probe.get("snd_draws", 8)), snd_generator)
+        if self.curvature_every > 0:  # refused before training, not at the first measurement
+            rows = min(len(self.x), max(2, self.chunk_size))
+            check_double_backward(model, self.x[:rows], self.y[:rows], self.loss_fn,
+                                  f"probe.curvature_every={self.curvature_every}")
 
     # -- activation statistics
     @torch.no_grad()
-    def _record_points(self, train_mode: bool) -> list[dict[str, Tensor]]:
+    def _record_points(self, train_mode: bool, x: Tensor | None = None) -> list[dict[str, Tensor]]:
+        """The three points of every block on ``x`` (the probe batch by default)."""
         blocks = self.model.blocks
         taps: list[dict[str, Tensor]] = [{} for _ in blocks]
         was_training = self.model.training
@@ -220,7 +278,7 @@ class Prober:
             with preserved_rng(self.device), frozen_stats(self.model):
                 for block, tap in zip(blocks, taps, strict=True):
                     block.taps = tap
-                self.model(self.x)
+                self.model(self.x if x is None else x)
         finally:
             for block in blocks:
                 block.taps = None
@@ -233,65 +291,86 @@ class Prober:
             return
         tags: list[str] = []
         values: list[Tensor] = []
+
+        def add(names: list[str], tensor: Tensor) -> None:
+            tags.extend(names)
+            values.append(tensor.reshape(-1))
+
         measured = []
         for view in self.views:
             taps = self._record_points(view.train_mode)
-            moments = self._statistics(view, taps, tags, values)
-            if self._wants_histograms(step):
+            moments = self._statistics(view, step, taps, add)
+            if view.train_mode and self.chunks:
+                self._batch_noise(moments, add)
+            if self._due(self.cfg.hist_every, step):
                 for k, (tap, block) in enumerate(zip(taps, self.model.blocks, strict=True), start=1):
                     point = block.nonlinearity_input
                     recorder.histogram(f"{view.prefix}hist/layer{k}/{point}",
                                        tap[point].detach().float().cpu(), step)
             measured.append((view, moments))
+        if self._due(self.curvature_every, step):
+            stats = curvature(self.model, self.x, self.y, self.loss_fn, self.curvature_iters,
+                              start_generator(self.seed, step))
+            add([f"curvature/{name}" for name in stats], torch.stack(list(stats.values())))
+        if self.snd_plan is not None and self._due(self.snd_every, step):
+            snd = layer_disturbances(self.model, self.x, self.snd_plan)
+            add([f"snd/layer{k}" for k in range(1, len(snd) + 1)], snd)
         numbers = torch.cat(values).tolist()  # the one host sync
         recorder.scalars(step, dict(zip(tags, numbers, strict=True)))
         if step == 0:
             recorder.layout(self.layout())
         for view, moments in measured:
-            if view.first is None:
+            if view.first is None and step >= view.reference_step:
                 view.first = moments
             view.prev = moments
 
-    def _statistics(self, view: View, taps: list[dict[str, Tensor]], tags: list[str],
-                    values: list[Tensor]) -> list[tuple[Tensor, Tensor]]:
-        """Append the view's tags and (device) values; returns its moments per layer."""
+    def _statistics(self, view: View, step: int, taps: list[dict[str, Tensor]], add
+                    ) -> list[tuple[Tensor, Tensor]]:
+        """Add the view's tags and (device) values; returns its moments per layer."""
         moments = []
         for tap in taps:
             mean, var = feature_moments(torch.cat([tap[p] for p in POINTS], dim=1))
             moments.append((mean.view(len(POINTS), -1), var.view(len(POINTS), -1)))
-        first = view.first if view.first is not None else moments
-
-        def add(names: list[str], tensor: Tensor) -> None:
-            tags.extend(view.prefix + name for name in names)
-            values.append(tensor.reshape(-1))
-
+        first = view.first
+        if first is None and step >= view.reference_step:
+            first = moments  # this probe becomes the reference: drift0 = 0
+        prefix = view.prefix
         for k, (tap, (mean, var)) in enumerate(zip(taps, moments, strict=True), start=1):
             layer = f"layer{k}"
             per_point = [f"{layer}/{p}" for p in POINTS]
-            add([f"act/{n}/mean" for n in per_point], mean.mean(-1))
-            add([f"act/{n}/var" for n in per_point], var.mean(-1))
-            refs = [first[k - 1]] + ([view.prev[k - 1]] if view.prev is not None else [])
-            kinds = ["drift0", "drift"][: len(refs)]
-            ref_mean = torch.stack([m for m, _ in refs])
-            ref_var = torch.stack([v for _, v in refs])
-            mean_drift, var_drift = drift(mean, var, ref_mean, ref_var)  # (len(refs), 3)
-            add([f"{kind}/{n}/mean" for kind in kinds for n in per_point], mean_drift)
-            add([f"{kind}/{n}/var" for kind in kinds for n in per_point], var_drift)
-            point = self.model.blocks[k - 1].nonlinearity_input
-            x = tap[point]
+            add([f"{prefix}act/{n}/mean" for n in per_point], mean.mean(-1))
+            add([f"{prefix}act/{n}/var" for n in per_point], var.mean(-1))
+            refs = [(kind, r[k - 1]) for kind, r in (("drift0", first), ("drift", view.prev))
+                    if r is not None]
+            if refs:
+                ref_mean = torch.stack([m for _, (m, _) in refs])
+                ref_var = torch.stack([v for _, (_, v) in refs])
+                mean_drift, var_drift = drift(mean, var, ref_mean, ref_var)  # (len(refs), 3)
+                kinds = [kind for kind, _ in refs]
+                add([f"{prefix}{kind}/{n}/mean" for kind in kinds for n in per_point], mean_drift)
+                add([f"{prefix}{kind}/{n}/var" for kind in kinds for n in per_point], var_drift)
+            x = tap[self.model.blocks[k - 1].nonlinearity_input]
             percentiles = unit_percentiles(x, self.cfg.unit, self.fractions)
-            add([f"pct/{layer}/p{q}" for q in PERCENTILES], percentiles)
-            add([f"sat/{layer}"], saturated_fraction(x, self.bounds))
-            if x.shape[0] >= self.chunk_size:
-                i = POINTS.index(point)
-                noise = batch_noise(x, self.chunk_size, mean[i], var[i])
-                add([f"batchnoise/{layer}/mean", f"batchnoise/{layer}/std"], torch.stack(noise))
+            add([f"{prefix}pct/{layer}/p{q}" for q in PERCENTILES], percentiles)
+            add([f"{prefix}sat/{layer}"], saturated_fraction(x, self.bounds))
         return moments
 
-    def _wants_histograms(self, step: int) -> bool:
-        """True at the first probe at or after each multiple of ``hist_every``."""
-        every = self.cfg.hist_every
-        return every > 0 and step // every != (step - self.cfg.every) // every
+    def _batch_noise(self, moments: list[tuple[Tensor, Tensor]], add) -> None:
+        """``batchnoise/`` of every layer: each training-sized batch through the train-mode
+        network with its own statistics, against the probe batch's ``moments`` (train view)."""
+        per_chunk = [self._record_points(True, chunk) for chunk in self.chunks]
+        for k, block in enumerate(self.model.blocks, start=1):
+            point = norm_input(block)
+            stats = [feature_moments(taps[k - 1][point]) for taps in per_chunk]
+            i = POINTS.index(point)
+            mean, var = moments[k - 1]
+            noise = batch_noise(torch.stack([m for m, _ in stats]), torch.stack([v for _, v in stats]),
+                                mean[i], var[i])
+            add([f"batchnoise/layer{k}/mean", f"batchnoise/layer{k}/std"], torch.stack(noise))
+
+    def _due(self, every: int, step: int) -> bool:
+        """True at the first probe at or after each multiple of ``every`` (0: never), step 0 included."""
+        return every > 0 and step // every != (step - int(self.cfg.every)) // every
 
     def layout(self) -> dict[str, dict[str, list]]:
         """TensorBoard custom-scalars charts: one per metric with all layers, pct per layer."""
@@ -308,8 +387,9 @@ class Prober:
                 for k in range(1, len(self.model.blocks) + 1)
             }
             charts[f"{title}: sat"] = {f"{pre}sat": ["Multiline", [rf"^{pre}sat/layer\d+$"]]}
-            charts[f"{title}: batchnoise"] = {
-                f"{pre}batchnoise/{stat}": ["Multiline", [rf"^{pre}batchnoise/layer\d+/{stat}$"]]
+        if self.chunks:
+            charts["probes: batchnoise"] = {
+                f"batchnoise/{stat}": ["Multiline", [rf"^batchnoise/layer\d+/{stat}$"]]
                 for stat in ("mean", "std")
             }
         if self.ics_every > 0:
@@ -322,6 +402,13 @@ class Prober:
                 "landscape/grad_change": ["Multiline", [r"^landscape/grad_change$"]],
                 "landscape/beta": ["Multiline", [r"^landscape/beta$"]],
             }
+        if self.curvature_every > 0:
+            charts["probes: curvature"] = {
+                "curvature/top_eig, along_grad": ["Multiline", [r"^curvature/(top_eig|along_grad)$"]],
+                "curvature/residual": ["Multiline", [r"^curvature/residual$"]],
+            }
+        if self.snd_plan is not None:
+            charts["probes: snd"] = {"snd": ["Multiline", [r"^snd/layer\d+$"]]}
         return charts
 
     # -- gradient-based ICS
