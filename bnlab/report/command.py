@@ -19,7 +19,21 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bnlab.errors import UserError
-from bnlab.report.claims import ALPHA, MIN_SEEDS, Judgement, NotJudged, Side, claim_metrics, judge_all
+from bnlab.report.claims import (
+    ALPHA,
+    EQUIVALENCE,
+    INCONCLUSIVE,
+    INTERACTION,
+    NOT_JUDGED,
+    NOT_REPRODUCED,
+    PAIRED,
+    REPRODUCED,
+    Judgement,
+    NotJudged,
+    Side,
+    claim_metrics,
+    judge_all,
+)
 from bnlab.report.data import (
     AUTO,
     Group,
@@ -70,8 +84,11 @@ in <metric>_vs_<KEY>.png and a pivot table (report.md, pivot.csv). Drawn without
 exactly one group key is numeric.
 
 claims: a preset's claims (its top-level claims: list, kept in each run's .hydra/config.yaml)
-are judged on the runs that carry them, with Welch's t-test, one-sided, p < 0.05 and at least
-3 seeds per group: reproduced, not reproduced (significant the other way) or inconclusive.
+are judged on the runs that carry them by exact permutation tests on the per-run values (ties
+within the metric's resolution, diverged runs worst, runs that never reach a target censored
+at their budget), with Holm's procedure over the claims at 0.05: reproduced, not reproduced,
+inconclusive, or not judged (a side or a swept value has no runs). 5 seeds per group let
+complete separation pass for up to 12 claims (3 seeds never can: p >= 1/20).
 
 examples:
   bnlab report outputs/multirun/2026-11-26/14-03-11-ab12cd
@@ -107,8 +124,10 @@ def main(argv: list[str]) -> int:
     except UserError as err:
         print(f"bnlab: error: {err}", file=sys.stderr)
         return 2
-    except OSError as err:  # an output folder that cannot be written
-        print(f"bnlab: error: {err}", file=sys.stderr)
+    except OSError as err:  # an output folder that cannot be written (a read-only sweep)
+        out = Path(args.out) if args.out else Path(args.paths[0]) / "report"
+        print(f"bnlab: error: cannot write the report into {out} ({err.strerror or err}); "
+              "write it elsewhere with --out DIR", file=sys.stderr)
         return 2
     print_terminal(report, out, figures, claims)
     return 0
@@ -285,7 +304,11 @@ def describe(report: Report) -> str:
         seed_text = f"seeds {', '.join(map(str, seeds))} averaged within each group"
     else:
         seed_text = f"one seed ({seeds[0] if seeds else '—'})"
-    return (f"{len(report.runs)} runs in {len(report.groups)} group(s) differing in {keys}; "
+    # A run whose config cannot be read belongs to no group: say how many, never drop them.
+    grouped = sum(len(g.runs) for g in report.groups)
+    outside = len(report.runs) - grouped
+    damaged = f" and {outside} damaged run(s) in no group (listed below)" if outside else ""
+    return (f"{grouped} runs in {len(report.groups)} group(s) differing in {keys}{damaged}; "
             f"{seed_text} (mean ± sample std over completed runs).")
 
 
@@ -359,24 +382,37 @@ def write_pivot_csv(report: Report, path: Path) -> None:
 
 
 # ---------------------------------------------------------------- claims
-VERDICT_STYLE = {"reproduced": "green", "not reproduced": "red", "inconclusive": "yellow"}
+VERDICT_STYLE = {REPRODUCED: "green", NOT_REPRODUCED: "red", INCONCLUSIVE: "yellow"}
 
 
 def _fmt_side(side: Side, steps: bool, digits: int) -> str:
-    mean, std = mean_std(side.values)
-    if mean is None:
-        text = "—"
-    elif steps:
-        text = f"{mean:,.0f}" if std is None else f"{mean:,.0f} ± {std:,.0f}"
+    """A side's numbers: mean ± std over its finite values, or for steps the median (censored
+    runs above their budget); then how many seeds, and which runs ranked worst or were censored."""
+    if steps:
+        ranked = sorted(math.inf if v.censored else v.x for v in side.values)
+        median = ranked[len(ranked) // 2] if len(ranked) % 2 else \
+            (ranked[len(ranked) // 2 - 1] + ranked[len(ranked) // 2]) / 2
+        budget = max((v.x for v in side.values if v.censored), default=None)
+        text = "—" if not ranked else f"median {median:,.0f}" if math.isfinite(median) else \
+            f"median > {budget:,.0f}"
     else:
-        text = _fmt_mean_std(side.values, digits)
+        text = _fmt_mean_std(side.finite, digits)
     notes = [f"n={side.n}"]
-    if side.diverged:
-        notes.append(f"{side.diverged} diverged")
-    if side.not_finite:
-        notes.append(f"{side.not_finite} not finite")
-    if side.not_reached:
-        notes.append(f"{side.not_reached} never reached")
+    diverged = sum("diverged" in v.note for v in side.values)
+    if diverged:
+        notes.append(f"{diverged} diverged: worst" if not steps else f"{diverged} diverged")
+    if side.count("not finite"):
+        notes.append(f"{side.count('not finite')} not finite: worst")
+    censored = sum(v.censored for v in side.values)
+    if censored:
+        budgets = sorted({v.x for v in side.values if v.censored})
+        notes.append(f"{censored} never reached: censored at {'/'.join(f'{b:,.0f}' for b in budgets)}")
+    for status, n in sorted(side.excluded.items()):
+        notes.append(f"{n} {status}: not judged")
+    if side.no_value:
+        notes.append(f"{side.no_value} without the metric")
+    if side.unpaired:
+        notes.append(f"{side.unpaired} seeds unpaired")
     return f"{side.label} {text} ({', '.join(notes)})"
 
 
@@ -387,60 +423,114 @@ def _fmt_p(p: float | None) -> str:
 
 
 def measured_text(j: Judgement) -> str:
-    """Each comparison: both sides' mean ± std over seeds, n, and the one-sided p."""
+    """Each comparison: both sides' numbers and seeds, and the exact one-sided p."""
     steps = j.claim.statistic == "steps_to_target"
     digits = _digits(j.claim.metric)
     parts = []
     for c in j.comparisons:
         prefix = f"{c.label}: " if c.label else ""
-        parts.append(f"{prefix}{_fmt_side(c.better, steps, digits)} vs "
-                     f"{_fmt_side(c.than, steps, digits)}, {_fmt_p(c.p_claimed)}")
+        what = _fmt_side(c.better, steps, digits)
+        if c.than is not None:
+            what += f" vs {_fmt_side(c.than, steps, digits)}"
+        parts.append(f"{prefix}{what}, {_fmt_p(c.p_claimed)}")
     return "; ".join(parts)
 
 
 def claim_what(j: Judgement) -> str:
+    """What is compared: the statistic of the metric, and the kind of claim."""
     c = j.claim
-    what = c.statistic.replace("_", " ") + (f" {c.target:g}" if c.target is not None else "")
-    return f"{c.metric}, {what}, {c.direction} is better"
+    stat = c.statistic.replace("_", " ") + (f" {c.target:g}" if c.target is not None else "")
+    if c.kind == EQUIVALENCE:
+        return f"{c.metric}, {stat}, the two sides within ±{c.margin:g}"
+    if c.kind == INTERACTION:
+        start, end = c.change
+        return (f"{c.metric}, {stat}: its change per seed from {_selector(start)} to "
+                f"{_selector(end)}, {c.direction} for the first side")
+    if c.kind == PAIRED:
+        return f"{stat} {c.metric} minus {stat} {c.than_metric} in the same runs, {c.direction} than 0"
+    return f"{c.metric}, {stat}, {c.direction} is better"
+
+
+def _selector(selector: dict) -> str:
+    return ", ".join(f"{display_key(k)}={display_value(v)}" for k, v in selector.items())
+
+
+def detectable_text(j: Judgement) -> str:
+    """The smallest effect these seeds could show: complete separation's p against the
+    strictest Holm threshold, and the difference under which values tie."""
+    strictest = ALPHA / j.family
+    c = max(j.comparisons, key=lambda c: c.smallest_p)
+    seeds = f"{c.better.n}" + (f" vs {c.than.n}" if c.than is not None else "") + " seeds"
+    reach = "reaches" if j.smallest_p < strictest else "does not reach"
+    text = (f"complete separation of {seeds} gives p = {j.smallest_p:.2g}, which {reach} "
+            f"{strictest:.2g} (ALPHA/{j.family})")
+    r = max(c.resolution for c in j.comparisons)
+    if j.claim.statistic == "steps_to_target":
+        text += f"; steps are known to {r:,.0f} (one evaluation interval)"
+    elif r > 0:
+        text += f"; differences under {r:.2g} (one example of {round(1 / r):,}) are ties"
+    else:
+        text += "; only equal values tie"
+    if j.claim.kind == EQUIVALENCE:
+        text += f"; margin ±{j.claim.margin:g}"
+    return text
 
 
 def claim_rows(judged: list[Judgement]) -> tuple[list[str], list[list[str]]]:
-    header = ["claim", "source", "published", "measured here (mean ± std over seeds)", "verdict"]
+    header = ["claim", "source", "published", "measured here", "what these seeds could show",
+              "verdict"]
     rows = [[f"{j.claim.id}: {j.claim.text} ({claim_what(j)})", j.claim.source,
              "—" if j.claim.published is None else str(j.claim.published),
-             measured_text(j), f"{j.verdict} ({j.reason})"] for j in judged]
+             measured_text(j), detectable_text(j), f"{j.verdict} ({j.reason})"] for j in judged]
     return header, rows
 
 
-RULE_TEXT = (f"Verdicts: Welch's t-test on the per-seed values, one-sided; `reproduced` when "
-             f"the claimed winner is ahead with p < {ALPHA:g} in every comparison (at each value "
-             f"of the keys that vary besides the compared ones); `not reproduced` when some "
-             f"comparison is significant the other way (p < {ALPHA:g}/k for k comparisons); "
-             f"`inconclusive` otherwise, and with fewer than {MIN_SEEDS} seeds on a side. "
-             f"Diverged runs count with their last evaluation.")
+def rule_text(judged: list[Judgement]) -> str:
+    m = len(judged)
+    return (f"Verdicts (docs/report.md): per comparison an exact permutation test on the per-run "
+            f"values, one-sided, on Gehan-Wilcoxon scores: values closer than the metric's "
+            f"resolution tie, a diverged run ranks worst, a run that never reached a target is "
+            f"censored at its budget; failed and interrupted runs are listed, not judged. A claim "
+            f"must hold at every comparison (its p is the largest). The {m} claim(s) judged here "
+            f"are one family: Holm's procedure at ALPHA = {ALPHA:g}, once for `reproduced` and "
+            f"once for `not reproduced`; each verdict gives the threshold its p met or missed.")
+
+
+CLAIM_COLUMNS = ["claim", "text", "source", "kind", "metric", "than_metric", "statistic",
+                 "direction", "margin", "published", "comparison",
+                 "better", "better_mean", "better_std", "better_n", "better_diverged",
+                 "better_censored", "better_not_judged",
+                 "than", "than_mean", "than_std", "than_n", "than_diverged", "than_censored",
+                 "than_not_judged", "resolution", "p_claimed", "p_opposite", "smallest_p",
+                 "comparison_verdict", "claim_p", "claim_p_not", "family", "holm_threshold",
+                 "holm_threshold_not", "verdict", "reason"]
 
 
 def write_claims_csv(judged: list[Judgement], not_judged: list[NotJudged], path: Path) -> None:
-    """One row per comparison of each judged claim, then one per claim not judged."""
-    columns = ["claim", "text", "source", "metric", "statistic", "direction", "published",
-               "comparison", "better", "better_mean", "better_std", "better_n", "better_diverged",
-               "than", "than_mean", "than_std", "than_n", "than_diverged", "p_claimed",
-               "p_opposite", "comparison_verdict", "verdict", "reason"]
+    """One row per comparison of each judged claim, then one per claim not judged. A side's
+    mean and std are over its finite values (neither diverged nor censored ones)."""
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(columns)
+        writer.writerow(CLAIM_COLUMNS)
         for j in judged:
             c = j.claim
             for comp in j.comparisons:
-                row = [c.id, c.text, c.source, c.metric, c.statistic, c.direction, c.published,
-                       comp.label]
+                row = [c.id, c.text, c.source, c.kind, c.metric, c.than_metric, c.statistic,
+                       c.direction, c.margin, c.published, comp.label]
                 for side in (comp.better, comp.than):
-                    row += [side.label, *mean_std(side.values), side.n, side.diverged]
-                row += [comp.p_claimed, comp.p_opposite, comp.verdict, j.verdict, j.reason]
+                    if side is None:
+                        row += [""] * 8
+                        continue
+                    row += [side.label, *mean_std(side.finite), side.n,
+                            sum("diverged" in v.note for v in side.values),
+                            sum(v.censored for v in side.values), sum(side.excluded.values())]
+                row += [comp.resolution, comp.p_claimed, comp.p_opposite, comp.smallest_p,
+                        comp.verdict, j.p, j.p_not, j.family, j.threshold, j.threshold_not,
+                        j.verdict, j.reason]
                 writer.writerow(["" if v is None else v for v in row])
         for nj in not_judged:
-            row = [nj.id, nj.text, nj.source] + [""] * (len(columns) - 5) + ["not judged", nj.reason]
-            writer.writerow(row)
+            row = [nj.id, nj.text, nj.source] + [""] * (len(CLAIM_COLUMNS) - 5)
+            writer.writerow(row + [NOT_JUDGED, nj.reason])
 
 
 # ---------------------------------------------------------------- outputs
@@ -519,7 +609,7 @@ def render_markdown(report: Report, figures: list[tuple[str, str]],
     if judged or not_judged:
         parts += ["## Claims", ""]
         if judged:
-            parts += [_md_table(*claim_rows(judged)), "", RULE_TEXT, ""]
+            parts += [_md_table(*claim_rows(judged)), "", rule_text(judged), ""]
         if not_judged:
             parts += ["Not judged on these runs:", ""]
             parts += [f"- {nj.id} ({nj.source}): {nj.reason}" for nj in not_judged] + [""]
