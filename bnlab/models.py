@@ -71,7 +71,8 @@ class Net(nn.Module):
         return [m for m in self.features if isinstance(m, Block)]
 
 
-def _norm_factory(cfg_norm) -> tuple[NormFactory, bool]:
+def norm_factory(cfg_norm) -> tuple[NormFactory, bool]:
+    """(make(num_features, dims), whether the layer replaces the bias before it) for ``cfg.norm``."""
     options = {k: v for k, v in cfg_norm.items() if k not in ("name", "position", "sync")}
     name = str(cfg_norm.name)
 
@@ -96,7 +97,7 @@ def conv_plan(model) -> list[tuple[int, int, int] | str]:
 
 def build_model(cfg, in_shape: tuple[int, int, int], num_classes: int) -> Net:
     """The network of ``cfg.model`` for inputs of shape (C, H, W)."""
-    make_norm, replaces_bias = _norm_factory(cfg.norm)
+    make_norm, replaces_bias = norm_factory(cfg.norm)
     norm_first = cfg.norm.position == "before_act"
     # Before the activation the norm's beta replaces the layer's bias (Ioffe & Szegedy, Sec. 3.2).
     bias = not (replaces_bias and norm_first)

@@ -4,8 +4,9 @@ Each member is an ordinary :class:`~bnlab.run.trainer.Trainer` of its own run di
 (built from its seed, exactly as a standalone run builds it), its optimizer, its batch stream
 (seeded by its seed, so it sees the standalone run's batches in the standalone order), its
 prober, recorder, checkpoints and summary. Only the training step is shared: the members'
-parameters are rows of one :class:`~bnlab.batched.stacked.StackedMLP`, and one forward, backward and
-update moves every member. Logging, evaluation, probes and checkpoints then run per member on
+parameters and buffers are rows of one :class:`~bnlab.batched.program.Program`, one forward and
+backward (torch.func) moves every member, and each member's own optimizer updates its rows.
+Logging, evaluation, probes and checkpoints then run per member on
 its own module, at the steps a standalone run would run them, so a member's run directory is
 what the standalone run would have written, and ``bnlab train resume=<member>`` continues it.
 
@@ -27,18 +28,13 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from bnlab.batched.stacked import (
-    StackedAdamW,
-    StackedMLP,
-    StackedOptimizer,
-    StackedSGD,
-    train_step,
-    unstackable,
-)
+from bnlab.batched.program import Program
+from bnlab.config.schema import hidden_widths
 from bnlab.data import check_sampler, load_dataset
 from bnlab.errors import UserError
+from bnlab.models import norm_factory
 from bnlab.run.checkpoint import load_checkpoint
-from bnlab.run.optim import learning_rate
+from bnlab.run.optim import learning_rate, loop_update
 from bnlab.run.preflight import check_against_data, check_config
 from bnlab.run.process import seed_everything, setup_process
 from bnlab.run.progress import Progress
@@ -49,22 +45,24 @@ from bnlab.rundir.writer import Recorder
 
 # The keys in which the members of one program may differ.
 VARYING_KEYS = ("seed", "optim.lr", "optim.momentum", "optim.weight_decay")
-VECTORIZED_NORMS = ("none", "bn", "ln", "gn")
 
 
 def not_vectorized(cfg: DictConfig) -> str | None:
     """Why a run of ``cfg`` cannot join a vectorized program (a short reason), or None.
 
-    From the config alone, before anything is built; :func:`bnlab.batched.stacked.unstackable`
-    checks the built network as well.
+    From the config alone, before any data is loaded: the norm asks one of its layers
+    (:attr:`bnlab.norms.Norm.maps_over_members`); the program checks the built network again.
     """
-    if cfg.model.name != "mlp":
-        return f"model={cfg.model.name}: only the MLP is vectorized"
-    norm = cfg.norm
-    if norm.name not in VECTORIZED_NORMS:
-        return f"norm={norm.name}: vectorized norms are {', '.join(VECTORIZED_NORMS)}"
-    if norm.name == "bn" and norm.get("sync", False):
-        return "norm=bn is vectorized with norm.sync=false only"
+    if cfg.norm.get("sync", False):
+        return "norm.sync=true: cross-replica statistics train one run per process group"
+    widths = hidden_widths(cfg)
+    make_norm, _ = norm_factory(cfg.norm)
+    try:
+        layer = make_norm(widths[0] if widths else 8, 4 if cfg.model.name in ("cnn", "vgg") else 2)
+    except ValueError as err:  # a bad option: the run's own checks say so
+        return str(err)
+    if not getattr(layer, "maps_over_members", False):
+        return f"norm={cfg.norm.name} with these options does not map over members"
     if cfg.optim.name not in ("sgd", "adam"):
         return f"optim={cfg.optim.name} is not vectorized"
     for key in ("compile", "amp"):
@@ -78,15 +76,11 @@ def not_vectorized(cfg: DictConfig) -> str | None:
 class Member(Trainer):
     """One run of a group: a Trainer whose parameters are views of its row of the program.
 
-    Its checkpoints hold its own rows only (copies, not views of the stacked tensors) and its
-    optimizer's state in ``torch.optim``'s format, so the file is a standalone run's checkpoint.
+    Its checkpoints hold its own rows only (copies, not views of the stacked tensors) and its own
+    optimizer's state, so the file is a standalone run's checkpoint.
     """
 
-    group: Group
-    row: int
-
     def state_dict(self) -> dict[str, Any]:
-        self.group.export_optimizer_state(self)
         state = super().state_dict()
         model = state["model"]
         # torch.save writes a view's whole storage, every member's rows: save copies. In place,
@@ -108,71 +102,30 @@ class Group:
         self.step, self.total_steps = first.step, first.total_steps
         if any(m.step != self.step or m.total_steps != self.total_steps for m in self.members):
             raise ValueError("the members of a group must be at the same step of the same schedule")
-        reason = unstackable(first.model)
-        if reason:
-            raise ValueError(reason)
-        self.net = StackedMLP([m.model for m in self.members])
-        self.optimizer = self._build_optimizer()
+        self.program = Program([m.model for m in self.members],
+                               [loop_update(m.optimizer) for m in self.members], self.task)
         # a resumed member's sums since its last log step come from its checkpoint
         self.loss_sum = torch.stack([m.loss_sum for m in self.members]).to(self.device)
         self.correct_sum = torch.stack([m.correct_sum for m in self.members]).to(self.device)
-        for row, member in enumerate(self.members):
-            member.group = self
-            self._import_optimizer_state(member, row)
-        self._bind()
+        self._bind_sums()
         self.stop_signal: int | None = None
 
-    # -- the stacked optimizer and the members' torch optimizers
-    def _build_optimizer(self) -> StackedOptimizer:
-        optims = [m.cfg.optim for m in self.members]
-        first = optims[0]
-        lrs = [float(o.lr) for o in optims]
-        decays = [float(o.weight_decay) for o in optims]
-        if first.name == "sgd":
-            return StackedSGD(self.net.params, lrs, [float(o.momentum) for o in optims], decays,
-                              nesterov=bool(first.nesterov))
-        return StackedAdamW(self.net.params, lrs, decays, betas=tuple(first.betas))
-
-    def _import_optimizer_state(self, member: Member, row: int) -> None:
-        """A resumed member's optimizer state (loaded from its checkpoint) into its row."""
-        state = member.optimizer.state
-        for name, p in member.model.named_parameters():
-            self.optimizer.load_state(row, name, state.get(p, {}), member.step)
-
-    def export_optimizer_state(self, member: Member) -> None:
-        """The member's row of the optimizer state into its own torch optimizer (for its
-        checkpoint and the gradient-ICS probe, which steps a copy of it)."""
-        state = member.optimizer.state
-        for name, p in member.model.named_parameters():
-            own = self.optimizer.state_of(member.row, name, member.step)
-            if own:
-                state[p] = own
-            else:
-                state.pop(p, None)
-
-    def _bind(self) -> None:
-        """Point every member at its row: parameters, buffers, loss and accuracy sums."""
-        self.net.bind([m.model for m in self.members])
+    def _bind_sums(self) -> None:
+        """Point every member's loss and accuracy sums at its row."""
         for row, member in enumerate(self.members):
-            member.row = row
             member.loss_sum, member.correct_sum = self.loss_sum[row], self.correct_sum[row]
 
     def _leave(self, leaving: Sequence[Member]) -> None:
         """Members that stopped leave the program; their modules get their own storage back."""
         for member in leaving:
-            for t in (*member.model.parameters(), *member.model.buffers()):
-                t.data = t.data.clone()
             member.loss_sum, member.correct_sum = member.loss_sum.clone(), member.correct_sum.clone()
         rows = [row for row, m in enumerate(self.members) if m not in leaving]
         self.members = [self.members[row] for row in rows]
-        if not self.members:
-            return
-        self.net.keep(rows, [m.model for m in self.members])
-        self.optimizer.keep(rows, self.net.params)
+        self.program.keep(rows)
         index = torch.tensor(rows, device=self.device)
         self.loss_sum = self.loss_sum.index_select(0, index)
         self.correct_sum = self.correct_sum.index_select(0, index)
-        self._bind()
+        self._bind_sums()
 
     # -- the loop
     def run(self) -> dict[Member, str]:
@@ -207,7 +160,7 @@ class Group:
                 if member.prober is not None and self.step == 0:
                     member.prober.probe(0, recorders[member])
             every = first.every
-            schedules = ([OmegaConf.to_object(m.cfg.optim) for m in self.members]
+            schedules = ({m: OmegaConf.to_object(m.cfg.optim) for m in self.members}
                          if first.cfg.optim.schedule == "cosine" else None)
             t_mark = time.perf_counter()
             while self.members and self.step < self.total_steps:
@@ -217,21 +170,19 @@ class Group:
                 x = torch.stack([b[0] for b in batches])
                 y = torch.stack([b[1] for b in batches])
                 if schedules is not None:
-                    lrs = [learning_rate(s, self.step, self.total_steps) for s in schedules]
-                    self.optimizer.set_lr(lrs)
-                    for member, lr in zip(self.members, lrs, strict=True):
-                        member.optimizer.param_groups[0]["lr"] = lr
+                    for member in self.members:
+                        member.optimizer.param_groups[0]["lr"] = learning_rate(schedules[member], self.step,
+                                                                                self.total_steps)
                 # Gradient ICS and the loss landscape leave the program: per member, before its step.
                 ics = first.prober is not None and first.prober.wants_ics(self.step + 1)
                 landscape = every.landscape and (self.step + 1) % every.landscape == 0
                 for row, member in enumerate(self.members if ics or landscape else ()):
-                    self.export_optimizer_state(member)
                     args = (self.step + 1, member.model, member.optimizer, x[row], y[row], recorders[member])
                     if ics:
                         member.prober.ics(*args)
                     if landscape:
                         member.prober.landscape(*args)
-                loss, correct = train_step(self.net, self.optimizer, x, y, self.task)
+                loss, correct = self.program.step(x, y)
                 self.loss_sum += loss
                 self.correct_sum += correct
                 self.step += 1

@@ -45,6 +45,11 @@ class Norm(nn.Module):
     # it once it is known to run under vmap with frozen statistics (no in-place update of its
     # state, no state kept between calls); the others take one pass per batch, same numbers.
     maps_over_batches: bool = False
+    # Many members' copies of the layer may train as one program (bnlab.batched.program): its
+    # training step runs under ``torch.func.vmap`` over the members' stacked parameters and
+    # buffers (no custom autograd Function without a vmap rule, no draws of its own, buffer
+    # updates only in place). Opt-in as well; the others' runs train one by one.
+    maps_over_members: bool = False
 
     @classmethod
     def build(cls, num_features: int, dims: int = 2, **options) -> Norm:

@@ -201,6 +201,12 @@ class BatchNorm(PopulationStatistics, Norm):
     """
 
     maps_over_batches = True  # frozen statistics leave no state to update: vmap maps it
+
+    @property
+    def maps_over_members(self) -> bool:
+        """torch's kernel maps; the Python equations' autograd Function and the cumulative
+        average's host-side factor (``momentum=None``) do not."""
+        return self.impl == "torch" and self.momentum is not None
     uses_batch_statistics = True
 
     def __init__(self, num_features: int, dims: int = 2, momentum: float | None = BNOptions.momentum,

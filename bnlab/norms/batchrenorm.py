@@ -37,6 +37,7 @@ class BatchRenorm(Norm):
     """
 
     maps_over_batches = True  # frozen statistics leave no state to update: vmap maps it
+    maps_over_members = True
     uses_batch_statistics = True
 
     def __init__(self, num_features: int, dims: int = 2, momentum: float = BRNOptions.momentum,

@@ -24,6 +24,7 @@ class GroupNorm(Norm):
     """
 
     maps_over_batches = True  # frozen statistics leave no state to update: vmap maps it
+    maps_over_members = True
 
     def __init__(self, num_features: int, dims: int = 2, groups: int = GNOptions.groups,
                  eps: float = GNOptions.eps, impl: str = GNOptions.impl) -> None:

@@ -12,6 +12,7 @@ class Identity(Norm):
     """y = x. No shift of its own, so the layer before it keeps its bias."""
 
     maps_over_batches = True  # frozen statistics leave no state to update: vmap maps it
+    maps_over_members = True
     replaces_bias = False
 
     def __init__(self, num_features: int, dims: int = 2) -> None:

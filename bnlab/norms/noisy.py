@@ -30,6 +30,7 @@ class NoiseInjection:
     """
 
     maps_over_batches = False  # each call stores its draw in self.noise (hold_noise)
+    maps_over_members = False  # its draws come from the global RNG, in the standalone run's order
     mean_range: float
     std_low: float
     std_high: float

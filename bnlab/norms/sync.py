@@ -65,6 +65,7 @@ class SyncBatchNorm(BatchNorm):
     """
 
     maps_over_batches = False  # each call is a collective: every replica must make the same calls
+    maps_over_members = False
 
     def forward(self, x: Tensor) -> Tensor:
         low = x.dtype in LOW_PRECISION  # statistics in float32 under autocast, as BatchNorm does
