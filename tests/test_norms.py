@@ -31,7 +31,7 @@ from bnlab.norms.batchnorm import (
     batch_norm_train,
     estimate_population_statistics,
 )
-from bnlab.norms.whitening import zca_whitening
+from bnlab.norms.whitening import pca_whitening, zca_whitening
 
 from helpers import REPO, compose, train_in_process
 
@@ -98,7 +98,7 @@ def test_uses_batch_statistics_says_whether_train_and_eval_mode_differ(name):
     torch.manual_seed(30)
     options = {"group_size": 4} if "group_size" in NORM_SCHEMAS[name].__dataclass_fields__ else {}
     options |= {"mean_range": 0.0, "mean_jitter": 0.0, "std_low": 1.0, "std_high": 1.0,
-                "std_jitter": 0.0} if name == "noisy_bn" else {}  # noise aside: the statistics only
+                "std_jitter": 0.0} if name.startswith("noisy") else {}  # noise aside: the statistics only
     layer = build_norm(name, 8, 2, **options)
     x = _moved(layer, (32, 8))
     with frozen_stats(layer):
@@ -284,7 +284,9 @@ STATEFUL = [
     ("bn", {}), ("bn", {"impl": "scratch"}), ("brn", {"warmup_steps": 0, "ramp_steps": 0}),
     ("brn", {"warmup_steps": 0, "ramp_steps": 0, "impl": "scratch"}),
     ("whiten", {"method": "zca", "group_size": 3}), ("whiten", {"method": "pca", "group_size": 3}),
-    ("whiten", {"method": "iter", "group_size": 3}), ("noisy_bn", {}),
+    ("whiten", {"method": "iter", "group_size": 3}), ("noisy_bn", {}), ("lp", {}),
+    ("bn", {"ghost_batch": 2}), ("bn", {"ghost_batch": 2, "impl": "scratch"}),
+    ("brn", {"warmup_steps": 0, "ramp_steps": 0, "ghost_batch": 2}), ("noisy_bn", {"ghost_batch": 2}),
 ]
 
 
@@ -322,6 +324,19 @@ def test_bn_supports_double_backward(shape, dims, params):
 
     assert torch.autograd.gradcheck(bn, (x, w, b))
     assert torch.autograd.gradgradcheck(bn, (x, w, b))
+
+
+@pytest.mark.parametrize("name,options", [
+    ("bn", {"ghost_batch": 3}), ("bn", {"ghost_batch": 3, "impl": "scratch"}),
+    ("lp", {"p": 1.0}), ("lp", {"p": 2.0}), ("lp", {"p": float("inf")})])
+def test_ghost_batches_and_lp_support_double_backward(name, options):
+    """Hessian-vector products (create_graph=True) go through them: gradgradcheck in float64."""
+    torch.manual_seed(21)
+    layer = build_norm(name, 3, 4, **options).double()
+    x = (torch.randn(7, 3, 2, 1, dtype=torch.float64) * 2 + 1).requires_grad_()
+    with frozen_stats(layer):
+        assert torch.autograd.gradcheck(layer, (x,))
+        assert torch.autograd.gradgradcheck(layer, (x,))
 
 
 def _mlp(norm: nn.Module, norm2: nn.Module) -> nn.Sequential:
@@ -800,10 +815,38 @@ def test_each_whitening_option_is_whiten_with_that_method(name, method, dims):
     ours.eval()
     whiten.eval()
     assert torch.equal(ours(x), whiten(x))
-    # The config: whiten's keys less `method` (and `iters`, which only iter uses).
+    # The config: whiten's keys less `method` (and `iters` and `fix_signs`, which only iter and
+    # pca use).
     composed, reference = compose(f"norm={name}").norm, compose("norm=whiten", f"norm.method={method}").norm
-    expected = {k: v for k, v in reference.items() if k != "method" and (k != "iters" or method == "iter")}
+    own = {"iters": "iter", "fix_signs": "pca"}
+    expected = {k: v for k, v in reference.items() if k != "method" and own.get(k, method) == method}
     assert dict(composed) == {**expected, "name": name}
+
+
+def test_pca_keeps_the_eigenvectors_signs_unless_asked_to_fix_them():
+    """Huang et al. 2018, Sec. 3.1: PCA whitening's W = Lambda^-1/2 D^T changes with the
+    eigenvectors, signs included. The default keeps torch.linalg.eigh's; fix_signs=True makes
+    each eigenvector's largest entry positive; the two differ by the signs of W's rows only."""
+    torch.manual_seed(41)
+    a = torch.randn(3, 5, 5, dtype=torch.float64)
+    sigma = a @ a.mT + torch.eye(5, dtype=torch.float64)
+    lam, u = torch.linalg.eigh(sigma)
+    expected = (lam.flip(-1) + 1e-5).rsqrt().unsqueeze(-1) * u.flip(-1).mT  # diag(lambda^-1/2) U^T
+    with torch.no_grad():
+        kept, fixed = pca_whitening(sigma, 1e-5), pca_whitening(sigma, 1e-5, fix_signs=True)
+    assert_close(kept, expected)
+    peaks = fixed.gather(-1, fixed.abs().argmax(-1, keepdim=True))
+    assert (peaks > 0).all()
+    assert_close(fixed.abs(), kept.abs())
+    assert ((fixed * kept).sum(-1) < 0).any()  # of 15 eigenvectors, eigh returned some the other way
+    # The option reaches the layer, and its batch's whitening matrix.
+    x = torch.randn(64, 4) * torch.tensor([3.0, 2.0, 1.0, 0.5]) + 1
+    for fix in (False, True):
+        layer = build_norm("pca", 4, 2, group_size=None, fix_signs=fix, momentum=1.0)
+        layer(x)
+        centered = (x - x.mean(0)).double()
+        w = pca_whitening(centered.T @ centered / 64, 1e-5, fix_signs=fix).float()
+        assert_close(layer.running_whitening[0], w, rtol=1e-4, atol=1e-5)
 
 
 # ---------------------------------------------------------------- noisy_bn
@@ -817,29 +860,50 @@ def test_noisy_bn_is_bn_then_noise_in_training_only():
     y = layer(x)
     s, m = layer.noise
     assert_close(y, s * bn(x) + m)
-    assert m.max() - m.min() <= 2 * 0.1 + 1e-6  # one step: m ~ U(mu - 0.1, mu + 0.1), one mu
-    mu = (m.max() + m.min()) / 2
-    assert mu.abs() <= 0.5 + 0.1 / 100
-    assert abs(m.mean() - mu) < 0.01
-    assert 1.0 - 0.01 < s.mean() < 1.25 + 0.01
-    assert s.std().item() == pytest.approx(0.1, rel=0.1)
+    # One step, unit j: m ~ U(mu_j - 0.1, mu_j + 0.1), s ~ N(sigma_j, 0.1^2), per sample.
+    spread = m.max(0).values - m.min(0).values
+    assert (spread <= 2 * 0.1 + 1e-6).all() and (spread > 2 * 0.1 * 0.95).all()
+    mu = (m.max(0).values + m.min(0).values) / 2
+    assert (mu.abs() <= 0.5 + 0.1 / 100).all()
+    assert_close(m.mean(0), mu, atol=0.015, rtol=0)
+    assert ((1.0 - 0.015 < s.mean(0)) & (s.mean(0) < 1.25 + 0.015)).all()
+    assert_close(s.std(0), torch.full((8,), 0.1), rtol=0.15, atol=0)
     layer.eval()
     bn.eval()
     assert_close(layer(x), bn(x))
 
 
-def test_noisy_bn_step_parameters_are_uniform():
+def _ks_uniform(values: torch.Tensor, low: float, high: float) -> float:
+    """Kolmogorov-Smirnov distance between the sample ``values`` and U(low, high)."""
+    v = values.double().sort().values
+    cdf = ((v - low) / (high - low)).clamp(0, 1)
+    n = len(v)
+    above = torch.arange(1, n + 1, dtype=torch.float64) / n - cdf
+    below = cdf - torch.arange(0, n, dtype=torch.float64) / n
+    return max(above.max().item(), below.max().item())
+
+
+@pytest.mark.parametrize("shape", [(40, 2000), (4, 2000, 3, 3)])
+def test_noisy_bn_draws_the_noise_per_unit(shape):
+    """Alg. 1 (Santurkar et al., App. A.2.1): every unit j draws its own mu_j ~ U(-0.5, 0.5) and
+    sigma_j ~ U(1, 1.25) each step; for conv, H and W count as batch. In one draw, the units'
+    noise means spread as U(-0.5, 0.5) and their scales as U(1, 1.25): one draw per layer would
+    put every unit at the same mu and sigma (KS distance ~0.5)."""
     torch.manual_seed(14)
-    layer = build_norm("noisy_bn", 4, 2, **NOISE)
-    like = torch.empty(4000)
-    draws = [layer.draw_noise(like) for _ in range(300)]
-    mus = torch.stack([m.mean() for _, m in draws])
-    sigmas = torch.stack([s.mean() for s, _ in draws])
-    assert mus.min() > -0.51 and mus.max() < 0.51
-    assert mus.min() < -0.4 and mus.max() > 0.4
-    assert mus.var().item() == pytest.approx(0.5**2 / 3, rel=0.2)  # U(-a, a) has variance a^2/3
-    assert sigmas.min() > 0.99 and sigmas.max() < 1.26
-    assert sigmas.var().item() == pytest.approx(0.25**2 / 12, rel=0.2)
+    layer = build_norm("noisy_bn", shape[1], len(shape), **NOISE)
+    s, m = layer.draw_noise(torch.empty(shape))
+    per_unit = [d for d in range(len(shape)) if d != 1]
+    mu_j, sigma_j = m.mean(per_unit), s.mean(per_unit)  # the jitter averages out over 40 values
+    # 2,000 units: the 1% critical value of the KS distance is 1.63 / sqrt(2000) = 0.036
+    assert _ks_uniform(mu_j, -0.5, 0.5) < 0.036
+    assert _ks_uniform(sigma_j, 1.0, 1.25) < 0.036 + 0.015 / 0.25  # scales blurred by N(0, 0.1^2) / sqrt(40)
+    assert mu_j.var().item() == pytest.approx(0.5**2 / 3, rel=0.1)  # U(-a, a) has variance a^2/3
+    # Within a unit, every sample (and position) draws from that unit's own distribution.
+    spread = m.amax(per_unit) - m.amin(per_unit)
+    assert (spread <= 2 * 0.1 + 1e-6).all()
+    # Time-varying: the next step draws the units anew.
+    s2, m2 = layer.draw_noise(torch.empty(shape))
+    assert torch.corrcoef(torch.stack([m.mean(per_unit), m2.mean(per_unit)]))[0, 1].abs() < 0.1
 
 
 def test_noisy_bn_hold_noise_reuses_the_sample_and_spares_the_rng():
@@ -880,12 +944,223 @@ def test_noisy_bn_population_statistics_are_those_of_the_noise_free_network(impl
         for got, want in zip(ours.running(), reference.running(), strict=True):
             assert_close(got, want, rtol=1e-6, atol=1e-7)
     # Layer 2's moving averages saw layer 1's noise (a <- s a + m): the population's do not.
+    # (The noise's per-unit mean shifts average out over the steps; its scales do not.)
     assert not torch.allclose(layers[1][0].running()[1], moving[1][1], rtol=0.05)
-    assert not torch.allclose(layers[1][0].running()[0], moving[1][0], atol=0.05)
     noisy.eval()
     plain.eval()
     x = torch.randn(6, 2, 4, 4)
     assert_close(noisy(x), plain(x))
+
+
+def test_noisy_none_is_noisy_bns_noise_on_the_raw_activations():
+    """The control of Santurkar et al.'s Sec. 2.1: the same noise, no normalization. Drawn from
+    the same RNG state, noisy_none's noise is noisy_bn's sample for sample; eval mode is y = x."""
+    x = torch.randn(50, 6) * 3 + 1
+    torch.manual_seed(16)
+    noisy_bn = build_norm("noisy_bn", 6, 2, **NOISE)
+    noisy_bn(x)
+    torch.manual_seed(16)
+    control = build_norm("noisy_none", 6, 2, **NOISE)
+    y = control(x)
+    s, m = control.noise
+    assert torch.equal(s, noisy_bn.noise[0]) and torch.equal(m, noisy_bn.noise[1])
+    assert_close(y, s * x + m)
+    assert not type(control).replaces_bias  # nothing learned replaces the layer's bias
+    assert not list(control.parameters()) and not list(control.buffers())
+    control.eval()
+    assert torch.equal(control(x), x)
+
+
+# ---------------------------------------------------------------- lp
+def _lp_by_hand(x: torch.Tensor, p: float, weight, bias, eps: float = 1e-5):
+    """Santurkar et al.'s Sec. 3.3 as bnlab reads it, written out per feature: centre by the batch
+    mean, divide by the average l_p norm of the activations before centring."""
+    dims = [d for d in range(x.dim()) if d != 1]
+    flat = x.transpose(0, 1).reshape(x.shape[1], -1)  # (C, m)
+    mean = flat.mean(1)
+    if p == float("inf"):
+        scale = flat.abs().max(1).values
+    else:
+        scale = (flat.abs() ** p).mean(1) ** (1 / p)
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    y = weight.view(shape) * (x - mean.view(shape)) / (scale.view(shape) + eps) + bias.view(shape)
+    return y, mean, scale, dims
+
+
+@pytest.mark.parametrize("p", [1.0, 2.0, float("inf")])
+@pytest.mark.parametrize("shape", [(30, 6), (5, 6, 3, 4)])
+def test_lp_normalization_follows_its_equation(p, shape):
+    torch.manual_seed(50)
+    layer = build_norm("lp", 6, len(shape), p=p, momentum=0.2)
+    _randomize_affine(layer)
+    running_mean, running_scale = torch.zeros(6), torch.ones(6)
+    for _ in range(3):  # training steps: outputs, gradients and the moving averages
+        x = (torch.randn(shape) * 2 + 1).requires_grad_()
+        grad = torch.randn(shape)
+        y = layer(x)
+        y.backward(grad)
+        x_ref = x.detach().clone().requires_grad_()
+        y_ref, mean, scale, _ = _lp_by_hand(x_ref, p, layer.weight.detach(), layer.bias.detach())
+        y_ref.backward(grad)
+        assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+        assert_close(x.grad, x_ref.grad, rtol=1e-4, atol=1e-5)  # through mu_B and s_B, as BN
+        running_mean = 0.8 * running_mean + 0.2 * mean
+        running_scale = 0.8 * running_scale + 0.2 * scale.detach()
+        assert_close(layer.running_mean, running_mean.detach())
+        assert_close(layer.running_scale, running_scale)
+    layer.eval()
+    x = torch.randn(shape)
+    shape_c = [1, -1] + [1] * (len(shape) - 2)
+    expected = (layer.weight.view(shape_c) * (x - running_mean.view(shape_c))
+                / (running_scale.view(shape_c) + 1e-5) + layer.bias.view(shape_c))
+    assert_close(layer(x), expected.detach())
+
+
+def test_lp_fixes_the_mean_but_not_the_spread():
+    """The paper's point (Sec. 3.3): the first moment is fixed as BN fixes it, the second is not.
+    With p = 2 the scale is the root mean square of the uncentred activations, so the output's
+    variance is var / (var + mu^2); with a zero batch mean it is BN (up to eps's place)."""
+    torch.manual_seed(51)
+    x = torch.randn(400, 3) * torch.tensor([1.0, 2.0, 0.5]) + torch.tensor([0.0, 3.0, -1.0])
+    y = build_norm("lp", 3, 2, p=2.0)(x).detach()
+    assert_close(y.mean(0), torch.zeros(3), atol=1e-6, rtol=0)
+    mean, var = x.mean(0), x.var(0, unbiased=False)
+    assert_close(y.var(0, unbiased=False), var / (var + mean**2), rtol=1e-4, atol=0)
+    centred = x - x.mean(0)
+    bn = BatchNorm(3)
+    assert_close(build_norm("lp", 3, 2, p=2.0)(centred), bn(centred), rtol=1e-4, atol=1e-4)
+    # p = inf: the largest magnitude maps to at most 1 + |mu| / max|x| in size
+    y_inf = build_norm("lp", 3, 2, p=float("inf"))(x).detach()
+    assert (y_inf.abs().amax(0) <= 1 + mean.abs() / x.abs().amax(0) + 1e-5).all()
+    assert y_inf.var(0).max() < 0.5  # far from BN's unit variance
+
+
+# ---------------------------------------------------------------- ghost batches
+GHOST = [  # (norm, options): the layers with a normalization batch
+    ("bn", {}), ("bn", {"impl": "scratch"}), ("bn", {"momentum": None}),
+    ("bn", {"impl": "scratch", "momentum": None}),
+]
+
+
+@pytest.mark.parametrize("name,options", GHOST)
+@pytest.mark.parametrize("shape,k", [((12, 5), 3), ((14, 5), 4), ((6, 5, 3, 2), 2), ((7, 5, 2, 2), 3)])
+def test_ghost_batches_are_bn_on_each_group_separately(name, options, shape, k):
+    """norm.ghost_batch=K: the same outputs, input gradients, parameter gradients and running
+    statistics as torch's own BatchNorm run on each group of K consecutive examples in turn
+    (Hoffer et al.'s ghost batches; a remainder group when K does not divide N), over two steps."""
+    torch.manual_seed(60)
+    momentum = options.get("momentum", 0.1)
+    layer = build_norm(name, 5, len(shape), ghost_batch=k, **options)
+    torch_bn = (nn.BatchNorm1d if len(shape) == 2 else nn.BatchNorm2d)(5, momentum=momentum)
+    _randomize_affine(layer, torch_bn)
+    for _ in range(2):
+        x, grad = torch.randn(shape) * 2 + 1, torch.randn(shape)
+        y, dx = _forward_backward(layer, x, grad)
+        x_ref = x.clone().requires_grad_()
+        y_ref = torch.cat([torch_bn(group) for group in x_ref.split(k)])
+        y_ref.backward(grad)
+        assert_close(y, y_ref.detach(), rtol=1e-5, atol=1e-5)
+        assert_close(dx, x_ref.grad, rtol=1e-4, atol=1e-5)
+        assert_close(layer.weight.grad, torch_bn.weight.grad, rtol=1e-4, atol=1e-5)
+        assert_close(layer.bias.grad, torch_bn.bias.grad, rtol=1e-4, atol=1e-5)
+        assert_close(layer.running_mean, torch_bn.running_mean, rtol=1e-5, atol=1e-6)
+        assert_close(layer.running_var, torch_bn.running_var, rtol=1e-5, atol=1e-6)
+    assert int(layer.num_batches_tracked) == 2  # training steps, not groups
+    layer.eval()
+    torch_bn.eval()
+    x = torch.randn(shape)
+    assert_close(layer(x), torch_bn(x).detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_ghost_batches_of_noisy_bn_are_those_of_bn():
+    torch.manual_seed(61)
+    noisy = build_norm("noisy_bn", 4, 2, ghost_batch=5, **NOISE)
+    bn = build_norm("bn", 4, 2, ghost_batch=5)
+    x = torch.randn(20, 4) * 2 + 1
+    y = noisy(x)
+    s, m = noisy.noise
+    assert_close(y, s * bn(x) + m)
+    assert_close(noisy.running_var, bn.running_var)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("shape", [(12, 5), (14, 5), (6, 5, 2, 3)])
+def test_ghost_batches_of_brn_are_micro_batches(impl, shape):
+    """Ioffe 2017, Sec. 4.2: each group of K examples is renormalized with its own mu_B, sigma_B,
+    r and d against the moving averages of before the step (Alg. 1 on the group alone); the
+    moving averages then take one update per group, in order; the schedule counts the step."""
+    torch.manual_seed(62)
+    k, options = 4, {"warmup_steps": 0, "ramp_steps": 0, "d_ramp_steps": 0, "momentum": 0.1, "impl": impl}
+    layer = build_norm("brn", 5, len(shape), ghost_batch=k, **options)
+    _randomize_affine(layer)
+    with torch.no_grad():  # moving averages away from the batches' statistics: r, d are clipped
+        layer.running_mean.copy_(torch.linspace(-1, 2, 5))
+        layer.running_std.copy_(torch.linspace(0.2, 3, 5))
+    single = build_norm("brn", 5, len(shape), **options)  # one group at a time, from the same state
+    single.load_state_dict(layer.state_dict())
+    x, grad = torch.randn(shape) * 2 + 1, torch.randn(shape)
+    y, dx = _forward_backward(layer, x, grad)
+    mean, std = single.running_mean.clone(), single.running_std.clone()
+    for rows, group in zip(torch.arange(shape[0]).split(k), x.split(k), strict=True):
+        with frozen_stats(single):  # the averages of before the step
+            y_ref, dx_ref = _forward_backward(single, group, grad[rows])
+        assert_close(y[rows], y_ref, rtol=1e-5, atol=1e-5)
+        assert_close(dx[rows], dx_ref, rtol=1e-4, atol=1e-5)
+        dims = [d for d in range(group.dim()) if d != 1]
+        mean = 0.9 * mean + 0.1 * group.mean(dims)
+        std = 0.9 * std + 0.1 * (group.var(dims, unbiased=False) + 1e-5).sqrt()
+    assert_close(layer.running_mean, mean)
+    assert_close(layer.running_std, std)
+    assert int(layer.num_batches_tracked) == 1
+
+
+@pytest.mark.parametrize("name", ["none", "ln", "gn"])
+def test_ghost_batch_changes_nothing_where_no_sample_sees_another(name):
+    torch.manual_seed(63)
+    x = torch.randn(8, 4, 3, 3)
+    assert torch.equal(build_norm(name, 4, 4, ghost_batch=2)(x), build_norm(name, 4, 4)(x))
+
+
+@pytest.mark.parametrize("overrides,error", [
+    (["norm=bn", "norm.ghost_batch=7"], "norm.ghost_batch=7 is not valid: expected null or a divisor of"),
+    (["norm=brn", "norm.ghost_batch=7"], "norm.ghost_batch=7 is not valid"),
+    (["norm=noisy_bn", "norm.ghost_batch=7"], "norm.ghost_batch=7 is not valid"),
+    (["norm=bn", "norm.ghost_batch=1"], "norm.ghost_batch=1 is not valid: expected null (the whole batch)"),
+    (["norm=bn", "norm.ghost_batch=4", "norm.sync=true"],
+     "norm.ghost_batch=4 is not valid: expected null with norm.sync=true"),
+    (["norm=lp", "norm.p=3"], "norm.p=3.0 is not valid: expected 1, 2 or inf"),
+    (["norm=bn", "norm.ghost_batch=6"], None), (["norm=lp", "norm.p=inf"], None),
+])
+def test_norm_keys_are_checked_before_training(overrides, error):
+    from bnlab.config.schema import validate
+    from bnlab.errors import UserError
+
+    cfg = compose("train.batch_size=60", *overrides)
+    if error is None:
+        validate(cfg)
+        return
+    with pytest.raises(UserError) as info:
+        validate(cfg)
+    assert str(info.value).startswith(error) and "\n" not in str(info.value)
+
+
+@torch.no_grad()
+def test_population_statistics_from_grouped_batches_estimate_the_within_batch_variance():
+    """inference=population under data.sampler=grouped: Alg. 2's m/(m-1) mean_B var_B is unbiased
+    for i.i.d. batches only. From batches that each hold one cluster it estimates the variance
+    within a batch, not the population's: the clusters' spread (here 3^2 = 9) is left out."""
+    torch.manual_seed(64)
+    layer = BatchNorm(1, inference="population")
+    net = nn.Sequential(layer)
+    centres = torch.tensor([-3.0, 3.0])
+    grouped = [centres[i % 2] + torch.randn(50, 1) for i in range(40)]
+    iid = [centres[torch.randint(0, 2, (50, 1))] + torch.randn(50, 1) for _ in range(40)]
+    estimate_population_statistics(net, grouped)
+    within = layer.running_var.item()
+    estimate_population_statistics(net, iid)
+    population = layer.running_var.item()
+    assert within == pytest.approx(1.0, abs=0.1)
+    assert population == pytest.approx(1.0 + 9.0, rel=0.1)
 
 
 # ---------------------------------------------------------------- end to end
@@ -895,7 +1170,8 @@ END_TO_END = [
              "norm.d_ramp_steps=5"]),
     ("ln", []), ("gn", ["norm.groups=2"]), ("whiten", []), ("whiten", ["norm.method=iter"]),
     ("whiten", ["norm.method=pca", "norm.group_size=4"]), ("zca", []), ("noisy_bn", []),
-    ("noisy_bn", ["norm.inference=population"]),
+    ("noisy_bn", ["norm.inference=population"]), ("noisy_none", []), ("lp", []), ("lp", ["norm.p=inf"]),
+    ("bn", ["norm.ghost_batch=10"]), ("brn", ["norm.ghost_batch=4", "norm.warmup_steps=10"]),
 ]
 
 

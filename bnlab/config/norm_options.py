@@ -11,12 +11,14 @@ answers, without loading it.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from omegaconf import MISSING, DictConfig
 
 from bnlab.config.bounds import (
     at_least,
+    bounded,
     choice,
     invalid,
     non_negative,
@@ -35,12 +37,28 @@ class NormOptions:
     position: str = choice("before_act", "before_act", "after_act")
 
     @classmethod
-    def check(cls, norm: DictConfig, widths: list[int]) -> None:
-        """Checks relating this norm's keys to each other or to the model's hidden ``widths``.
+    def check(cls, norm: DictConfig, widths: list[int], batch_size: int) -> None:
+        """Checks relating this norm's keys to each other, to the model's hidden ``widths`` or to
+        ``batch_size``, the examples one process normalizes per training step (``train.batch_size``
+        / processes).
 
         Run by ``bnlab.config.schema.validate`` after the bounds of the fields; raise
         :func:`bnlab.config.bounds.invalid` for a bad value.
         """
+
+
+def ghost_batch() -> int | None:
+    """``ghost_batch``: the normalization batch, K consecutive examples of the training batch
+    (Hoffer et al. 2017's ghost batch, Ioffe 2017's micro-batch); null = the whole batch."""
+    return optional_at_least(None, 2, "the whole batch")
+
+
+def check_ghost_batch(norm: DictConfig, batch_size: int) -> None:
+    """A normalization batch must cut the training batch into whole groups."""
+    k = norm.get("ghost_batch")
+    if k is not None and batch_size % k:
+        raise invalid("norm.ghost_batch", k, f"null or a divisor of the training batch ({batch_size} "
+                      "examples per process: train.batch_size / processes)")
 
 
 @dataclass
@@ -48,6 +66,9 @@ class NoneOptions(NormOptions):
     """``norm=none``: no normalization."""
 
     name: str = "none"
+    # No statistics, so no normalization batch: accepted and without effect, so that one sweep
+    # can vary norm.ghost_batch across norms (brn_small_batch's none control).
+    ghost_batch: int | None = ghost_batch()
 
 
 @dataclass
@@ -65,6 +86,11 @@ class BatchStatisticsOptions(TorchKernelOptions):
     momentum: float = unit_interval(0.1)
     eps: float = positive(1e-5)
     inference: str = choice("moving", "moving", "population")
+    ghost_batch: int | None = ghost_batch()
+
+    @classmethod
+    def check(cls, norm: DictConfig, widths: list[int], batch_size: int) -> None:
+        check_ghost_batch(norm, batch_size)
 
 
 @dataclass
@@ -74,12 +100,18 @@ class BNOptions(BatchStatisticsOptions):
     name: str = "bn"
     sync: bool = False
 
+    @classmethod
+    def check(cls, norm: DictConfig, widths: list[int], batch_size: int) -> None:
+        if norm.sync and norm.ghost_batch is not None:
+            raise invalid("norm.ghost_batch", norm.ghost_batch,
+                          "null with norm.sync=true (statistics over all replicas' batches)")
+        check_ghost_batch(norm, batch_size)
+
 
 @dataclass
-class NoisyBNOptions(BatchStatisticsOptions):
-    """``norm=noisy_bn``: BN's options and the noise's (Santurkar et al. 2018, Sec. 2)."""
+class NoiseOptions(NormOptions):
+    """The noise of Santurkar et al. 2018 (Sec. 2.1, App. A.2.1, Alg. 1), per unit and step."""
 
-    name: str = "noisy_bn"
     mean_range: float = non_negative(0.5)
     std_low: float = positive(1.0)
     std_high: float = 1.25  # >= std_low (checked below)
@@ -87,9 +119,29 @@ class NoisyBNOptions(BatchStatisticsOptions):
     std_jitter: float = non_negative(0.1)
 
     @classmethod
-    def check(cls, norm: DictConfig, widths: list[int]) -> None:
+    def check(cls, norm: DictConfig, widths: list[int], batch_size: int) -> None:
         if norm.std_high < norm.std_low:
             raise invalid("norm.std_high", norm.std_high, f"a number >= norm.std_low ({norm.std_low})")
+
+
+@dataclass
+class NoisyBNOptions(NoiseOptions, BatchStatisticsOptions):
+    """``norm=noisy_bn``: BN's options and the noise's (Santurkar et al. 2018, Sec. 2.1)."""
+
+    name: str = "noisy_bn"
+
+    @classmethod
+    def check(cls, norm: DictConfig, widths: list[int], batch_size: int) -> None:
+        NoiseOptions.check(norm, widths, batch_size)
+        check_ghost_batch(norm, batch_size)
+
+
+@dataclass
+class NoisyNoneOptions(NoiseOptions):
+    """``norm=noisy_none``: the noise of ``noisy_bn`` without the normalization (the control of
+    Santurkar et al. 2018, Sec. 2.1)."""
+
+    name: str = "noisy_none"
 
 
 @dataclass
@@ -104,6 +156,11 @@ class BRNOptions(TorchKernelOptions):
     warmup_steps: int = at_least(5000, 0)
     ramp_steps: int = at_least(35000, 0)  # r_max reaches its value at warmup + ramp (paper: 40k steps)
     d_ramp_steps: int = at_least(20000, 0)  # d_max reaches its value at warmup + d_ramp (paper: 25k)
+    ghost_batch: int | None = ghost_batch()
+
+    @classmethod
+    def check(cls, norm: DictConfig, widths: list[int], batch_size: int) -> None:
+        check_ghost_batch(norm, batch_size)
 
 
 @dataclass
@@ -112,6 +169,8 @@ class LNOptions(TorchKernelOptions):
 
     name: str = "ln"
     eps: float = positive(1e-5)
+    # Per-sample statistics: no normalization batch, accepted without effect (see NoneOptions).
+    ghost_batch: int | None = ghost_batch()
 
 
 @dataclass
@@ -121,12 +180,26 @@ class GNOptions(TorchKernelOptions):
     name: str = "gn"
     groups: int = at_least(2, 1)  # divides every default width (LeNet's 6 channels included)
     eps: float = positive(1e-5)
+    ghost_batch: int | None = ghost_batch()  # no effect, as for ln
 
     @classmethod
-    def check(cls, norm: DictConfig, widths: list[int]) -> None:
+    def check(cls, norm: DictConfig, widths: list[int], batch_size: int) -> None:
         if any(w % norm.groups for w in widths):
             raise invalid("norm.groups", norm.groups,
                           f"a divisor of every hidden width ({', '.join(map(str, widths))})")
+
+
+LP_NORMS = (1.0, 2.0, math.inf)
+
+
+@dataclass
+class LpOptions(NormOptions):
+    """``norm=lp``: l_p normalization (Santurkar et al. 2018, Sec. 3.3)."""
+
+    name: str = "lp"
+    p: float = bounded(2.0, lambda v: v in LP_NORMS, "1, 2 or inf")
+    momentum: float = unit_interval(0.1)
+    eps: float = positive(1e-5)
 
 
 WHITENING_METHODS = ("zca", "pca", "iter")
@@ -153,6 +226,9 @@ class PCAOptions(WhiteningOptions):
     """``norm=pca``."""
 
     name: str = "pca"
+    # false: eigenvectors as the eigendecomposition returns them, so their signs may flip from
+    # batch to batch, part of the stochastic axis swapping of Huang et al. 2018, Sec. 3.1.
+    fix_signs: bool = False
 
 
 @dataclass
@@ -169,11 +245,12 @@ class WhitenOptions(IterNormOptions):
 
     name: str = "whiten"
     method: str = choice("zca", *WHITENING_METHODS)
+    fix_signs: bool = False  # method=pca only (PCAOptions)
 
 
 # Every norm, by the name ``norm=<name>`` selects (configs/norm/<name>.yaml).
 NORM_SCHEMAS: dict[str, type[NormOptions]] = {
     options.name: options
-    for options in (NoneOptions, BNOptions, NoisyBNOptions, BRNOptions, LNOptions, GNOptions,
-                    ZCAOptions, PCAOptions, IterNormOptions, WhitenOptions)
+    for options in (NoneOptions, BNOptions, NoisyBNOptions, NoisyNoneOptions, BRNOptions, LNOptions,
+                    GNOptions, LpOptions, ZCAOptions, PCAOptions, IterNormOptions, WhitenOptions)
 }

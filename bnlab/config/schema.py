@@ -235,7 +235,8 @@ def validate(cfg: DictConfig) -> None:
                     f"one padding per conv layer ({len(cfg.model.channels)})")
     widths = hidden_widths(cfg)
     options = NORM_SCHEMAS[cfg.norm.name]
-    options.check(cfg.norm, widths)  # relations between its own keys
+    # relations between its own keys, and to the widths and the batch one process normalizes
+    options.check(cfg.norm, widths, cfg.train.batch_size // world_size())
     if cfg.norm.get("sync", False) and "sync" not in {f.name for f in fields(options)}:
         raise UserError(f"norm.sync=true is not valid with norm={cfg.norm.name}: it has no "
                         "cross-replica statistics")

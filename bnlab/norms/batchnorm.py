@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bnlab.config.norm_options import BNOptions
+from bnlab.norms import ghost
 from bnlab.norms.base import LOW_PRECISION, Norm, in_forward_order, per_feature
 from bnlab.norms.registry import register_norm
 
@@ -162,6 +163,23 @@ def record_batch(running_mean: Tensor, running_var: Tensor, num_batches_tracked:
     running_var.mul_(keep).addcmul_(squares, weight)
 
 
+def record_groups(running_mean: Tensor, running_var: Tensor, num_batches_tracked: Tensor,
+                  momentum: float | None, means: Tensor, variances: Tensor) -> None:
+    """The running estimates' update from the G ghost batches of one training step, (G, C) means
+    and unbiased variances: one update per group in order (:func:`bnlab.norms.ghost.sequential_update`),
+    or with ``momentum=None`` the cumulative average over every group seen (each step has the
+    same G groups, so it is the average over steps of the groups' mean). ``num_batches_tracked``
+    counts training steps, as without ghost batches."""
+    num_batches_tracked.add_(1)
+    if momentum is None:
+        factor = num_batches_tracked.reciprocal().to(means.dtype)
+        running_mean.lerp_(means.mean(0), factor)
+        running_var.lerp_(variances.mean(0), factor)
+        return
+    running_mean.copy_(ghost.sequential_update(running_mean, means, momentum))
+    running_var.copy_(ghost.sequential_update(running_var, variances, momentum))
+
+
 class PopulationStatistics:
     """``inference=population``: at the end of training, Alg. 2 replaces the running statistics.
 
@@ -198,25 +216,32 @@ class BatchNorm(PopulationStatistics, Norm):
     ``inference=population`` replaces the running statistics at the end of training with the
     population estimates of Alg. 2 (:meth:`finish_training`, run by the trainer); until then,
     and with ``moving``, eval mode uses the moving averages.
+
+    ``ghost_batch=K`` (ghost batch normalization, Hoffer et al. 2017; Ioffe 2017's micro-batches):
+    in training mode every group of K consecutive examples is normalized with its own mu_B and
+    var_B, as if BN ran on each group alone, and the running estimates take one update per group
+    (:mod:`bnlab.norms.ghost`); eval mode is unchanged. ``None``: the whole batch is one group.
     """
 
     maps_over_batches = True  # frozen statistics leave no state to update: vmap maps it
 
     @property
     def maps_over_members(self) -> bool:
-        """torch's kernel maps; the Python equations' autograd Function and the cumulative
-        average's host-side factor (``momentum=None``) do not."""
-        return self.impl == "torch" and self.momentum is not None
+        """torch's kernel maps; the Python equations' autograd Function, the cumulative
+        average's host-side factor (``momentum=None``) and ghost batches (not tried) do not."""
+        return self.impl == "torch" and self.momentum is not None and self.ghost_batch is None
     uses_batch_statistics = True
 
     def __init__(self, num_features: int, dims: int = 2, momentum: float | None = BNOptions.momentum,
                  eps: float = BNOptions.eps, inference: str = BNOptions.inference,
-                 impl: str = BNOptions.impl) -> None:
+                 impl: str = BNOptions.impl, ghost_batch: int | None = BNOptions.ghost_batch) -> None:
         super().__init__()
         if impl not in ("torch", "scratch"):
             raise ValueError(f"impl={impl!r} is not valid: expected torch or scratch")
+        if ghost_batch is not None and ghost_batch < 1:
+            raise ValueError(f"ghost_batch={ghost_batch} is not valid: expected None or an integer >= 1")
         self.num_features, self.dims, self.momentum, self.eps = num_features, dims, momentum, eps
-        self.inference, self.impl = inference, impl
+        self.inference, self.impl, self.ghost_batch = inference, impl, ghost_batch
         self.weight = nn.Parameter(torch.ones(num_features))
         self.bias = nn.Parameter(torch.zeros(num_features))
         self.register_buffer("running_mean", torch.zeros(num_features))
@@ -224,10 +249,13 @@ class BatchNorm(PopulationStatistics, Norm):
         self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
 
     def extra_repr(self) -> str:
+        ghost = "" if self.ghost_batch is None else f", ghost_batch={self.ghost_batch}"
         return (f"{self.num_features}, dims={self.dims}, momentum={self.momentum}, eps={self.eps}, "
-                f"inference={self.inference}, impl={self.impl}")
+                f"inference={self.inference}, impl={self.impl}{ghost}")
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.training and self.ghost_batch is not None:
+            return self._ghost_forward(x)
         if self.impl == "torch":
             return self._torch_forward(x)
         low = x.dtype in LOW_PRECISION  # statistics in float32 under autocast, as torch does
@@ -266,6 +294,48 @@ class BatchNorm(PopulationStatistics, Norm):
     def _record_batch(self, mean: Tensor, squares: Tensor, m: int) -> None:
         record_batch(self.running_mean, self.running_var, self.num_batches_tracked, self.momentum,
                      mean, squares, m)
+
+    def _ghost_forward(self, x: Tensor) -> Tensor:
+        """Training mode with ``ghost_batch``: every group normalized with its own statistics,
+        by torch's kernel over the groups-as-channels view or by :func:`batch_norm_train`."""
+        low = x.dtype in LOW_PRECISION
+        xf = x.float() if low else x
+        c = self.num_features
+        outputs, means, variances = [], [], []
+        found: list[tuple[Tensor, Tensor, int]] = []  # (mu_B, sum (x - mu_B)^2, m) from the scratch path
+
+        def record(mean: Tensor, squares: Tensor, m: int) -> None:
+            found.append((mean, squares, m))
+
+        for part, groups in ghost.parts(xf, self.ghost_batch):
+            if part.numel() // (groups * c) < 2:
+                raise ValueError(f"Expected more than 1 value per channel when training, got a ghost "
+                                 f"batch of one example, input size {tuple(x.shape)}")
+            if self.impl == "torch":
+                stats = None
+                if self.update_stats:  # momentum 1: the buffers receive the groups' mean and unbiased var
+                    stats = (xf.new_zeros(groups * c), xf.new_ones(groups * c))
+                y = F.batch_norm(ghost.to_channels(part, groups), *(stats or (None, None)),
+                                 self.weight.repeat(groups), self.bias.repeat(groups), True, 1.0, self.eps)
+                outputs.append(ghost.from_channels(y, groups))
+                if stats is not None:
+                    means.append(stats[0].view(groups, c))
+                    variances.append(stats[1].view(groups, c))
+            else:
+                view, dims = ghost.grouped(part, groups)
+                y = batch_norm_train(view, self.weight.expand(groups, c), self.bias.expand(groups, c),
+                                     self.eps, dims, record if self.update_stats else None)
+                outputs.append(y.flatten(0, 1))
+                if self.update_stats:
+                    mean, squares, count = found.pop()
+                    means.append(mean.reshape(groups, c))
+                    variances.append(squares.reshape(groups, c) / (count - 1))
+        if means:
+            with torch.no_grad():
+                record_groups(self.running_mean, self.running_var, self.num_batches_tracked,
+                              self.momentum, torch.cat(means), torch.cat(variances))
+        y = torch.cat(outputs) if len(outputs) > 1 else outputs[0]
+        return y.to(x.dtype) if low else y
 
 
 # ---------------------------------------------------------------- Algorithm 2: population statistics

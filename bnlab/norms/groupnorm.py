@@ -21,13 +21,15 @@ class GroupNorm(Norm):
     For (N, C) inputs each feature is a channel of size 1. ``groups=1`` is layer normalization
     and ``groups=C`` instance normalization. Same in train and eval mode. ``impl=torch`` (the
     default) is ``F.group_norm``; ``impl=scratch`` the equations above as torch operations.
+    ``ghost_batch`` is accepted and changes nothing: the statistics are each sample's own.
     """
 
     maps_over_batches = True  # frozen statistics leave no state to update: vmap maps it
     maps_over_members = True
 
     def __init__(self, num_features: int, dims: int = 2, groups: int = GNOptions.groups,
-                 eps: float = GNOptions.eps, impl: str = GNOptions.impl) -> None:
+                 eps: float = GNOptions.eps, impl: str = GNOptions.impl,
+                 ghost_batch: int | None = GNOptions.ghost_batch) -> None:
         super().__init__()
         if groups < 1 or num_features % groups != 0:
             raise ValueError(f"gn: num_features={num_features} is not divisible by groups={groups}; "

@@ -21,11 +21,11 @@ class LayerNorm(GroupNorm):
     (per channel for conv inputs, unlike ``torch.nn.LayerNorm``'s elementwise affine over C, H,
     W). No batch statistics: train and eval mode compute the same thing. ``impl=torch`` (the
     default) is ``F.layer_norm`` on (N, C) inputs and ``F.group_norm`` with one group on conv
-    inputs (for the per-channel affine).
+    inputs (for the per-channel affine). ``ghost_batch`` is accepted and changes nothing.
     """
 
     def __init__(self, num_features: int, dims: int = 2, eps: float = LNOptions.eps,
-                 impl: str = LNOptions.impl) -> None:
+                 impl: str = LNOptions.impl, ghost_batch: int | None = LNOptions.ghost_batch) -> None:
         super().__init__(num_features, dims, groups=1, eps=eps, impl=impl)
 
     def extra_repr(self) -> str:

@@ -120,19 +120,23 @@ def zca_whitening(sigma0: Tensor, eps: float) -> Tensor:
     return _inverse_sqrt_spd(sigma0, eps)[0]
 
 
-def pca_whitening(sigma0: Tensor, eps: float) -> Tensor:
+def pca_whitening(sigma0: Tensor, eps: float, fix_signs: bool = False) -> Tensor:
     """W = diag((lambda + eps)^-1/2) U^T, components by decreasing variance.
 
-    Each eigenvector's sign is fixed (largest entry positive) so that W, and its running
-    average, does not flip from batch to batch for no reason.
+    The eigenvectors come as ``torch.linalg.eigh`` returns them: an eigenvector's sign is
+    arbitrary, so from batch to batch a component may flip sign as well as swap places, both
+    part of the "stochastic axis swapping" Huang et al. 2018 (Sec. 3.1) blame PCA whitening's
+    failure on. ``fix_signs=True`` makes each eigenvector's largest entry positive, so that W
+    (and its running average) flips no sign for no reason: only the swaps remain.
     """
     lam, u = _BroadenedEigh.apply(sigma0, eps) if torch.is_grad_enabled() else torch.linalg.eigh(sigma0)
     lam, u = lam.flip(-1), u.flip(-1)
-    with torch.no_grad():
-        peak = u.abs().argmax(-2, keepdim=True)
-        sign = torch.gather(u, -2, peak).sign()
-        sign.masked_fill_(sign == 0, 1.0)  # vmap cannot batch a boolean-mask index
-    u = u * sign
+    if fix_signs:
+        with torch.no_grad():
+            peak = u.abs().argmax(-2, keepdim=True)
+            sign = torch.gather(u, -2, peak).sign()
+            sign.masked_fill_(sign == 0, 1.0)  # vmap cannot batch a boolean-mask index
+        u = u * sign
     return (u * (lam.clamp_min(0.0) + eps).rsqrt().unsqueeze(-2)).mT
 
 
@@ -160,7 +164,8 @@ class BatchWhitening(Norm):
     features (as the DBN code does); ``group_size=None`` whitens the whole layer as one group.
     Equal-size groups go through one batched eigendecomposition (or batched products).
     Eval mode uses running averages of the mean and of W (``running = (1 - momentum) *
-    running + momentum * batch``), as DBN and IterNorm do.
+    running + momentum * batch``), as DBN and IterNorm do. ``fix_signs`` (pca only): see
+    :func:`pca_whitening`.
     """
 
     maps_over_batches = True  # frozen statistics leave no state to update: vmap maps it
@@ -168,7 +173,8 @@ class BatchWhitening(Norm):
 
     def __init__(self, num_features: int, dims: int = 2, method: str = WhitenOptions.method,
                  group_size: int | None = WhitenOptions.group_size, iters: int = WhitenOptions.iters,
-                 momentum: float = WhitenOptions.momentum, eps: float = WhitenOptions.eps) -> None:
+                 momentum: float = WhitenOptions.momentum, eps: float = WhitenOptions.eps,
+                 fix_signs: bool = WhitenOptions.fix_signs) -> None:
         super().__init__()
         if method not in WHITENING_METHODS:
             raise ValueError(f"whiten: method={method!r} is not valid: expected one of {WHITENING_METHODS}")
@@ -179,6 +185,7 @@ class BatchWhitening(Norm):
         size = num_features if group_size is None else min(group_size, num_features)
         self.num_features, self.dims, self.method = num_features, dims, method
         self.group_size, self.iters, self.momentum, self.eps = group_size, iters, momentum, eps
+        self.fix_signs = fix_signs
         # (number of groups, group size): the equal groups, then the remainder group if any
         self.chunks = [(num_features // size, size), (int(num_features % size > 0), num_features % size)]
         self.weight = nn.Parameter(torch.ones(num_features))
@@ -194,14 +201,15 @@ class BatchWhitening(Norm):
     def extra_repr(self) -> str:
         return (f"{self.num_features}, dims={self.dims}, method={self.method}, "
                 f"group_size={self.group_size}, iters={self.iters}, momentum={self.momentum}, "
-                f"eps={self.eps}")
+                f"eps={self.eps}" + (", fix_signs=True" if self.fix_signs else ""))
 
     def whitening_matrix(self, sigma0: Tensor) -> Tensor:
         """W for a batch of group covariances ``sigma0`` (count, k, k), in ``sigma0``'s dtype."""
         if self.method == "iter":
             return iterative_whitening(sigma0, self.eps, self.iters)
-        whiten = zca_whitening if self.method == "zca" else pca_whitening
-        return whiten(sigma0.double(), self.eps).to(sigma0.dtype)
+        if self.method == "zca":
+            return zca_whitening(sigma0.double(), self.eps).to(sigma0.dtype)
+        return pca_whitening(sigma0.double(), self.eps, self.fix_signs).to(sigma0.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         with torch.autocast(x.device.type, enabled=False):  # covariances need float32
