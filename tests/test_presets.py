@@ -99,7 +99,7 @@ def test_the_santurkar_landscape_preset_composes_and_keeps_the_papers_protocol()
         hydra_cfg = hydra_compose(config_name="train", overrides=["experiment=santurkar_landscape"],
                                   return_hydra_config=True)
     params = hydra_cfg.hydra.sweeper.params
-    assert params["norm"] == "none,bn" and len(params["seed"].split(",")) >= 3
+    assert params["norm"] == "none,bn" and len(params["seed"].split(",")) == len(default_seeds())
 
 
 # ---------------------------------------------------------------- the presets' claims
@@ -130,6 +130,106 @@ def test_every_preset_states_claims_its_own_sweep_can_judge(preset):
             for v in values:
                 assert (str(v) in produced or float_eq(v, produced) or v == config[key]), \
                     f"{preset}/{claim.id}: {name}={v} is not in the preset's sweep"
+
+
+# A train-mode output of a layer that normalizes with its batch's statistics is set by the layer's
+# definition (per unit, mean beta and variance gamma^2 on the batch), and noisy BN's carries the
+# noise it injects: a claim read there could not fail. The nonlinearity input is that output for
+# norm.position=before_act, so the percentiles read it too.
+FIXED_TAG = re.compile(r"^(act|drift|drift0)/layer\d+/norm/|^pct/layer\d+/")
+
+
+def fixed_by_construction(claim, preset: str) -> list[str]:
+    """The norms on either side of ``claim`` whose own train-mode output it reads."""
+    from bnlab.norms import norm_class
+
+    if not FIXED_TAG.match(claim.metric) and not (claim.than_metric and FIXED_TAG.match(claim.than_metric)):
+        return []
+    swept = str(_sweep_params(preset).get("norm", compose(f"experiment={preset}").norm.name)).split(",")
+    norms = set()
+    for selector in (claim.better, claim.than):
+        named = selector.get("norm", swept)
+        norms |= set(named if isinstance(named, list) else [named] if isinstance(named, str) else named)
+    return sorted(n for n in norms if norm_class(n).uses_batch_statistics)
+
+
+def _sweep_params(preset: str) -> dict:
+    import yaml
+
+    path = REPO / "configs" / "experiment" / f"{preset}.yaml"
+    return (yaml.safe_load(path.read_text()).get("hydra") or {}).get("sweeper", {}).get("params", {})
+
+
+def preset_claims(preset: str):
+    from bnlab.report.claims import parse_claim
+
+    return [parse_claim(c) for c in _plain(compose(f"experiment={preset}"))["claims"]]
+
+
+@pytest.mark.parametrize("preset", PRESET_FILES)
+def test_no_claim_reads_a_quantity_the_norms_definition_fixes(preset):
+    for claim in preset_claims(preset):
+        assert fixed_by_construction(claim, preset) == [], f"{preset}/{claim.id} reads {claim.metric}"
+
+
+def test_a_claim_on_bns_train_mode_output_is_refused_and_its_inference_view_is_not():
+    from bnlab.report.claims import parse_claim
+
+    base = {"id": "c", "text": "t", "source": "s", "statistic": "mean", "direction": "lower",
+            "better": {"norm": "bn"}, "than": {"norm": "none"}}
+    for metric in ("drift/layer3/norm/mean", "drift0/layer1/norm/var", "act/layer2/norm/mean",
+                   "pct/layer3/p50"):
+        assert fixed_by_construction(parse_claim({**base, "metric": metric}), "ioffe_fig1") == ["bn"]
+    noisy = parse_claim({**base, "metric": "drift/layer3/norm/mean", "better": {"norm": "noisy_bn"},
+                         "than": {"norm": "none"}})
+    assert fixed_by_construction(noisy, "santurkar_noisy_bn_small") == ["noisy_bn"]
+    for metric in ("infer/drift/layer3/norm/mean", "drift/layer3/pre/mean", "test/acc"):
+        assert fixed_by_construction(parse_claim({**base, "metric": metric}), "ioffe_fig1") == []
+    # A norm that does not use its batch's statistics (layer norm) may be read there.
+    ln = parse_claim({**base, "metric": "drift/layer3/norm/mean", "better": {"norm": "ln"}})
+    assert fixed_by_construction(ln, "brn_noniid") == []
+
+
+# The probe settings that log a tag (docs/metrics.md).
+LOGGED_BY = {"infer/": lambda p: p.enabled and p.mode in ("eval", "both"),
+             "drift/": lambda p: p.enabled and p.mode in ("train", "both"),
+             "ics/": lambda p: p.enabled and p.ics_every > 0,
+             "landscape/": lambda p: p.enabled and p.landscape_every > 0,
+             "snd/": lambda p: p.enabled and p.get("snd_every", 0) > 0}
+
+
+@pytest.mark.parametrize("preset", PRESET_FILES)
+def test_every_claims_metric_is_logged_by_its_preset(preset):
+    probe = compose(f"experiment={preset}").probe
+    for claim in preset_claims(preset):
+        for metric in claim.metrics:
+            for prefix, logged in LOGGED_BY.items():
+                if metric.startswith(prefix):
+                    assert logged(probe), f"{preset}/{claim.id}: {metric} needs other probe settings"
+
+
+def default_seeds() -> list[str]:
+    match = re.search(r'SEEDS="\$\{SEEDS:-([0-9,]+)\}"', (REPO / "scripts" / "reproduce.sh").read_text())
+    return match.group(1).split(",")
+
+
+@pytest.mark.parametrize("preset", PRESET_FILES)
+def test_the_default_seeds_can_show_every_claim_after_holm(preset):
+    """With scripts/reproduce.sh's seeds, complete separation of the two sides reaches Holm's
+    strictest threshold, ALPHA / (the preset's number of claims), for every claim."""
+    from bnlab.report.claims import ALPHA, smallest_p
+
+    claims = preset_claims(preset)
+    n = len(default_seeds())
+    for claim in claims:
+        assert smallest_p(claim.kind, n, n) < ALPHA / len(claims), (preset, claim.id, n)
+
+
+@pytest.mark.parametrize("preset", PRESET_FILES)
+def test_each_preset_header_says_how_each_claim_could_fail(preset):
+    text = (REPO / "configs" / "experiment" / f"{preset}.yaml").read_text()
+    for claim in preset_claims(preset):
+        assert re.search(rf"^#\s+{claim.id}: not reproduced if ", text, re.M), f"{preset}/{claim.id}"
 
 
 def _plain(node):
@@ -183,8 +283,9 @@ def test_reproduce_runs_the_ioffe_sweep_and_judges_every_claim(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     runs = find_runs([tmp_path / "sweep"])
     assert sorted((r.config["norm.name"], r.seed) for r in runs) == [
-        (n, s) for n in ("bn", "none") for s in (0, 1, 2)]
+        (n, s) for n in ("bn", "none") for s in map(int, default_seeds())]
     claims = (tmp_path / "sweep" / "report" / "report.md").read_text().split("## Claims")[1]
     for claim in runs[0].claims:
         row = next(line for line in claims.splitlines() if line.startswith(f"| {claim['id']}:"))
         assert any(f"| {v} (" in row for v in ("reproduced", "not reproduced", "inconclusive"))
+        assert "complete separation of 5 vs 5 seeds" in row

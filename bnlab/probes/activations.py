@@ -51,6 +51,7 @@ from bnlab.models import Block, Net, loss_function
 from bnlab.norms import Norm, frozen_stats
 from bnlab.probes.curvature import check_double_backward, curvature, start_generator
 from bnlab.probes.ics import gradient_ics, preserved_rng
+from bnlab.probes.passes import points_per_batch
 from bnlab.probes.snd import batch_plan, layer_disturbances
 
 POINTS = ("pre", "norm", "act")
@@ -71,17 +72,19 @@ MODE_VIEWS = {"train": (TRAIN_VIEW,), "eval": (INFER_VIEW,), "both": (TRAIN_VIEW
 
 
 # ---------------------------------------------------------------- pure statistics
-def feature_moments(x: Tensor) -> tuple[Tensor, Tensor]:
+def feature_moments(x: Tensor, batched: bool = False) -> tuple[Tensor, Tensor]:
     """Per-feature mean mu_j = E[x_j] and biased variance var_j = E[(x_j - mu_j)^2], as float64.
 
     Features are dim 1; the expectation is over N for (N, C) and over N, H, W for (N, C, H, W).
-    Two passes in the input's precision: as exact as E[x^2] - E[x]^2 in float64, at half the
-    memory traffic of converting the whole batch.
+    ``batched``: x stacks several batches on a leading dim (b, N, C, ...), and the moments are
+    each batch's, (b, C). Two passes in the input's precision: as exact as E[x^2] - E[x]^2 in
+    float64, at half the memory traffic of converting the whole batch.
     """
-    dims = (0,) if x.dim() == 2 else (0, *range(2, x.dim()))
+    lead = int(batched)
+    dims = (lead, *range(lead + 2, x.dim()))
     mean = x.float().mean(dims, keepdim=True)
     var = (x - mean).square_().mean(dims)
-    return mean.flatten().double(), var.double()
+    return mean.flatten(lead).double(), var.double()
 
 
 def rms(x: Tensor) -> Tensor:
@@ -249,12 +252,12 @@ class Prober:
         self.y = data.train.y[index].to(self.device)
         # Batch noise: as many training batches as fit in the probe batch's size, drawn once.
         n_chunks = int(self.cfg.batch_size) // self.chunk_size
-        self.chunks: list[Tensor] = []
+        self.chunks: Tensor | None = None  # (n_chunks, chunk_size, ...)
         if n_chunks and any(view.train_mode for view in self.views):
             stream = make_batch_stream(data.train, int(cfg.train.batch_size),
                                        self.seed + BATCH_NOISE_SEED_OFFSET, cfg.data,
                                        world_size=replicas, augment=False)
-            self.chunks = [next(stream)[0].to(self.device) for _ in range(n_chunks)]
+            self.chunks = torch.stack([next(stream)[0] for _ in range(n_chunks)]).to(self.device)
         self.snd_plan: Tensor | None = None
         if self.snd_every > 0 and self.chunk_size <= len(self.x):
             snd_generator = torch.Generator().manual_seed(self.seed + SND_SEED_OFFSET)
@@ -267,8 +270,7 @@ class Prober:
 
     # -- activation statistics
     @torch.no_grad()
-    def _record_points(self, train_mode: bool, x: Tensor | None = None) -> list[dict[str, Tensor]]:
-        """The three points of every block on ``x`` (the probe batch by default)."""
+    def _record_points(self, train_mode: bool) -> list[dict[str, Tensor]]:
         blocks = self.model.blocks
         taps: list[dict[str, Tensor]] = [{} for _ in blocks]
         was_training = self.model.training
@@ -278,7 +280,7 @@ class Prober:
             with preserved_rng(self.device), frozen_stats(self.model):
                 for block, tap in zip(blocks, taps, strict=True):
                     block.taps = tap
-                self.model(self.x if x is None else x)
+                self.model(self.x)
         finally:
             for block in blocks:
                 block.taps = None
@@ -300,7 +302,7 @@ class Prober:
         for view in self.views:
             taps = self._record_points(view.train_mode)
             moments = self._statistics(view, step, taps, add)
-            if view.train_mode and self.chunks:
+            if view.train_mode and self.chunks is not None:
                 self._batch_noise(moments, add)
             if self._due(self.cfg.hist_every, step):
                 for k, (tap, block) in enumerate(zip(taps, self.model.blocks, strict=True), start=1):
@@ -358,14 +360,13 @@ class Prober:
     def _batch_noise(self, moments: list[tuple[Tensor, Tensor]], add) -> None:
         """``batchnoise/`` of every layer: each training-sized batch through the train-mode
         network with its own statistics, against the probe batch's ``moments`` (train view)."""
-        per_chunk = [self._record_points(True, chunk) for chunk in self.chunks]
-        for k, block in enumerate(self.model.blocks, start=1):
-            point = norm_input(block)
-            stats = [feature_moments(taps[k - 1][point]) for taps in per_chunk]
-            i = POINTS.index(point)
+        points = [norm_input(block) for block in self.model.blocks]
+        inputs = points_per_batch(self.model, self.chunks, points)
+        for k, (layer, point) in enumerate(zip(inputs, points, strict=True), start=1):
+            chunk_mean, chunk_var = feature_moments(layer, batched=True)
             mean, var = moments[k - 1]
-            noise = batch_noise(torch.stack([m for m, _ in stats]), torch.stack([v for _, v in stats]),
-                                mean[i], var[i])
+            i = POINTS.index(point)
+            noise = batch_noise(chunk_mean, chunk_var, mean[i], var[i])
             add([f"batchnoise/layer{k}/mean", f"batchnoise/layer{k}/std"], torch.stack(noise))
 
     def _due(self, every: int, step: int) -> bool:
@@ -387,7 +388,7 @@ class Prober:
                 for k in range(1, len(self.model.blocks) + 1)
             }
             charts[f"{title}: sat"] = {f"{pre}sat": ["Multiline", [rf"^{pre}sat/layer\d+$"]]}
-        if self.chunks:
+        if self.chunks is not None:
             charts["probes: batchnoise"] = {
                 f"batchnoise/{stat}": ["Multiline", [rf"^batchnoise/layer\d+/{stat}$"]]
                 for stat in ("mean", "std")

@@ -26,8 +26,7 @@ import torch
 from torch import Tensor
 
 from bnlab.models import Net
-from bnlab.norms import frozen_stats, held_noise
-from bnlab.probes.ics import preserved_rng
+from bnlab.probes.passes import points_per_batch
 
 
 def disturbance(outputs: Tensor) -> Tensor:
@@ -58,31 +57,17 @@ def batch_plan(pool_size: int, batch_size: int, samples: int, draws: int,
     return plan
 
 
-@torch.no_grad()
 def layer_disturbances(model: Net, pool: Tensor, plan: Tensor) -> Tensor:
     """``snd/layerK`` for every hidden layer K of ``model``: float64 (layers,), on the pool's device.
 
-    One train-mode forward pass per batch of ``plan`` (:func:`batch_plan`) over rows of ``pool``;
-    running statistics, torch's global RNG and the model's mode are left as they were.
+    One train-mode pass per batch of ``plan`` (:func:`batch_plan`) over rows of ``pool``, noise
+    held; running statistics, torch's global RNG and the model's mode are left as they were.
     """
-    blocks = model.blocks
     samples, draws, _ = plan.shape
-    outputs: list[list[list[Tensor]]] = [[[] for _ in range(samples)] for _ in blocks]
-    was_training = model.training
-    model.train()
-    try:
-        with preserved_rng(pool.device), frozen_stats(model), held_noise(model):
-            for i in range(samples):
-                for j in range(draws):
-                    taps: list[dict[str, Tensor]] = [{} for _ in blocks]
-                    for block, tap in zip(blocks, taps, strict=True):
-                        block.taps = tap
-                    model(pool[plan[i, j].to(pool.device)])
-                    for k, tap in enumerate(taps):
-                        outputs[k][i].append(tap["norm"][0])
-    finally:
-        for block in blocks:
-            block.taps = None
-        model.train(was_training)
-    return torch.stack([torch.stack([disturbance(torch.stack(per_draw)) for per_draw in layer]).mean()
-                        for layer in outputs])
+    batches = pool[plan.flatten(0, 1).to(pool.device)]  # (samples * draws, size, ...)
+    outputs = points_per_batch(model, batches, ["norm"] * len(model.blocks), hold_noise=True)
+    values = []
+    for layer in outputs:
+        rows = layer[:, 0].unflatten(0, (samples, draws))  # F_B(x) of each sample x, each batch B
+        values.append(torch.stack([disturbance(per_sample) for per_sample in rows]).mean())
+    return torch.stack(values)
