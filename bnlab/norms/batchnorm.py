@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+import bnlab.norms.ghost as ghost
 from bnlab.config.norm_options import BNOptions
-from bnlab.norms import ghost
 from bnlab.norms.base import LOW_PRECISION, Norm, in_forward_order, per_feature
 from bnlab.norms.registry import register_norm
 

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+import bnlab.norms.ghost as ghost
 from bnlab.config.norm_options import BRNOptions
-from bnlab.norms import ghost
 from bnlab.norms.base import LOW_PRECISION, Norm, per_feature
 from bnlab.norms.registry import register_norm
 
