@@ -1016,6 +1016,20 @@ def test_lp_normalization_follows_its_equation(p, shape):
     assert_close(layer(x), expected.detach())
 
 
+@pytest.mark.parametrize("name,p", [("l1", 1.0), ("l2", 2.0), ("linf", float("inf"))])
+def test_each_lp_option_is_lp_with_that_p(name, p):
+    torch.manual_seed(52)
+    ours, lp = build_norm(name, 5, 4), build_norm("lp", 5, 4, p=p)
+    _randomize_affine(ours, lp)
+    x, grad = torch.randn(4, 5, 2, 3) * 2 + 1, torch.randn(4, 5, 2, 3)
+    (y1, g1), (y2, g2) = _forward_backward(ours, x, grad), _forward_backward(lp, x, grad)
+    assert torch.equal(y1, y2) and torch.equal(g1, g2)
+    for (key, a), (_, b) in zip(ours.state_dict().items(), lp.state_dict().items(), strict=True):
+        assert torch.equal(a, b), key
+    composed, reference = compose(f"norm={name}").norm, compose("norm=lp", f"norm.p={p}").norm
+    assert dict(composed) == {**{k: v for k, v in reference.items() if k != "p"}, "name": name}
+
+
 def test_lp_fixes_the_mean_but_not_the_spread():
     """The paper's point (Sec. 3.3): the first moment is fixed as BN fixes it, the second is not.
     With p = 2 the scale is the root mean square of the uncentred activations, so the output's

@@ -193,13 +193,42 @@ LP_NORMS = (1.0, 2.0, math.inf)
 
 
 @dataclass
-class LpOptions(NormOptions):
-    """``norm=lp``: l_p normalization (Santurkar et al. 2018, Sec. 3.3)."""
+class LpNormOptions(NormOptions):
+    """The keys of the l_p normalizations (Santurkar et al. 2018, Sec. 3.3)."""
+
+    momentum: float = unit_interval(0.1)
+    eps: float = positive(1e-5)
+
+
+@dataclass
+class LpOptions(LpNormOptions):
+    """``norm=lp``: any of the three, by ``p``."""
 
     name: str = "lp"
     p: float = bounded(2.0, lambda v: v in LP_NORMS, "1, 2 or inf")
-    momentum: float = unit_interval(0.1)
-    eps: float = positive(1e-5)
+
+
+# One option of its own per p, as zca/pca/iternorm are whiten's methods, so that
+# `-m norm=none,bn,l1,l2,linf` is one sweep (norm.p exists for lp only).
+@dataclass
+class L1Options(LpNormOptions):
+    """``norm=l1``: ``lp`` with p = 1."""
+
+    name: str = "l1"
+
+
+@dataclass
+class L2Options(LpNormOptions):
+    """``norm=l2``: ``lp`` with p = 2."""
+
+    name: str = "l2"
+
+
+@dataclass
+class LinfOptions(LpNormOptions):
+    """``norm=linf``: ``lp`` with p = inf."""
+
+    name: str = "linf"
 
 
 WHITENING_METHODS = ("zca", "pca", "iter")
@@ -252,5 +281,6 @@ class WhitenOptions(IterNormOptions):
 NORM_SCHEMAS: dict[str, type[NormOptions]] = {
     options.name: options
     for options in (NoneOptions, BNOptions, NoisyBNOptions, NoisyNoneOptions, BRNOptions, LNOptions,
-                    GNOptions, LpOptions, ZCAOptions, PCAOptions, IterNormOptions, WhitenOptions)
+                    GNOptions, LpOptions, L1Options, L2Options, LinfOptions, ZCAOptions, PCAOptions,
+                    IterNormOptions, WhitenOptions)
 }

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from bnlab.config.norm_options import LP_NORMS, LpOptions
+from bnlab.config.norm_options import LP_NORMS, L1Options, L2Options, LinfOptions, LpOptions
 from bnlab.norms.base import LOW_PRECISION, Norm, per_feature
 from bnlab.norms.registry import register_norm
 
@@ -83,3 +83,28 @@ class LpNorm(Norm):
         factor = self.weight / (scale + self.eps)
         y = (xf - per_feature(mean, rank)) * per_feature(factor, rank) + per_feature(self.bias, rank)
         return y.to(x.dtype) if low else y
+
+
+# One option of its own per p, so that `-m norm=none,bn,l1,l2,linf` is one sweep.
+@register_norm(L1Options)
+class L1Norm(LpNorm):
+    """``norm=l1``: :class:`LpNorm` with p = 1."""
+
+    def __init__(self, num_features: int, dims: int = 2, **options) -> None:
+        super().__init__(num_features, dims, p=1.0, **options)
+
+
+@register_norm(L2Options)
+class L2Norm(LpNorm):
+    """``norm=l2``: :class:`LpNorm` with p = 2."""
+
+    def __init__(self, num_features: int, dims: int = 2, **options) -> None:
+        super().__init__(num_features, dims, p=2.0, **options)
+
+
+@register_norm(LinfOptions)
+class LinfNorm(LpNorm):
+    """``norm=linf``: :class:`LpNorm` with p = inf."""
+
+    def __init__(self, num_features: int, dims: int = 2, **options) -> None:
+        super().__init__(num_features, dims, p=math.inf, **options)
