@@ -86,6 +86,14 @@ def test_feature_moments_are_per_feature_mean_and_biased_variance(shape):
     # float32 arithmetic, float64 reference: float32's tolerance
     torch.testing.assert_close(mean, x.double().mean(dims), rtol=1e-6, atol=1e-5)
     torch.testing.assert_close(var, x.double().var(dims, unbiased=False), rtol=1e-5, atol=1e-5)
+    # Several batches stacked on a leading dim: each batch's own moments.
+    stacked = torch.stack([x, 2 * x - 1, x + 5])
+    means, variances = feature_moments(stacked, batched=True)
+    assert means.shape == variances.shape == (3, shape[1])
+    for b in range(3):
+        torch.testing.assert_close(means[b], stacked[b].double().mean(dims), rtol=1e-6, atol=1e-5)
+        torch.testing.assert_close(variances[b], stacked[b].double().var(dims, unbiased=False),
+                                   rtol=1e-5, atol=1e-4)
 
 
 def test_drift_matches_the_definition():
