@@ -28,11 +28,11 @@ Batch noise is what a training batch sees: a fixed set of batches of the trainin
 drawn by the training sampler's rule (:func:`bnlab.data.make_batch_stream`, its own seed), each
 run through the train-mode network with its own statistics at every layer (so a layer's input
 carries the earlier layers' noise, as in training); mu_cj, var_cj are batch c's moments at the
-norm's input, mu_j, var_j the probe batch's at the same point (its 1,000 i.i.d. images stand in
-for the population). ``curvature/`` (:mod:`bnlab.probes.curvature`) and ``snd/``
-(:mod:`bnlab.probes.snd`) are measured at the first probe at or after each multiple of
-``probe.curvature_every`` and ``probe.snd_every``. The statistic functions below are pure, so
-tests check them against direct computations.
+norm's input (each ghost batch's, with ``norm.ghost_batch``), mu_j, var_j the probe batch's at
+the same point (its 1,000 i.i.d. images stand in for the population). ``curvature/``
+(:mod:`bnlab.probes.curvature`) and ``snd/`` (:mod:`bnlab.probes.snd`) are measured at the first
+probe at or after each multiple of ``probe.curvature_every`` and ``probe.snd_every``. The
+statistic functions below are pure, so tests check them against direct computations.
 """
 
 from __future__ import annotations
@@ -245,6 +245,9 @@ class Prober:
         synced = bool(cfg.norm.get("sync", False))
         replicas = 1 if synced else world_size()
         self.chunk_size = max(1, int(cfg.train.batch_size) // replicas)
+        # The rows one normalization's statistics cover: a ghost batch of the batch, or all of it.
+        ghost = cfg.norm.get("ghost_batch")
+        self.norm_batch = int(ghost) if ghost and self.chunk_size % int(ghost) == 0 else self.chunk_size
         generator = torch.Generator().manual_seed(self.seed + PROBE_SEED_OFFSET)
         index = torch.randperm(len(data.train), generator=generator)[: self.cfg.batch_size]
         index = index.to(data.train.x.device)
@@ -359,11 +362,13 @@ class Prober:
 
     def _batch_noise(self, moments: list[tuple[Tensor, Tensor]], add) -> None:
         """``batchnoise/`` of every layer: each training-sized batch through the train-mode
-        network with its own statistics, against the probe batch's ``moments`` (train view)."""
+        network with its own statistics, against the probe batch's ``moments`` (train view).
+        With ``norm.ghost_batch=K`` the statistics are each group of K rows' (a norm's batch)."""
         points = [norm_input(block) for block in self.model.blocks]
         inputs = points_per_batch(self.model, self.chunks, points)
         for k, (layer, point) in enumerate(zip(inputs, points, strict=True), start=1):
-            chunk_mean, chunk_var = feature_moments(layer, batched=True)
+            groups = layer.flatten(0, 1).unflatten(0, (-1, self.norm_batch))  # ghost batches apart
+            chunk_mean, chunk_var = feature_moments(groups, batched=True)
             mean, var = moments[k - 1]
             i = POINTS.index(point)
             noise = batch_noise(chunk_mean, chunk_var, mean[i], var[i])
