@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import signal
 import sys
 
 USAGE = """usage: bnlab <command> [args]
@@ -17,24 +18,81 @@ Run `bnlab <command> --help` for a command's options.
 """
 
 
+class _StartupSignals:
+    """Ctrl-C and SIGTERM while `bnlab train` starts, before the trainer's own handlers exist.
+
+    A signal is recorded, never raised in the middle of an import (a KeyboardInterrupt inside
+    torch's import has been swallowed, or turned into an unrelated error), and acted on at the
+    next safe point (:meth:`leave_if_received`): the fresh run directory is removed, one line
+    says so, exit 130. The trainer acts on a recorded signal as soon as its handlers take over
+    (bnlab.run.trainer). A third signal leaves at once.
+    """
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self.count = 0
+        self.run_dir = None  # the job's directory, once Hydra made it
+        self.sweep_dir = None
+
+    def __call__(self, signum: int, frame: object) -> None:
+        self.count += 1
+        self.received = signum
+        if self.count >= 3:
+            self._discard()
+            os.write(2, b"bnlab: interrupted\n")
+            os._exit(EXIT_INTERRUPTED)
+
+    def install(self) -> _StartupSignals:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self)
+        return self
+
+    def _discard(self) -> None:
+        from bnlab.rundir.writer import discard_fresh, discard_fresh_sweep
+
+        if self.run_dir is not None:
+            discard_fresh(self.run_dir)
+        if self.sweep_dir is not None:
+            discard_fresh_sweep(self.sweep_dir)
+
+    def leave_if_received(self, resuming: bool = False) -> None:
+        """Exit 130 if a signal came: nothing of a run was written yet, and nothing is kept."""
+        if self.received is None:
+            return
+        self._discard()
+        what = "the run is as it was" if resuming else "nothing kept"
+        print(f"bnlab: interrupted before training started; {what}", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
+
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
 def _train(argv: list[str]) -> int:
+    signals = _StartupSignals().install()  # first: torch's import takes seconds
     # One tag per invocation, inherited by parallel workers, keeps run and sweep directories unique.
     os.environ.setdefault("BNLAB_RUN_ID", secrets.token_hex(3))
     from bnlab.errors import UserError
-    from bnlab.run.preflight import check_output_dir
-    from bnlab.run.resume import resume_argv
+    from bnlab.run.preflight import check_output_dir, check_override_keys
+    from bnlab.run.resume import resume_from
+    from bnlab.rundir import writer
 
     try:
-        argv = resume_argv(argv)
+        resumption = resume_from(argv)
+        if resumption is not None:
+            return _resume(resumption, signals)
         shows = [a for a in argv if a in ("--cfg", "-c", "--info", "-i")]
         if shows and any(a in ("-m", "--multirun") for a in argv):
             raise UserError(f"{shows[0]} shows the config of one run and cannot be combined with -m; "
                             "drop -m and give one value per key (a sweep's first job)")
+        check_override_keys(argv)
         if not any(a in ("--help", "-h", "--cfg", "-c", "--info", "-i", "--hydra-help") for a in argv):
-            check_output_dir(argv)
+            writer.existed_before = check_output_dir(argv)
     except UserError as err:
         print(f"bnlab: error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
+    signals.leave_if_received()
 
     import hydra
 
@@ -51,24 +109,77 @@ def _train(argv: list[str]) -> int:
                 argv = agree_on_run_dir(argv, pattern)
         except UserError as err:
             print(f"bnlab: error: {err}", file=sys.stderr)
-            return 2
+            return EXIT_USER_ERROR
 
     register_configs()
     sys.argv = ["bnlab train", *argv]
+    started = []
 
     def task(cfg) -> None:
-        from bnlab.run.trainer import main as train_main
+        from pathlib import Path
 
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        started.append(True)
+        hydra_cfg = HydraConfig.get()
+        signals.run_dir = Path(hydra_cfg.runtime.output_dir)
+        if hydra_cfg.mode == RunMode.MULTIRUN:
+            signals.sweep_dir = Path(str(hydra_cfg.sweep.dir))
+        signals.leave_if_received()
+        from bnlab.run.trainer import main as train_main  # torch: seconds
+
+        signals.leave_if_received()
         train_main(cfg)
 
     try:
         hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")(task)()
+    except SystemExit as stop:
+        if stop.code == 1 and not started:  # Hydra's own message for a bad override: a user's error
+            return EXIT_USER_ERROR
+        raise
     finally:
         if "torch" in sys.modules:  # only a run that trained can have joined a process group
             from bnlab.run.distributed import shutdown
 
             shutdown()
-    return 0
+    return _after(signals)
+
+
+def _after(signals: _StartupSignals) -> int:
+    """Exit 0, or 130 when a signal came after the run had ended (its record is whole)."""
+    if signals.received is None:
+        return 0
+    print("bnlab: interrupted after the run had ended; nothing lost", file=sys.stderr)
+    return EXIT_INTERRUPTED
+
+
+def _resume(resumption, signals: _StartupSignals) -> int:
+    """`bnlab train resume=<run>`: continue the run with its saved config (bnlab.run.resume),
+    without Hydra: nothing is composed, and the run's directory is the one it has."""
+    from omegaconf import OmegaConf
+
+    from bnlab.errors import UserError
+    from bnlab.run.preflight import check_output_dir
+
+    flags = list(resumption.flags)
+    if flags and flags[0] in ("--cfg", "-c") and flags[1:] in ([], ["job"], ["all"]):
+        print(OmegaConf.to_yaml(resumption.config), end="")
+        return 0
+    if flags:
+        raise UserError(f"resume= takes overrides only, not {' '.join(flags)}")
+    check_output_dir([f"hydra.run.dir={resumption.run}"], resuming=True)
+    signals.leave_if_received(resuming=True)
+    from bnlab.run.trainer import execute  # torch: seconds
+
+    signals.leave_if_received(resuming=True)
+    try:
+        code = execute(resumption.config, resumption.run, multirun=False)
+    finally:
+        from bnlab.run.distributed import shutdown
+
+        shutdown()
+    return code or _after(signals)
 
 
 def _configured(train_yaml, key: str):

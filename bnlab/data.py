@@ -11,9 +11,11 @@ batches for CIFAR-10), so tiny test files in those formats take the same path as
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import os
 import pickle
+import secrets
 import shutil
 import socket
 from collections.abc import Callable
@@ -130,18 +132,20 @@ def read_idx(path: Path) -> Tensor:
 
 def _idx_dataset(name: str, folder: str, root: Path, download: bool) -> RawSplits:
     raw = root / folder / "raw"
+    # Where the original .gz files may be: put there by the user (or torchvision's download),
+    # or Debian's package for Fashion-MNIST.
+    originals = [raw, DEBIAN_FASHION_MNIST] if folder == "FashionMNIST" else [raw]
     have = lambda: all((raw / f).is_file() for f in IDX_FILES)  # noqa: E731
-    if not have():
-        _decompress_idx(raw, raw)  # the user put the original .gz files there
-    if not have() and folder == "FashionMNIST":
-        _decompress_idx(DEBIAN_FASHION_MNIST, raw)
+    for source in originals:
+        if not have():
+            _decompress_idx(source, raw)
     if not have():
         import torchvision.datasets as tvd  # only to download: its import costs ~2 s of start-up
 
         cls = getattr(tvd, folder)
         _download(name, raw, IDX_FILES, list(cls.mirrors),
                   lambda: cls(str(_writable_root(root)), train=True, download=True), download)
-    train_x, train_y, test_x, test_y = (read_idx(raw / f) for f in IDX_FILES)
+    train_x, train_y, test_x, test_y = (_read_idx_checked(raw, f, originals) for f in IDX_FILES)
     for images, labels, split in ((train_x, train_y, "train"), (test_x, test_y, "t10k")):
         if images.dim() != 3 or labels.dim() != 1 or images.shape[0] != labels.shape[0]:
             raise DataError(f"{name}: {raw}/{split}-* images {tuple(images.shape)} do not match "
@@ -150,7 +154,8 @@ def _idx_dataset(name: str, folder: str, root: Path, download: bool) -> RawSplit
 
 
 def _decompress_idx(source: Path, raw: Path) -> None:
-    """Decompress the four original ``.gz`` files from ``source`` into ``raw``, if all are there.
+    """Decompress the four original ``.gz`` files from ``source`` into ``raw``, if all are there
+    (each one whose decompressed copy is missing).
 
     Debian's Fashion-MNIST files hold the real data but not torchvision's md5s (their gzip
     headers lack the file name), so torchvision's own download check would reject them.
@@ -158,19 +163,39 @@ def _decompress_idx(source: Path, raw: Path) -> None:
     sources = [source / f"{f}.gz" for f in IDX_FILES]
     if not all(s.is_file() for s in sources):
         return
+    for src in sources:
+        if not (raw / src.stem).is_file():
+            _decompress(src, raw / src.stem)
+
+
+def _decompress(src: Path, target: Path) -> None:
+    """Decompress ``src`` into ``target`` through a temporary name of this process's own and a
+    rename: processes that prepare the same data set at once never write one file together,
+    and whichever renames last leaves a whole file, as every other one would have."""
+    partial = target.with_name(f"{target.name}.{os.getpid()}-{secrets.token_hex(4)}.partial")
     try:
-        raw.mkdir(parents=True, exist_ok=True)
-        for src in sources:
-            target = raw / src.stem
-            if target.is_file():
-                continue
-            partial = target.with_name(target.name + ".partial")
-            with gzip.open(src, "rb") as fin, open(partial, "wb") as fout:
-                shutil.copyfileobj(fin, fout)
-            os.replace(partial, target)  # never leave a half-decompressed file under the real name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with gzip.open(src, "rb") as fin, open(partial, "wb") as fout:
+            shutil.copyfileobj(fin, fout)
+        os.replace(partial, target)
     except (OSError, EOFError) as err:
-        raise DataError(f"cannot decompress {source}/*.gz into {raw} ({err}); "
+        with contextlib.suppress(OSError):
+            partial.unlink()
+        raise DataError(f"cannot decompress {src} into {target.parent} ({err}); "
                         "set data.root to a writable folder or replace the files") from err
+
+
+def _read_idx_checked(raw: Path, name: str, originals: list[Path]) -> Tensor:
+    """``raw/name`` read (its header and length checked); a damaged copy (a decompression cut
+    short, a full disk) is decompressed again from its original ``.gz`` when one is there."""
+    try:
+        return read_idx(raw / name)
+    except DataError:
+        source = next((s / f"{name}.gz" for s in originals if (s / f"{name}.gz").is_file()), None)
+        if source is None:
+            raise
+    _decompress(source, raw / name)
+    return read_idx(raw / name)  # the original itself may be damaged: its error stands
 
 
 # ---------------------------------------------------------------- CIFAR-10 (python pickle batches)

@@ -1,9 +1,12 @@
 """The command line as a user meets it: help, a real run directory, the lines a run and a sweep
-end with, the wheel. (Bad input is refused by the config: test_config.py.)"""
+end with, the wheel; a directory that holds a run is never written by another, keys and values
+the schema refuses, the report naming every run it finds. (Bad values: test_config.py.)"""
 
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import sys
 import zipfile
@@ -141,3 +144,136 @@ def test_a_sweep_ends_by_counting_its_runs_whatever_the_launcher(tmp_path, launc
         "  sweep directory  sweep",
         "  next             bnlab report sweep",
         "                   tensorboard --logdir sweep"]
+
+
+# ---------------------------------------------------------------- a run directory is never overwritten
+def files_of(folder) -> dict:
+    """Every file's bytes (the lock holds the last writer's pid: bookkeeping, not the run)."""
+    return {p: p.read_bytes() for p in folder.rglob("*") if p.is_file() and p.name != ".lock"}
+
+
+QUICK = ["data=digits", "train.steps=10", "probe=off", "train.threads=1", "train.progress=off"]
+
+
+def test_a_directory_that_holds_a_run_is_written_only_by_its_resume(tmp_path):
+    assert bnlab("train", *QUICK, "hydra.run.dir=run", cwd=tmp_path).returncode == 0
+    before = files_of(tmp_path / "run")
+    again = bnlab("train", *QUICK, "norm=none", "hydra.run.dir=run", cwd=tmp_path)
+    assert again.returncode == 2
+    assert again.stderr == ("bnlab: error: hydra.run.dir=run: run holds a completed run; a run directory "
+                            "is written only by its own resume (bnlab train resume=run): choose another "
+                            "directory\n")
+    assert files_of(tmp_path / "run") == before
+
+
+def test_a_sweep_refuses_jobs_that_share_a_directory_or_write_over_runs(tmp_path):
+    twice = bnlab("train", "-m", *QUICK, "seed=0,0", "hydra.sweep.dir=sweep", cwd=tmp_path)
+    assert twice.returncode == 2
+    assert twice.stderr == ("bnlab: error: two jobs of this sweep would write one directory (seed=0 "
+                            "and seed=0: sweep/seed=0); give each swept value once\n")
+    assert not (tmp_path / "sweep").exists()
+    first = bnlab("train", "-m", *QUICK, "seed=0,1", "hydra.sweep.dir=sweep", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    before = files_of(tmp_path / "sweep")
+    shorter = bnlab("train", "-m", *QUICK, "train.steps=5", "seed=0,1,2", "hydra.sweep.dir=sweep",
+                    cwd=tmp_path)
+    assert shorter.returncode == 2
+    assert shorter.stderr.startswith("bnlab: error: 2 of this sweep's 3 jobs would write over runs "
+                                     "already there (sweep/seed=0, ...); choose another hydra.sweep.dir")
+    assert len(shorter.stderr.splitlines()) == 1 and files_of(tmp_path / "sweep") == before
+    more = bnlab("train", "-m", *QUICK, "seed=2,3", "hydra.sweep.dir=sweep", cwd=tmp_path)
+    assert more.returncode == 0, more.stderr
+    assert "bnlab: sweep of 2 run(s): 2 completed\n" in more.stdout  # this sweep's jobs, not the 4 there
+    after = files_of(tmp_path / "sweep")
+    assert all(after[f] == content for f, content in before.items() if f.name != "multirun.yaml")
+
+
+# ---------------------------------------------------------------- keys and values the schema refuses
+@pytest.mark.parametrize("override, expected", [
+    ("train.stpes=10", "unknown key train.stpes (in train.stpes=10); did you mean train.steps?"),
+    ("+train.stpes=10", "unknown key train.stpes (in +train.stpes=10); did you mean train.steps?"),
+    ("+foo=1", "unknown key foo (in +foo=1) (bnlab train --cfg job shows every key)"),
+    ("+sead=1", "unknown key sead (in +sead=1); did you mean seed?"),
+    ("norm=ln norm.momentm=0.5", "unknown key norm.momentm (in norm.momentm=0.5) (bnlab train --cfg job"),
+])
+def test_a_key_the_schema_does_not_know_is_refused_plus_or_not(tmp_path, override, expected):
+    result = bnlab("train", "data=digits", *override.split(), cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"bnlab: error: {expected}")
+    assert len(result.stderr.splitlines()) == 1
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_a_key_added_for_another_option_is_refused_once_composed(tmp_path):
+    """norm.groups is gn's: with bn, chosen by the config rather than the command line, the
+    composed config has a key its norm does not know."""
+    result = bnlab("train", *QUICK, "+norm.groups=2", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.startswith("bnlab: error: unknown key norm.groups (norm=bn has no such option)")
+    assert len(result.stderr.splitlines()) == 1
+    assert not (tmp_path / "outputs").exists()
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["train.threads=4096"], "train.threads=4096 is not valid: this process may use"),
+    (["data.labels_per_batch=4"], "data.labels_per_batch=4 is not valid without data.sampler=grouped"),
+    (["data.sampler=grouped", "data.labels_per_batch=11"],
+     "data.labels_per_batch=11 is not valid: data=digits has 10 classes, so a grouped batch holds at "
+     "most 10 labels"),
+])
+def test_values_that_cannot_work_are_refused_before_training(tmp_path, overrides, expected):
+    result = bnlab("train", *QUICK, *overrides, cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"bnlab: error: {expected}")
+    assert len(result.stderr.splitlines()) == 1
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_a_sweep_with_labels_per_batch_but_no_grouped_job_is_refused(tmp_path):
+    result = bnlab("train", "-m", *QUICK, "seed=0,1", "data.labels_per_batch=2", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr == ("bnlab: error: data.labels_per_batch=2 is not valid without "
+                             "data.sampler=grouped (the iid sampler draws any labels): drop it, or add "
+                             "data.sampler=grouped\n")
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_hydras_own_refusals_exit_with_the_user_error_code(tmp_path):
+    result = bnlab("train", "norm=foo", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "Could not find 'norm/foo'" in result.stderr and "Traceback" not in result.stderr
+
+
+# ---------------------------------------------------------------- the report
+def test_the_report_names_every_run_it_finds_even_without_its_config(tmp_path):
+    from helpers import sweep_of
+
+    sweep = sweep_of(tmp_path / "sweep", {"bn": [0.9, 0.91, 0.92]})
+    (sweep / "norm=bn,seed=1" / ".hydra" / "config.yaml").unlink()
+    result = bnlab("report", str(sweep), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("2 runs in 1 group(s) differing in nothing (one group) and 1 "
+                                    "damaged run(s) in no group (listed below); seeds 0, 2")
+    assert re.search(r"norm=bn,seed=1 +│ damaged +│ 20/20 steps; .hydra/config.yaml missing", result.stdout)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+def test_a_report_on_a_read_only_file_system_points_to_out(tmp_path):
+    from helpers import sweep_of
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)]).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        sweep_of(disk / "sweep", {"bn": [0.9, 0.91], "none": [0.8, 0.82]})
+        subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+        result = bnlab("report", "disk/sweep", cwd=tmp_path)
+        assert result.returncode == 2
+        assert result.stderr == ("bnlab: error: cannot write the report into disk/sweep/report "
+                                 "(Read-only file system); write it elsewhere with --out DIR\n")
+        elsewhere = bnlab("report", "disk/sweep", "--out", "report", cwd=tmp_path)
+        assert elsewhere.returncode == 0, elsewhere.stderr
+        assert (tmp_path / "report" / "report.md").is_file()
+    finally:
+        subprocess.run(["umount", str(disk)])

@@ -43,7 +43,7 @@ def test_out_of_range_values_fail_before_any_work(tmp_path, override, expected):
 ])
 def test_hydra_rejects_unknown_options_and_wrong_types(tmp_path, override, expected):
     result = bnlab("train", override, cwd=tmp_path)
-    assert result.returncode == 1
+    assert result.returncode == 2  # a user's error, whoever says so (bnlab or Hydra)
     assert expected in result.stderr and "Traceback" not in result.stderr
     if override == "norm=foo":
         assert "Available options in 'norm'" in result.stderr and "\tbn\n" in result.stderr

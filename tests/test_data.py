@@ -364,3 +364,77 @@ def test_the_linear_data_set_is_a_regression_the_trainer_fits_with_mse(tmp_path:
     assert {"train/loss", "test/loss"} <= tags and not {"train/acc", "test/acc"} & tags
     test_loss = [float(v) for _, tag, v in rows if tag == "test/loss"]
     assert test_loss[-1] < test_loss[0]
+
+
+# ---------------------------------------------------------------- preparing a data set at once, and damage
+BARRIER = """
+import gzip, os, sys, time
+from pathlib import Path
+barrier, n = Path(sys.argv[1]), int(sys.argv[2])
+opened = gzip.open
+def together(*args, **kwargs):  # every process decompresses at the same moment
+    gzip.open = opened
+    (barrier / str(os.getpid())).touch()
+    deadline = time.time() + 120
+    while len(list(barrier.iterdir())) < n and time.time() < deadline:
+        time.sleep(0.01)
+    return opened(*args, **kwargs)
+gzip.open = together
+from bnlab.cli import main
+sys.exit(main(sys.argv[3:]))
+"""
+ON_MNIST = ["data=mnist", "data.download=false", "train.steps=2", "train.batch_size=4",
+            "train.eval_every=1", "probe=off", "train.threads=1", "train.progress=off"]
+
+
+def originals(raw: Path, n_train: int) -> dict[str, bytes]:
+    """MNIST's four files as IDX bytes, and their .gz originals in ``raw`` (nothing decompressed)."""
+    rng = np.random.RandomState(2)
+    shapes = {"train-images-idx3-ubyte": (n_train, 28, 28), "train-labels-idx1-ubyte": (n_train,),
+              "t10k-images-idx3-ubyte": (5, 28, 28), "t10k-labels-idx1-ubyte": (5,)}
+    raw.mkdir(parents=True)
+    files = {}
+    for name, shape in shapes.items():
+        array = rng.randint(0, 10 if len(shape) == 1 else 256, shape)
+        files[name] = bytes([0, 0, 8, array.ndim]) + b"".join(int(s).to_bytes(4, "big") for s in shape) \
+            + array.astype(np.uint8).tobytes()
+        (raw / f"{name}.gz").write_bytes(gzip.compress(files[name], compresslevel=1))
+    return files
+
+
+def test_processes_that_prepare_a_data_set_at_once_all_get_it(tmp_path):
+    """Three `bnlab train` processes decompress the same originals into an empty raw/ folder at
+    the same moment (as a sweep's parallel jobs on a fresh data root): each gets whole files."""
+    import os
+    import subprocess
+    import sys
+
+    raw = tmp_path / "data" / "MNIST" / "raw"
+    files = originals(raw, n_train=6000)
+    (tmp_path / "barrier").mkdir()
+    env = {**os.environ, "BNLAB_DATA": str(tmp_path / "data")}
+    procs = [subprocess.Popen([sys.executable, "-c", BARRIER, str(tmp_path / "barrier"), "3", "train",
+                               *ON_MNIST, f"hydra.run.dir=run{i}"], cwd=tmp_path, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(3)]
+    errors = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], errors
+    assert {name: (raw / name).read_bytes() for name in files} == files
+    assert sorted(p.name for p in raw.iterdir()) == sorted([*files, *(f"{f}.gz" for f in files)])
+
+
+def test_a_damaged_decompressed_file_is_made_again_from_its_original(tmp_path):
+    from helpers import bnlab
+
+    raw = tmp_path / "data" / "MNIST" / "raw"
+    files = originals(raw, n_train=12)
+    load_dataset(data_cfg("mnist", tmp_path / "data"), torch.device("cpu"))  # decompresses them
+    (raw / "train-images-idx3-ubyte").write_bytes(files["train-images-idx3-ubyte"][:3000])  # cut short
+    result = bnlab("train", *ON_MNIST, "hydra.run.dir=run", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert (raw / "train-images-idx3-ubyte").read_bytes() == files["train-images-idx3-ubyte"]
+    (raw / "train-images-idx3-ubyte").write_bytes(b"garbage")
+    (raw / "train-images-idx3-ubyte.gz").unlink()  # no original to make it again from: one line
+    again = bnlab("train", *ON_MNIST, "hydra.run.dir=again", cwd=tmp_path)
+    assert again.returncode == 2
+    assert again.stderr == (f"bnlab: error: {raw}/train-images-idx3-ubyte: not an unsigned-byte IDX "
+                            "file (wrong magic number)\n")

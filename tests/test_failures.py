@@ -1,10 +1,13 @@
-"""A run that diverges, fails or is interrupted: its status in summary.json, one line on stderr
-(the traceback in train.log), no partial file and no false record, and it resumes."""
+"""A run that diverges, fails or is interrupted, at any moment from start-up on, or whose disk
+fills up: its status in summary.json, one line on stderr (the traceback in train.log), no
+partial file and no false record, and it resumes (or leaves no directory at all)."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -240,3 +243,191 @@ def test_write_failures_name_the_file_leave_no_partial_file_and_resume(
     assert execute(tmp_path / "run", f"resume={tmp_path / 'run'}") == 0
     assert execute(tmp_path / "straight") == 0
     assert scalars(tmp_path / "run") == scalars(tmp_path / "straight")
+
+
+# ---------------------------------------------------------------- an interrupt at any moment of start-up
+# A real signal sent by the process to itself at one moment of start-up, through the real
+# command line: torch is not imported before `bnlab train` starts (unlike INJECT's patches).
+STARTUP = """
+import os, signal, sys
+sys.path.insert(0, {tests!r})
+{patch}
+from bnlab.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+MOMENTS = {
+    # bnlab's checks on the command line, before Hydra
+    "checks": "import bnlab.run.preflight as p\n"
+              "check = p.check_output_dir\n"
+              "def interrupted(*a, **k):\n"
+              "    os.kill(os.getpid(), signal.SIGINT)\n"
+              "    return check(*a, **k)\n"
+              "p.check_output_dir = interrupted",
+    # Hydra has made the run directory and written .hydra/config.yaml
+    "hydra_files": "import hydra.core.utils as u\n"
+                   "save = u._save_config\n"
+                   "def interrupted(cfg, name, where):\n"
+                   "    save(cfg, name, where)\n"
+                   "    if name == 'config.yaml':\n"
+                   "        os.kill(os.getpid(), signal.SIGINT)\n"
+                   "u._save_config = interrupted",
+    # in the middle of torch's import (SIGTERM, as a scheduler's)
+    "torch_import": "class Finder:\n"
+                    "    def find_spec(self, name, path=None, target=None):\n"
+                    "        if name == 'torch':\n"
+                    "            sys.meta_path.remove(self)\n"
+                    "            os.kill(os.getpid(), signal.SIGTERM)\n"
+                    "sys.meta_path.insert(0, Finder())",
+    # the trainer's handlers are in place, the data set loads
+    "data": "import bnlab.run.trainer as t\n"
+            "load = t.load_dataset\n"
+            "def interrupted(*a, **k):\n"
+            "    os.kill(os.getpid(), signal.SIGINT)\n"
+            "    return load(*a, **k)\n"
+            "t.load_dataset = interrupted",
+}
+
+
+@pytest.mark.parametrize("moment", list(MOMENTS))
+def test_an_interrupt_during_start_up_ends_in_one_line_and_leaves_no_directory(tmp_path, moment):
+    env = {**os.environ, "BNLAB_DATA": str(tmp_path / "data")}
+    env.pop("HYDRA_FULL_ERROR", None)
+    code = STARTUP.format(tests=str(Path(__file__).parent), patch=MOMENTS[moment])
+    result = subprocess.run([sys.executable, "-c", code, "train", *SHORT], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 130
+    assert result.stderr == "bnlab: interrupted before training started; nothing kept\n"
+    assert not (tmp_path / "outputs").exists()  # neither the run nor the folders made for it
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("delay", [0.4, 1.2, 2.0, 2.8])
+def test_an_interrupt_at_any_moment_leaves_no_directory_or_a_run_that_resumes(tmp_path, delay):
+    """Whatever the moment (start-up, training, evaluation, a checkpoint): one line, exit 130,
+    and either nothing or an interrupted run that resumes to the uninterrupted scalars."""
+    import time
+
+    from helpers import start
+
+    proc = start(tmp_path / "run", tmp_path, "train.steps=600", "train.checkpoint_every=50",
+                 "train.progress=off")
+    time.sleep(delay)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    if err == "bnlab: interrupted before training started; nothing kept\n":
+        assert not (tmp_path / "run").exists()
+        return
+    assert err == "bnlab: interrupted; resume with: bnlab train resume=run\n"
+    assert summary_of(tmp_path / "run")["status"] == "interrupted"
+    assert bnlab("train", "resume=run", cwd=tmp_path).returncode == 0
+    reference = start(tmp_path / "reference", tmp_path, "train.steps=600", "train.checkpoint_every=50")
+    assert reference.wait(timeout=120) == 0
+    assert scalars(tmp_path / "run") == scalars(tmp_path / "reference")
+
+
+def test_a_run_interrupted_before_its_first_step_resumes_with_each_step_once(tmp_path):
+    """The probe at step 0 comes before the first step; a resume from step 0 must not log it again."""
+    probed = ["probe=default", "probe.every=10", "probe.batch_size=200"]
+    patch = ("import os, signal\n"
+             "import bnlab.probes.activations as a\n"
+             "probe = a.Prober.probe\n"
+             "def interrupted(self, step, *args, **kwargs):\n"
+             "    if step == 0:\n"
+             "        os.kill(os.getpid(), signal.SIGINT)\n"
+             "    return probe(self, step, *args, **kwargs)\n"
+             "a.Prober.probe = interrupted")
+    stopped = bnlab_patched(patch, "train", *SHORT, *probed, "hydra.run.dir=run", cwd=tmp_path)
+    assert stopped.returncode == 130
+    assert stopped.stderr == "bnlab: interrupted; resume with: bnlab train resume=run\n"
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["step"] == 0
+    resumed = bnlab("train", "resume=run", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert bnlab("train", *SHORT, *probed, "hydra.run.dir=straight", cwd=tmp_path).returncode == 0
+    rows = scalars(tmp_path / "run")
+    assert any(step == 0 and tag.startswith("pct/") for step, tag, _ in rows)
+    assert len({(step, tag) for step, tag, _ in rows}) == len(rows)  # each step once, step 0 too
+    assert rows == scalars(tmp_path / "straight")
+
+
+# ---------------------------------------------------------------- a disk that is completely full
+def mount_tmpfs(disk: Path, size: str) -> None:
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(disk)]).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+
+
+def fill(path: Path) -> None:
+    """Write zeros into ``path`` until the file system has not a byte left."""
+    with open(path, "wb", buffering=0) as f:
+        block = bytes(1 << 16)
+        while block:
+            try:
+                f.write(block)
+            except OSError:
+                block = block[: len(block) // 2]
+
+
+def whole_records(events: Path) -> int:
+    """How many records a TensorBoard event file holds; fails on a half-written one at its end
+    (a record: 8-byte length, 4-byte CRC, the data, 4-byte CRC)."""
+    data, at, count = events.read_bytes(), 0, 0
+    while at < len(data):
+        assert at + 12 <= len(data), f"half a record header at byte {at} of {len(data)}"
+        at += 12 + int.from_bytes(data[at: at + 8], "little") + 4
+        assert at <= len(data), f"half a record at the end of {events.name}"
+        count += 1
+    return count
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+def test_a_completely_full_disk_before_the_run_is_refused_in_one_line(tmp_path):
+    disk = tmp_path / "disk"
+    mount_tmpfs(disk, "256k")
+    try:
+        fill(disk / "filler")
+        result = bnlab("train", *SHORT, "hydra.run.dir=disk/run", cwd=tmp_path)
+        assert result.returncode == 2
+        assert result.stderr == (f"bnlab: error: hydra.run.dir=disk/run: cannot write under {disk} (No "
+                                 "space left on device); choose another directory with "
+                                 "hydra.run.dir=<dir>\n")
+        assert sorted(p.name for p in disk.iterdir()) == ["filler"]
+    finally:
+        subprocess.run(["umount", str(disk)])
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+def test_a_disk_that_fills_completely_mid_run_fails_it_in_one_line_and_it_resumes(tmp_path):
+    """Not a byte left, not even for train.log: one line (no traceback), the event file cut back
+    to whole records, the last checkpoint intact; once space is freed the run resumes exactly."""
+    from helpers import start, wait_for_checkpoint
+
+    disk = tmp_path / "disk"
+    mount_tmpfs(disk, "8m")
+    try:
+        run = disk / "run"
+        # Rows at every step: scalars.csv's last page fills up long before the next checkpoint,
+        # whose failed temporary file would give space back.
+        every = ["train.log_every=1", "train.checkpoint_every=100", "probe=off"]
+        proc = start(run, tmp_path, "train.steps=100000", *every, "train.progress=off")
+        wait_for_checkpoint(run, proc, 100)
+        fill(disk / "filler")
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 1
+        assert re.fullmatch(f"bnlab: error: cannot write {run}/(scalars.csv|events.out.tfevents.[^:]+): No "
+                            r"space left on device \[ENOSPC\]; run disk/run failed \(train.log not "
+                            r"writable\); once fixed: bnlab train resume=disk/run\n", err), err
+        (events,) = run.glob("events.out.tfevents.*")
+        assert whole_records(events) > 1
+        assert not list(run.rglob("*.tmp"))
+        summary = summary_of(run)
+        assert summary["status"] == "failed" and summary["error"].endswith("[ENOSPC]")
+        step = load_checkpoint(run / "checkpoints" / "last.pt")["step"]
+        (disk / "filler").unlink()
+        resumed = bnlab("train", f"resume={run}", f"train.steps={step + 30}", cwd=tmp_path)
+        assert resumed.returncode == 0, resumed.stderr
+        reference = start(tmp_path / "reference", tmp_path, f"train.steps={step + 30}", *every)
+        assert reference.wait(timeout=120) == 0
+        assert scalars(run) == scalars(tmp_path / "reference")
+    finally:
+        subprocess.run(["umount", str(disk)])

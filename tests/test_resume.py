@@ -87,8 +87,14 @@ def test_sigint_checkpoints_marks_interrupted_and_resumes(tmp_path, reference):
 def test_resume_refuses_changing_the_experiment(tmp_path, reference):
     result = bnlab("train", f"resume={reference}", "optim.lr=0.5", cwd=tmp_path)
     assert result.returncode == 2
-    assert result.stderr.startswith("bnlab: error: resume=: cannot change the experiment of a run "
-                                    "(optim.lr=0.5)")
+    assert result.stderr == (f"bnlab: error: resume={reference}: optim.lr=0.5 would change the run's "
+                             "experiment (its .hydra/config.yaml says optim.lr=0.1); only device, "
+                             "train.progress, train.threads, data.root, train.steps, train.epochs "
+                             "may be given\n")
+    same = bnlab("train", f"resume={reference}", "optim.lr=0.1", "norm=bn", "data=digits", cwd=tmp_path)
+    assert same.returncode == 2  # agrees with the saved config; the run has nothing left to do
+    assert same.stderr == (f"bnlab: error: resume={reference}: the run has completed its 2400 steps; "
+                           "give train.steps above 2400 to train it further\n")
 
 
 def test_resume_on_a_directory_that_is_not_a_run(tmp_path):
@@ -128,3 +134,49 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         save_checkpoint(path, {"step": 2, "w": torch.zeros(3)})
     assert load_checkpoint(path)["step"] == 1  # the previous checkpoint survives
+
+
+# ---------------------------------------------------------------- the saved config is the run's truth
+def test_a_run_resumes_from_its_saved_config_even_when_its_own_config_group_changed(tmp_path):
+    """A config group of the user's own (hydra.searchpath): the run resumes from its saved
+    .hydra/config.yaml, so a default changed since (here the group's lr) changes nothing; and
+    extending it (train.steps above the current step) gives the scalars of the longer run and
+    writes the new length into the saved config."""
+    mine = tmp_path / "mine" / "optim"
+    mine.mkdir(parents=True)
+    (mine / "slow.yaml").write_text("defaults:\n  - /schema/optim@_here_\n  - _self_\nname: sgd\nlr: 0.05\n")
+    quick = ["data=digits", "train.log_every=10", "train.eval_every=10", "train.checkpoint_every=10",
+             "probe=off", "train.threads=1", "train.progress=off",
+             f"hydra.searchpath=[file://{tmp_path / 'mine'}]", "optim=slow"]
+    assert bnlab("train", *quick, "train.steps=20", "hydra.run.dir=run", cwd=tmp_path).returncode == 0
+    assert bnlab("train", *quick, "train.steps=40", "hydra.run.dir=straight", cwd=tmp_path).returncode == 0
+    (mine / "slow.yaml").write_text((mine / "slow.yaml").read_text().replace("0.05", "0.5"))
+    resumed = bnlab("train", "resume=run", "train.steps=40", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "completed: 40/40 steps" in resumed.stdout
+    assert scalars(tmp_path / "run") == scalars(tmp_path / "straight")
+    assert {v for _, t, v in scalars(tmp_path / "run") if t == "train/lr"} == {0.05}
+    saved = (tmp_path / "run" / ".hydra" / "config.yaml").read_text()
+    assert "  steps: 40\n" in saved and "lr: 0.05" in saved
+    assert "train.steps=40" in (tmp_path / "run" / ".hydra" / "overrides.yaml").read_text()
+
+
+def test_resume_refuses_a_shorter_run_and_a_damaged_or_incomplete_directory(tmp_path, reference):
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    shorter = bnlab("train", "resume=run", "train.steps=1000", cwd=tmp_path)
+    assert shorter.returncode == 2
+    assert shorter.stderr == ("bnlab: error: train.steps=1000 is below the run's current step (2400); a "
+                              "run cannot be shortened: give a length above it, or start a new run\n")
+    config = run / ".hydra" / "config.yaml"
+    config.write_text(config.read_text()[:700])  # cut short, as a full disk leaves it
+    damaged = bnlab("train", "resume=run", "train.steps=2500", cwd=tmp_path)
+    assert damaged.returncode == 2
+    assert damaged.stderr.startswith("bnlab: error: resume=run: run/.hydra/config.yaml is damaged (")
+    assert damaged.stderr.endswith("); the run cannot be resumed\n") and len(damaged.stderr.splitlines()) == 1
+    shutil.copy(reference / ".hydra" / "config.yaml", config)
+    (run / ".hydra" / "overrides.yaml").unlink()
+    incomplete = bnlab("train", "resume=run", "train.steps=2500", cwd=tmp_path)
+    assert incomplete.returncode == 2
+    assert incomplete.stderr == ("bnlab: error: resume=run: run/.hydra/overrides.yaml is missing: the run "
+                                 "directory is not whole (Hydra writes it with config.yaml)\n")

@@ -84,6 +84,9 @@ def auto_threads(cfg) -> int:
     (docs/performance.md). Never above the usable cores."""
     cores = usable_cores()
     if cfg.train.threads:
+        if cfg.train.threads > cores:  # 999 was once accepted: a load average of ~200
+            raise UserError(f"train.threads={cfg.train.threads} is not valid: this process may use "
+                            f"{cores} cores; give at most {cores}, or 0 to choose from the free cores")
         return int(cfg.train.threads)
     reserved = launcher_cpus()
     if reserved:

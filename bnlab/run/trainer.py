@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import shutil
 import signal
 import sys
 import time
@@ -43,10 +42,11 @@ from bnlab.run.process import (
     versions,
 )
 from bnlab.run.progress import Progress
+from bnlab.run.resume import check_length, record_length
 from bnlab.rundir.lock import RunLocked, hold
-from bnlab.rundir.names import CHECKPOINT, HYDRA_DIR, LOCK, SUMMARY_JSON, TRAIN_LOG
+from bnlab.rundir.names import CHECKPOINT, SUMMARY_JSON, TRAIN_LOG
 from bnlab.rundir.outcome import headline, read_summary, run_report, shown_path
-from bnlab.rundir.writer import Recorder, overwrite_json, write_json_atomic
+from bnlab.rundir.writer import Recorder, discard_fresh, looks_fresh, overwrite_json, write_json_atomic
 
 EXIT_FAILED = 1  # an exception inside the run, a write that failed
 EXIT_USER_ERROR = 2  # a bad config or input, found before any work; a second writer
@@ -270,7 +270,7 @@ class Trainer:
         progress = Progress(self.total_steps, self.step, mode, label=label)
         try:
             self.summary("running")
-            if self.prober is not None and self.step == 0:
+            if self.prober is not None and self.step == 0 and not resumed:  # a resume at 0 has it
                 self.prober.probe(0, recorder)
             try:
                 status = self._loop(recorder, progress)
@@ -391,6 +391,9 @@ class _Signals:
     def installed(self):
         previous = {sig: signal.signal(sig, self) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
+            # `bnlab train` records a signal that comes while it starts (bnlab.cli): act on it now.
+            if any(getattr(handler, "received", None) for handler in previous.values()):
+                raise KeyboardInterrupt
             yield self
         finally:
             for sig, handler in previous.items():
@@ -455,6 +458,9 @@ def run(cfg: DictConfig, run_dir: Path) -> str:
             resumed = cfg.resume is not None
             if resumed:
                 trainer.load_state_dict(load_checkpoint(run_dir / CHECKPOINT, device))
+                check_length(trainer.step, trainer.total_steps, cfg)
+                if writer:  # train.steps above the current step extends the run: its config says so
+                    record_length(run_dir, cfg)
             signals.trainer = trainer
             return trainer.run(resumed)
         except BaseException as err:
@@ -468,19 +474,6 @@ def run(cfg: DictConfig, run_dir: Path) -> str:
 
 
 # ---------------------------------------------------------------- the Hydra task
-
-def _looks_like_fresh_run(run_dir: Path) -> bool:
-    """Only Hydra's own files and the lock: nothing a user would miss if the directory went away."""
-    return all(p.name in (HYDRA_DIR, TRAIN_LOG, LOCK) for p in run_dir.iterdir())
-
-
-def _discard(run_dir: Path) -> None:
-    """Remove a run directory that holds nothing of a run, and Hydra's date folder if now empty."""
-    if run_dir.is_dir() and _looks_like_fresh_run(run_dir):
-        shutil.rmtree(run_dir, ignore_errors=True)
-        with contextlib.suppress(OSError):
-            run_dir.parent.rmdir()
-
 
 def _log_traceback(run_dir: Path, err: BaseException) -> bool:
     """Append ``err``'s traceback to the run's train.log; False if it cannot be written."""
@@ -519,16 +512,16 @@ def _execute(cfg: DictConfig, run_dir: Path, multirun: bool, writer: bool) -> in
         status = run(cfg, run_dir)
     except UserError as err:
         print(f"bnlab: error: {err}", file=sys.stderr)
-        if writer and cfg.resume is None and _looks_like_fresh_run(run_dir):
+        if writer and cfg.resume is None and looks_fresh(run_dir):
             if multirun:  # a sweep's report lists this run as failed, and why
                 _record_end(run_dir, None, "failed", err)
             else:
-                _discard(run_dir)
+                discard_fresh(run_dir)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         if writer:
-            if cfg.resume is None and _looks_like_fresh_run(run_dir):
-                _discard(run_dir)
+            if cfg.resume is None and looks_fresh(run_dir):
+                discard_fresh(run_dir)
                 print("bnlab: interrupted before training started; nothing kept", file=sys.stderr)
             else:
                 print(f"bnlab: interrupted; resume with: {resume_command}", file=sys.stderr)
@@ -543,7 +536,7 @@ def _execute(cfg: DictConfig, run_dir: Path, multirun: bool, writer: bool) -> in
             (run_dir / CHECKPOINT).is_file() else ""
         print(f"bnlab: error: {_error_text(err)}; run {shown_path(run_dir)} failed ({where}){hint}",
               file=sys.stderr)
-        if not logged:
+        if not logged and not isinstance(err, WriteError):  # a bug's traceback has nowhere else to go
             traceback.print_exc()
         return EXIT_FAILED
     if not writer:

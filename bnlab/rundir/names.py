@@ -17,3 +17,13 @@ CHECKPOINT = Path("checkpoints") / "last.pt"
 # Hydra's job log is named after hydra.job.name (configs/train.yaml sets it to "train").
 TRAIN_LOG = "train.log"
 LOCK = ".lock"  # flock-ed by the one process writing the run
+EVENTS_GLOB = "events.out.tfevents.*"  # TensorBoard's event files
+
+
+def holds_run(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds (part of) a run: a saved config, a summary, scalars, a
+    checkpoint or TensorBoard events. Such a directory is written only by ``resume=`` of that run."""
+    run_dir = Path(run_dir)
+    if any((run_dir / name).exists() for name in (CONFIG, SUMMARY_JSON, SCALARS_CSV, CHECKPOINT)):
+        return True
+    return run_dir.is_dir() and any(run_dir.glob(EVENTS_GLOB))

@@ -23,7 +23,7 @@ import numpy as np
 
 from bnlab.errors import UserError
 from bnlab.rundir.lock import process_status
-from bnlab.rundir.names import CONFIG, OVERRIDES, SCALARS_CSV, SUMMARY_JSON
+from bnlab.rundir.names import CONFIG, HYDRA_DIR, OVERRIDES, SCALARS_CSV, SUMMARY_JSON, holds_run
 
 HEADER = b"step,tag,value"
 # Folders that never hold runs: a report's output, Hydra's and the trainer's own.
@@ -98,14 +98,17 @@ class Run:
 
 # ---------------------------------------------------------------- finding runs
 def is_run_dir(path: Path) -> bool:
-    return (path / CONFIG).is_file()
+    """A directory holding any of a run's files (a run whose config was lost is still a run:
+    the report lists it as damaged rather than leaving it out)."""
+    return holds_run(path) or (path / HYDRA_DIR).is_dir()
 
 
 def find_runs(paths: Iterable[str | os.PathLike]) -> list[Run]:
     """Every run under ``paths``: a run directory, a multirun sweep, or a whole ``outputs/`` tree.
 
-    A run directory is a directory holding ``.hydra/config.yaml``; ``report/`` folders are
-    skipped. Raises :class:`UserError` for a path that does not exist.
+    A run directory is a directory holding ``.hydra/`` or any of a run's files
+    (:func:`bnlab.rundir.names.holds_run`); ``report/`` folders are skipped. Raises
+    :class:`UserError` for a path that does not exist.
     """
     found: dict[Path, None] = {}
     for raw in paths:
@@ -134,8 +137,11 @@ def load_run(path: Path) -> Run:
         claims = raw.pop("claims", None) if isinstance(raw, dict) else None
         run.claims = list(claims) if isinstance(claims, list) else []
         run.config = flatten(raw)
+    except FileNotFoundError:
+        run.problems.append(f"{CONFIG} missing: its config is unknown")
+        run._damaged = True
     except (OSError, ValueError) as err:
-        run.problems.append(f".hydra/config.yaml unreadable: {_first_line(err)}")
+        run.problems.append(f"{CONFIG} unreadable: {_first_line(err)}")
         run._damaged = True
     if (path / OVERRIDES).is_file():
         try:

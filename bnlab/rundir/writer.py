@@ -12,13 +12,14 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from bnlab.errors import WriteError
-from bnlab.rundir.names import SCALARS_CSV
+from bnlab.rundir.names import HYDRA_DIR, LOCK, SCALARS_CSV, TRAIN_LOG
 
 
 def atomic_write(path: Path, content: str | bytes | memoryview) -> None:
@@ -76,6 +77,76 @@ def truncate_scalars(path: Path, from_step: int) -> None:
             if head == "step" or (head.isdigit() and int(head) < from_step):
                 keep.append(line)
     atomic_write(path, "".join(keep))
+
+
+def cut_to_whole_records(path: Path) -> None:
+    """Cut a TensorBoard event file back to its last whole record.
+
+    A record is ``length`` (8 bytes, little-endian), its CRC (4 bytes), ``length`` bytes of data
+    and their CRC (4 bytes). A write cut short (a full disk) leaves half a record at the end,
+    which TensorBoard reports as a corrupt file; cutting a file back needs no space.
+    """
+    try:
+        with open(path, "r+b") as f:
+            size = os.fstat(f.fileno()).st_size
+            whole = 0
+            while whole + 12 <= size:
+                f.seek(whole)
+                end = whole + 12 + int.from_bytes(f.read(8), "little") + 4
+                if end > size:
+                    break
+                whole = end
+            if whole < size:
+                f.truncate(whole)
+    except OSError:
+        pass  # nothing more can be done about this file
+
+
+# ---------------------------------------------------------------- a run directory that holds nothing
+# Hydra's files and the lock: what a run directory holds before training starts.
+FRESH = (HYDRA_DIR, TRAIN_LOG, LOCK)
+# The nearest directory that existed before this command started (set by `bnlab train`):
+# discard_fresh removes the folders made for the run (``outputs/<date>/``) up to it, never
+# one that was there before. None: only the run directory itself is removed.
+existed_before: Path | None = None
+
+
+def looks_fresh(run_dir: Path) -> bool:
+    """Only Hydra's own files and the lock: nothing a user would miss if the directory went away."""
+    return all(p.name in FRESH for p in Path(run_dir).iterdir())
+
+
+def discard_fresh(run_dir: Path) -> bool:
+    """Remove ``run_dir`` if it holds nothing of a run (:func:`looks_fresh`), and the empty
+    folders above it up to :data:`existed_before`; True if it was removed."""
+    run_dir = Path(run_dir).absolute()
+    if not run_dir.is_dir() or not looks_fresh(run_dir):
+        return False
+    return _remove(run_dir)
+
+
+def discard_fresh_sweep(sweep_dir: Path) -> bool:
+    """Remove a sweep directory that holds no run yet (Hydra's ``multirun.yaml`` and empty
+    folders only), and the empty folders above it up to :data:`existed_before`."""
+    sweep_dir = Path(sweep_dir).absolute()
+    if not sweep_dir.is_dir():
+        return False
+    if any(p != sweep_dir / "multirun.yaml" for p in sweep_dir.rglob("*") if not p.is_dir()):
+        return False
+    return _remove(sweep_dir)
+
+
+def _remove(folder: Path) -> bool:
+    shutil.rmtree(folder, ignore_errors=True)
+    stop = existed_before.absolute() if existed_before is not None else None
+    parent = folder.parent
+    while stop is not None and stop in parent.parents:
+        try:
+            parent.rmdir()  # only if empty
+        except OSError:
+            break
+        parent = parent.parent
+    return not folder.exists()
 
 
 def _quiet_tensorboard_thread(args: threading.ExceptHookArgs) -> None:
@@ -207,8 +278,11 @@ class Recorder:
             return
         self.enabled = False
         os.close(self.csv_fd)
-        with _writing(self.events_path):
+        try:
             self.writer.close()
+        except OSError as err:
+            cut_to_whole_records(self.events_path)
+            raise WriteError(self.events_path, err) from err
 
     def abandon(self) -> None:
         """Close after a failure: whatever the sinks still hold is dropped, and nothing raises."""
@@ -218,3 +292,4 @@ class Recorder:
         os.close(self.csv_fd)
         with contextlib.suppress(Exception):
             self.writer.close()
+        cut_to_whole_records(self.events_path)  # a write the failure cut short
