@@ -143,7 +143,15 @@ def _train(argv: list[str]) -> int:
             from bnlab.run.distributed import shutdown
 
             shutdown()
+        _ended()
     return _after(signals)
+
+
+def _ended() -> None:
+    """Ignore signals from here on: the interpreter's shutdown puts the default handlers back,
+    and a Ctrl-C during it (torch's takes a while) would kill the process without a word."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def _after(signals: _StartupSignals) -> int:
@@ -179,6 +187,7 @@ def _resume(resumption, signals: _StartupSignals) -> int:
         from bnlab.run.distributed import shutdown
 
         shutdown()
+        _ended()
     return code or _after(signals)
 
 
