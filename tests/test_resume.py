@@ -1,6 +1,7 @@
 """`resume=` (bnlab.run.resume, bnlab.run.checkpoint): a run killed (SIGKILL) or interrupted (SIGINT)
-resumes to exactly the scalars of the uninterrupted run; resume refuses what would change the run;
-a checkpoint is replaced atomically."""
+resumes to exactly the scalars of the uninterrupted run, from its own saved config (a config group
+of the user's own included); extending it gives the longer run; resume refuses what would change
+or shorten the run, and a damaged or incomplete directory; a checkpoint is replaced atomically."""
 
 from __future__ import annotations
 
