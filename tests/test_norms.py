@@ -219,7 +219,9 @@ def test_bn_compiles_as_one_graph_and_matches_eager(shape):
 
 COMPILED_NORMS = [("brn", {"warmup_steps": 1, "ramp_steps": 0, "d_ramp_steps": 0}),
                   ("brn", {"warmup_steps": 1, "ramp_steps": 0, "d_ramp_steps": 0, "impl": "scratch"}),
-                  ("ln", {}), ("gn", {}), ("noisy_bn", {}), ("zca", {}), ("iternorm", {})]
+                  ("ln", {}), ("gn", {}), ("noisy_bn", {}), ("zca", {}), ("iternorm", {}),
+                  ("bn", {"ghost_batch": 15}),
+                  ("brn", {"warmup_steps": 1, "ramp_steps": 0, "d_ramp_steps": 0, "ghost_batch": 15})]
 
 
 @pytest.mark.parametrize(("name", "options"), COMPILED_NORMS)
