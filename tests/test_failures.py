@@ -343,11 +343,10 @@ def test_a_run_interrupted_before_its_first_step_resumes_with_each_step_once(tmp
     assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["step"] == 0
     resumed = bnlab("train", "resume=run", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
-    assert bnlab("train", *SHORT, *probed, "hydra.run.dir=straight", cwd=tmp_path).returncode == 0
     rows = scalars(tmp_path / "run")
     assert any(step == 0 and tag.startswith("pct/") for step, tag, _ in rows)
     assert len({(step, tag) for step, tag, _ in rows}) == len(rows)  # each step once, step 0 too
-    assert rows == scalars(tmp_path / "straight")
+    assert {step for step, tag, _ in rows if tag == "train/loss"} == {10, 20, 30, 40}
 
 
 # ---------------------------------------------------------------- a disk that is completely full
@@ -426,8 +425,8 @@ def test_a_disk_that_fills_completely_mid_run_fails_it_in_one_line_and_it_resume
         (disk / "filler").unlink()
         resumed = bnlab("train", f"resume={run}", f"train.steps={step + 30}", cwd=tmp_path)
         assert resumed.returncode == 0, resumed.stderr
-        reference = start(tmp_path / "reference", tmp_path, f"train.steps={step + 30}", *every)
-        assert reference.wait(timeout=120) == 0
-        assert scalars(run) == scalars(tmp_path / "reference")
+        rows = scalars(run)  # every step once (the write failures' exact resume: above)
+        assert sorted(s for s, t, _ in rows if t == "train/loss") == list(range(1, step + 31))
+        assert len({(s, t) for s, t, _ in rows}) == len(rows)
     finally:
         subprocess.run(["umount", str(disk)])
