@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from bnlab.errors import UserError
 from bnlab.run import process
 
 from helpers import compose
@@ -32,7 +33,9 @@ def test_automatic_threads_are_the_share_of_the_free_cores(monkeypatch, free, ex
     monkeypatch.setattr(process, "parallel_jobs", lambda: 1)
     monkeypatch.setattr(process, "launcher_cpus", lambda: None)
     assert process.auto_threads(compose("data=digits")) == expected
-    assert process.auto_threads(compose("data=digits", "train.threads=3")) == 3  # asked for: kept
+    assert process.auto_threads(compose("data=digits", "train.threads=2")) == 2  # asked for: kept
+    with pytest.raises(UserError, match="train.threads=3 is not valid: this process may use 2 cores"):
+        process.auto_threads(compose("data=digits", "train.threads=3"))  # above the cores: refused
     monkeypatch.setattr(process, "parallel_jobs", lambda: 2)
     assert process.auto_threads(compose("data=digits")) == 1
     monkeypatch.setattr(process, "launcher_cpus", lambda: 8)
