@@ -16,6 +16,8 @@ commands:
 
 Run `bnlab <command> --help` for a command's options.
 """
+EXIT_USER_ERROR = 2  # the codes of bnlab.run.trainer, which cannot be imported before torch
+EXIT_INTERRUPTED = 130
 
 
 class _StartupSignals:
@@ -63,10 +65,6 @@ class _StartupSignals:
         what = "the run is as it was" if resuming else "nothing kept"
         print(f"bnlab: interrupted before training started; {what}", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
-
-
-EXIT_USER_ERROR = 2
-EXIT_INTERRUPTED = 130
 
 
 def _train(argv: list[str]) -> int:
