@@ -252,16 +252,30 @@ class Bench:
                  ratios=[c / e for e, c in zip(wall["eager"], wall["compiled"], strict=True)])
 
     # -- probes
+    # Each probe at the interval docs/metrics.md gives it, added to the default probes.
+    PROBE_ROWS = {
+        "default": ([], "every 100 steps on 1,000 images; target <= 1.10"),
+        "full": (["probe=full"], "every 50 steps, ICS every 100, histograms every 500"),
+        "snd": (["probe.snd_every=250"], "default probes + disturbance every 250 steps (4 x 8 batches)"),
+        "curvature": (["probe.curvature_every=2000"],
+                      "default probes + Hessian top eigenvalue every 2,000 steps (20 Lanczos steps)"),
+    }
+
     def probes(self, steps: int, rounds: int) -> None:
+        """Each probe setting against probes off, per training step of the default MLP. The
+        curvature row needs runs of at least 2,000 steps to measure once."""
         auto = self._auto_threads()
-        r = self.rounds({p: (lambda p=p: self.trainer_steps_per_s([*MLP, f"probe={p}"], auto, steps))
-                         for p in ("off", "default", "full")}, rounds)
+        measures = {"off": lambda: self.trainer_steps_per_s([*MLP, "probe=off"], auto, steps)}
+        for name, (overrides, _) in self.PROBE_ROWS.items():
+            run_steps = max(steps, 2000) if name == "curvature" else steps
+            measures[name] = lambda o=overrides, s=run_steps: self.trainer_steps_per_s([*MLP, *o], auto, s)
+        r = self.rounds(measures, rounds)
         med = statistics.median
-        for preset, note in (("default", "every 100 steps on 1,000 images; target <= 1.10"),
-                             ("full", "every 50 steps, ICS every 100, histograms every 500")):
-            self.add("probes", f"MLP: probe={preset} vs probe=off (time per step)",
-                     1 / med(r[preset]), 1 / med(r["off"]), "s/step", note,
-                     ratios=[off / on for off, on in zip(r["off"], r[preset], strict=True)])
+        for name, (overrides, note) in self.PROBE_ROWS.items():
+            label = " ".join(overrides) or "probe=default"
+            self.add("probes", f"MLP: {label} vs probe=off (time per step)",
+                     1 / med(r[name]), 1 / med(r["off"]), "s/step", note,
+                     ratios=[off / on for off, on in zip(r["off"], r[name], strict=True)])
 
     # -- evaluation: the train-mode pass mapped over batches, the eval-mode pass size
     def evaluation(self, rounds: int) -> None:

@@ -20,13 +20,13 @@ import contextlib
 import math
 import os
 import signal
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
+from torch import Tensor
 
 from bnlab.batched.program import Program
 from bnlab.config.schema import hidden_widths
@@ -34,14 +34,13 @@ from bnlab.data import check_sampler, load_dataset
 from bnlab.errors import UserError
 from bnlab.models import norm_factory
 from bnlab.run.checkpoint import load_checkpoint
-from bnlab.run.optim import learning_rate, loop_update
+from bnlab.run.optim import loop_update
 from bnlab.run.preflight import check_against_data, check_config
 from bnlab.run.process import seed_everything, setup_process
 from bnlab.run.progress import Progress
-from bnlab.run.trainer import EXIT_INTERRUPTED, Interrupted, Trainer
+from bnlab.run.trainer import EXIT_INTERRUPTED, Loop, Trainer
 from bnlab.rundir.lock import hold
 from bnlab.rundir.names import CHECKPOINT
-from bnlab.rundir.writer import Recorder
 
 # The keys in which the members of one program may differ.
 VARYING_KEYS = ("seed", "optim.lr", "optim.momentum", "optim.weight_decay")
@@ -87,7 +86,6 @@ class Member(Trainer):
         # to keep the state dict's version metadata.
         for key, value in model.items():
             model[key] = value.clone()
-        state["loss_sum"], state["correct_sum"] = state["loss_sum"].clone(), state["correct_sum"].clone()
         return state
 
 
@@ -104,127 +102,37 @@ class Group:
             raise ValueError("the members of a group must be at the same step of the same schedule")
         self.program = Program([m.model for m in self.members],
                                [loop_update(m.optimizer) for m in self.members], self.task)
-        # a resumed member's sums since its last log step come from its checkpoint
-        self.loss_sum = torch.stack([m.loss_sum for m in self.members]).to(self.device)
-        self.correct_sum = torch.stack([m.correct_sum for m in self.members]).to(self.device)
-        self._bind_sums()
-        self.stop_signal: int | None = None
 
-    def _bind_sums(self) -> None:
-        """Point every member's loss and accuracy sums at its row."""
-        for row, member in enumerate(self.members):
-            member.loss_sum, member.correct_sum = self.loss_sum[row], self.correct_sum[row]
+    def _step(self, batches: list[tuple[Tensor, Tensor]]) -> list[tuple[Tensor, Tensor]]:
+        """One step of the program on the members' own batches; each member's loss and count."""
+        loss, correct = self.program.step(torch.stack([x for x, _ in batches]),
+                                          torch.stack([y for _, y in batches]))
+        return list(zip(loss.unbind(), correct.unbind(), strict=True))
 
     def _leave(self, leaving: Sequence[Member]) -> None:
         """Members that stopped leave the program; their modules get their own storage back."""
-        for member in leaving:
-            member.loss_sum, member.correct_sum = member.loss_sum.clone(), member.correct_sum.clone()
         rows = [row for row, m in enumerate(self.members) if m not in leaving]
         self.members = [self.members[row] for row in rows]
         self.program.keep(rows)
-        index = torch.tensor(rows, device=self.device)
-        self.loss_sum = self.loss_sum.index_select(0, index)
-        self.correct_sum = self.correct_sum.index_select(0, index)
-        self._bind_sums()
 
-    # -- the loop
     def run(self) -> dict[Member, str]:
-        """Train every member to the end; returns each member's final status.
-
-        After each step every member does a standalone run's bookkeeping on its own module
-        (:meth:`Trainer._after_step`: log, evaluate, probe, checkpoint, each when due), timed
-        with the program's training time; the group shows its own progress.
-        """
-        statuses: dict[Member, str] = {}
-        t_start = time.perf_counter()
+        """Train every member to the end with the one training loop (:class:`bnlab.run.trainer.Loop`);
+        returns each member's final status. After each step every member does a standalone run's
+        bookkeeping on its own module, timed with the program's training time; the group shows
+        its own progress."""
         first = self.members[0]
         progress = Progress(self.total_steps, self.step, str(first.cfg.train.progress), label=self.label)
         quiet = Progress(self.total_steps, self.step, "off")  # the members' own displays
-        recorders = {m: Recorder(m.run_dir, purge_step=m.step + 1 if self.resumed[id(m)] else None)
-                     for m in self.members}
-        for member in self.members:
-            member.t_start, member.started, member._log_step = t_start, True, self.step
-
-        def finish(member: Member, status: str) -> None:
-            """What a standalone run does after its loop (its final evaluation and checkpoint
-            are done: at its last step, or where it stopped, in ``_after_step``)."""
-            recorder = recorders.pop(member)
-            member._write_hparams(recorder)
-            recorder.close()
-            member.summary(status)
-            statuses[member] = status
-
+        loop = Loop(self.members, self._step, progress, {m: quiet for m in self.members},
+                    resumed={m: self.resumed[id(m)] for m in self.members}, leave=self._leave,
+                    show=self._show)
         try:
-            for member in self.members:
-                member.summary("running")
-                if member.prober is not None and self.step == 0:
-                    member.prober.probe(0, recorders[member])
-            every = first.every
-            schedules = ({m: OmegaConf.to_object(m.cfg.optim) for m in self.members}
-                         if first.cfg.optim.schedule == "cosine" else None)
-            t_mark = time.perf_counter()
-            while self.members and self.step < self.total_steps:
-                if self.stop_signal is not None:
-                    raise Interrupted
-                batches = [next(m.stream) for m in self.members]
-                x = torch.stack([b[0] for b in batches])
-                y = torch.stack([b[1] for b in batches])
-                if schedules is not None:
-                    for member in self.members:
-                        member.optimizer.param_groups[0]["lr"] = learning_rate(schedules[member], self.step,
-                                                                                self.total_steps)
-                # Gradient ICS and the loss landscape leave the program: per member, before its step.
-                ics = first.prober is not None and first.prober.wants_ics(self.step + 1)
-                landscape = every.landscape and (self.step + 1) % every.landscape == 0
-                for row, member in enumerate(self.members if ics or landscape else ()):
-                    args = (self.step + 1, member.model, member.optimizer, x[row], y[row], recorders[member])
-                    if ics:
-                        member.prober.ics(*args)
-                    if landscape:
-                        member.prober.landscape(*args)
-                loss, correct = self.program.step(x, y)
-                self.loss_sum += loss
-                self.correct_sum += correct
-                self.step += 1
-                step = self.step
-                logs = step % every.log == 0 or step == self.total_steps
-                if logs:
-                    if self.device.type == "cuda":
-                        torch.cuda.synchronize()
-                    train_time = time.perf_counter() - t_mark
-                stopped = []
-                for member in self.members:
-                    member.step, member.seen = step, member.seen + 1
-                    if logs:  # its steps/s: the program's, not counting the members logged before it
-                        member._t_mark = time.perf_counter() - train_time
-                    if member._after_step(recorders[member], quiet):
-                        stopped.append(member)
-                    if member.diverged_step == step:
-                        progress.message(f"diverged: {member.run_dir.name}: train/loss="
-                                         f"{member.final['train/loss']} at step {step}")
-                if logs:
-                    self._show(progress, step)
-                    t_mark = time.perf_counter()  # eval, probes and checkpoints are not train time
-                for member in stopped:
-                    finish(member, "diverged")
-                if stopped:
-                    self._leave(stopped)
-            for member in list(self.members):
-                finish(member, "diverged" if member.diverged_step is not None else "completed")
-        except Interrupted:
-            for member in self.members:
-                member.save()
-                recorders.pop(member).close()
-                member.summary("interrupted")
-                statuses[member] = "interrupted"
+            return loop.run()
         except BaseException as err:
-            for member, recorder in recorders.items():
-                recorder.abandon()
-                member.summary("failed", error=f"{type(err).__name__}: {err}")
+            for member in self.members:
+                if member not in loop.statuses:
+                    member.summary("failed", error=f"{type(err).__name__}: {err}")
             raise
-        finally:
-            progress.close()
-        return statuses
 
     def _show(self, progress: Progress, step: int) -> None:
         finals = [m.final for m in self.members if "train/loss" in m.final]
@@ -242,9 +150,10 @@ class Group:
 def _install_signal_handlers(group: Group) -> dict[int, Any]:
     """First SIGINT/SIGTERM: checkpoint every member at the next step; second: leave now."""
     def handle(signum, frame):
-        if group.stop_signal is not None:
+        if any(m.stop_signal is not None for m in group.members):
             os._exit(EXIT_INTERRUPTED)
-        group.stop_signal = signum
+        for member in group.members:
+            member.stop_signal = signum
 
     return {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
 

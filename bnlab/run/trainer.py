@@ -15,6 +15,7 @@ import signal
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -108,6 +109,7 @@ class Trainer:
                            landscape=self.prober.landscape_every if self.prober is not None else 0,
                            checkpoint=int(tcfg.checkpoint_every),
                            stop_on_divergence=bool(tcfg.stop_on_divergence))
+        self.schedule = OmegaConf.to_object(cfg.optim) if cfg.optim.schedule == "cosine" else None
         self.step = 0
         self.started = False  # run() began: summary.json is this run's now
         self.loss_sum = torch.zeros((), device=device)  # since the last log step, on the device
@@ -262,56 +264,25 @@ class Trainer:
         An exception leaves the files as they were at that moment (the recorder closed
         without raising again); :func:`run` then marks the summary.
         """
-        self.t_start = time.perf_counter()
-        self.started = True
-        recorder = Recorder(self.run_dir, purge_step=self.step + 1 if resumed else None,
-                            enabled=self.is_writer)
         mode, label = progress_setting(self.cfg.train.progress) if self.is_writer else ("off", "train")
         progress = Progress(self.total_steps, self.step, mode, label=label)
-        try:
-            self.summary("running")
-            if self.prober is not None and self.step == 0 and not resumed:  # a resume at 0 has it
-                self.prober.probe(0, recorder)
-            try:
-                status = self._loop(recorder, progress)
-                self._write_hparams(recorder)
-            except Interrupted:
-                self.save()
-                status = "interrupted"
-            progress.close()
-            recorder.close()
-        except BaseException:
-            progress.close()
-            recorder.abandon()
-            raise
-        self.summary(status)
-        return status
+        loop = Loop([self], lambda batches: [self.step_fn(*batches[0])], progress, {self: progress},
+                    resumed={self: resumed})
+        return loop.run()[self]
 
-    def _loop(self, recorder: Recorder, progress: Progress) -> str:
-        """Steps until the end or a divergence: the batch, the rate, the step, the bookkeeping."""
-        schedule = OmegaConf.to_object(self.cfg.optim) if self.cfg.optim.schedule == "cosine" else None
-        self._t_mark, self._log_step = time.perf_counter(), self.step
-        every = self.every
-        while self.step < self.total_steps:
-            # Replicas stop together, at a log step where they agreed to (see _log_train).
-            if (self.stop_signal is not None and not self.distributed) or self.stop_agreed:
-                raise Interrupted
-            x, y = next(self.stream)
-            if schedule is not None:
-                for group in self.optimizer.param_groups:
-                    group["lr"] = learning_rate(schedule, self.step, self.total_steps)
-            if self.prober is not None and self.prober.wants_ics(self.step + 1):
-                self.prober.ics(self.step + 1, self.model, self.optimizer, x, y, recorder)
-            if every.landscape and (self.step + 1) % every.landscape == 0:
-                self.prober.landscape(self.step + 1, self.model, self.optimizer, x, y, recorder)
-            loss, correct = self.step_fn(x, y)
-            self.loss_sum += loss
-            self.correct_sum += correct
-            self.seen += 1
-            self.step += 1
-            if self._after_step(recorder, progress):
-                return "diverged"
-        return "diverged" if self.diverged_step is not None else "completed"
+    def step_batch(self, recorder: Recorder) -> tuple[Tensor, Tensor]:
+        """This run's next batch, and what happens before the step is taken on it: the step's
+        learning rate, and gradient ICS and the loss landscape, measured on the batch at the
+        parameters the step starts from."""
+        x, y = next(self.stream)
+        if self.schedule is not None:
+            for group in self.optimizer.param_groups:
+                group["lr"] = learning_rate(self.schedule, self.step, self.total_steps)
+        if self.prober is not None and self.prober.wants_ics(self.step + 1):
+            self.prober.ics(self.step + 1, self.model, self.optimizer, x, y, recorder)
+        if self.every.landscape and (self.step + 1) % self.every.landscape == 0:
+            self.prober.landscape(self.step + 1, self.model, self.optimizer, x, y, recorder)
+        return x, y
 
     def _after_step(self, recorder: Recorder, progress: Progress) -> bool:
         """The step's bookkeeping, each part when due: log, evaluate, probe, checkpoint.
@@ -365,6 +336,112 @@ class Trainer:
         skip = ("resume", "train.progress", "train.threads", "data.root", "claims")
         recorder.hparams({k: v for k, v in config.items() if k not in skip},
                          {k: v for k, v in self.final.items() if k.startswith(("test/", "train/"))})
+
+
+# ---------------------------------------------------------------- the loop
+Step = Callable[[list[tuple[Tensor, Tensor]]], list[tuple[Tensor, Tensor]]]
+
+
+class Loop:
+    """The one training loop: steps ``runs`` (one run, or the members of a batched program, all
+    at the same step of the same schedule) in lockstep to the end.
+
+    Each step: every run's next batch (:meth:`Trainer.step_batch`), then ``step`` on all the
+    batches (a run's own step, or one program for all), which returns each run's loss and
+    correct count; then each run's bookkeeping in one order, each part when due
+    (:meth:`Trainer._after_step`: log, evaluate, probe, checkpoint). A run whose loss diverges
+    (with ``train.stop_on_divergence``) ends there and leaves (``leave``); the others go on.
+    ``displays[run]`` is the progress display a run's own lines go to; ``progress`` is the
+    loop's, which ``show`` updates at log steps for a group (a single run updates its own).
+    """
+
+    def __init__(self, runs: list[Trainer], step: Step, progress: Progress, displays: dict[Trainer, Progress],
+                 resumed: dict[Trainer, bool], leave: Callable[[list[Trainer]], None] | None = None,
+                 show: Callable[[Progress, int], None] | None = None) -> None:
+        self.runs, self.step, self.progress, self.displays = list(runs), step, progress, displays
+        self.resumed, self.leave, self.show = resumed, leave, show
+        self.statuses: dict[Trainer, str] = {}
+        self.recorders: dict[Trainer, Recorder] = {}
+
+    def _finish(self, run: Trainer, status: str) -> None:
+        """What a run does after its last step (its final evaluation and checkpoint are done,
+        at its last step or where it stopped, in ``_after_step``)."""
+        recorder = self.recorders.pop(run)
+        run._write_hparams(recorder)
+        recorder.close()
+        run.summary(status)
+        self.statuses[run] = status
+
+    def run(self) -> dict[Trainer, str]:
+        """Train every run to its end; returns each run's status: completed, diverged or
+        interrupted. An exception abandons every open recorder and propagates."""
+        t_start = time.perf_counter()
+        for run in self.runs:
+            run.t_start, run.started, run._log_step = t_start, True, run.step
+            self.recorders[run] = Recorder(run.run_dir, enabled=run.is_writer,
+                                           purge_step=run.step + 1 if self.resumed[run] else None)
+        try:
+            for run in self.runs:
+                run.summary("running")
+                if run.prober is not None and run.step == 0 and not self.resumed[run]:  # a resume at 0 has it
+                    run.prober.probe(0, self.recorders[run])
+            try:
+                self._loop()
+            except Interrupted:
+                for run in self.runs:
+                    run.save()
+                    self.recorders.pop(run).close()
+                    run.summary("interrupted")
+                    self.statuses[run] = "interrupted"
+        except BaseException:
+            for recorder in self.recorders.values():
+                recorder.abandon()
+            raise
+        finally:
+            self.progress.close()
+        return self.statuses
+
+    def _loop(self) -> None:
+        first = self.runs[0]
+        t_mark = time.perf_counter()
+        while self.runs and first.step < first.total_steps:
+            # Replicas stop together, at a log step where they agreed to (see _log_train).
+            if any((r.stop_signal is not None and not r.distributed) or r.stop_agreed for r in self.runs):
+                raise Interrupted
+            batches = [run.step_batch(self.recorders[run]) for run in self.runs]
+            results = self.step(batches)
+            for run, (loss, correct) in zip(self.runs, results, strict=True):
+                run.loss_sum += loss
+                run.correct_sum += correct
+                run.seen += 1
+                run.step += 1
+            step = first.step
+            logs = step % first.every.log == 0 or step == first.total_steps
+            if logs:
+                if first.device.type == "cuda":
+                    torch.cuda.synchronize()
+                train_time = time.perf_counter() - t_mark
+            stopped = []
+            for run in self.runs:
+                if logs:  # its steps/s: the loop's, not counting the runs logged before it
+                    run._t_mark = time.perf_counter() - train_time
+                if run._after_step(self.recorders[run], self.displays[run]):
+                    stopped.append(run)
+                if len(self.runs) > 1 and run.diverged_step == step:
+                    self.progress.message(f"diverged: {run.run_dir.name}: train/loss="
+                                          f"{run.final['train/loss']} at step {step}")
+            if logs:
+                if self.show is not None:
+                    self.show(self.progress, step)
+                t_mark = time.perf_counter()  # eval, probes and checkpoints are not train time
+            for run in stopped:
+                self._finish(run, "diverged")
+            if stopped:
+                if self.leave is not None:
+                    self.leave(stopped)
+                self.runs = [r for r in self.runs if r not in stopped]
+        for run in self.runs:
+            self._finish(run, "diverged" if run.diverged_step is not None else "completed")
 
 
 # ---------------------------------------------------------------- one run, whatever happens
