@@ -27,8 +27,20 @@ SWEEP="${SWEEP:-outputs/multirun/$PRESET-$(date +%Y-%m-%d-%H-%M-%S)-$$}"
 BNLAB="${BNLAB:-bnlab}"
 read -r -a REPORT_OPTIONS <<< "${REPORT_ARGS:-}"
 
-start=$(date +%s)
-$BNLAB train -m experiment="$PRESET" seed="$SEEDS" \
-    hydra/launcher=joblib hydra.launcher.n_jobs="$N_JOBS" hydra.sweep.dir="$SWEEP" "$@"
-$BNLAB report "$SWEEP" --out "$SWEEP/report" "${REPORT_OPTIONS[@]}"
-echo "sweep: $SWEEP ($(( $(date +%s) - start )) s for sweep + report)"
+# wall, user and system seconds of the sweep and the report, children included
+TIMEFORMAT='%R %U %S'
+exec 3>&2  # the commands' own stderr stays on the terminal; only the timing goes to the file
+{ time {
+    $BNLAB train -m experiment="$PRESET" seed="$SEEDS" \
+        hydra/launcher=joblib hydra.launcher.n_jobs="$N_JOBS" hydra.sweep.dir="$SWEEP" "$@" 2>&3
+    $BNLAB report "$SWEEP" --out "$SWEEP/report" "${REPORT_OPTIONS[@]}" 2>&3
+} ; } 2> "$SWEEP.time"
+read -r wall user sys < "$SWEEP.time" && rm -f "$SWEEP.time"
+# what made this sweep, for scripts/presets_table.py
+python3 - "$SWEEP/report/reproduce.json" "$PRESET" "$SEEDS" "$N_JOBS" "$wall" "$user" "$sys" "$@" <<'PY'
+import json, sys
+path, preset, seeds, jobs, wall, user, system, *overrides = sys.argv[1:]
+json.dump({"preset": preset, "seeds": seeds, "n_jobs": int(jobs), "overrides": overrides,
+           "wall_s": float(wall), "cpu_s": float(user) + float(system)}, open(path, "w"), indent=2)
+PY
+echo "sweep: $SWEEP (${wall} s for sweep + report, $(python3 -c "print(round($user + $sys))") s of CPU)"

@@ -289,3 +289,50 @@ def test_reproduce_runs_the_ioffe_sweep_and_judges_every_claim(tmp_path):
         row = next(line for line in claims.splitlines() if line.startswith(f"| {claim['id']}:"))
         assert any(f"| {v} (" in row for v in ("reproduced", "not reproduced", "inconclusive"))
         assert "complete separation of 5 vs 5 seeds" in row
+
+
+# ---------------------------------------------------------------- the results table
+def _table_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("presets_table", REPO / "scripts" / "presets_table.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_presets_table_is_the_rendering_of_the_kept_reports():
+    """docs/presets.md's table types no verdict or number: it is what the script renders from
+    docs/results/*/claims.csv and reproduce.json, as they are committed."""
+    assert _table_script().main(["--check"]) == 0
+
+
+def test_a_kept_report_becomes_a_row_with_its_verdicts_numbers_seeds_and_times(tmp_path, monkeypatch):
+    import json
+
+    from helpers import run_main, sweep_of
+
+    claim = {"id": "bn_better", "text": "BN ends higher", "source": "a paper", "metric": "test/acc",
+             "better": {"norm": "bn"}, "than": {"norm": "none"}}
+    sweep = sweep_of(tmp_path / "sweep", {"bn": [0.91, 0.92, 0.93, 0.94, 0.95],
+                                          "none": [0.51, 0.52, 0.53, 0.54, 0.55]}, [claim])
+    assert run_main([str(sweep), "--out", str(sweep / "report")])[0] == 0
+    (sweep / "report" / "reproduce.json").write_text(json.dumps(
+        {"preset": "made_up", "seeds": "0,1,2,3,4", "n_jobs": 2, "overrides": ["data=digits"],
+         "wall_s": 90.0, "cpu_s": 150.0}))
+    script = _table_script()
+    page = tmp_path / "presets.md"
+    page.write_text(f"intro\n{script.START}\nold table\n{script.END}\nrest\n")
+    monkeypatch.setattr(script, "RESULTS", tmp_path / "results")
+    monkeypatch.setattr(script, "PAGE", page)
+    monkeypatch.setattr(script, "REPO", tmp_path)
+    assert script.main(["--collect", str(sweep)]) == 0
+    text = page.read_text()
+    assert text.startswith("intro\n") and text.endswith("\nrest\n") and "old table" not in text
+    row = next(line for line in text.splitlines() if line.startswith("| `made_up`"))
+    assert "`scripts/reproduce.sh made_up data=digits`" in row and "| 0, 1, 2, 3, 4 |" in row
+    assert "1.5 min (2.5 min of CPU, 2 jobs)" in row
+    assert "`bn_better` **reproduced** (norm=bn 0.93 ± 0.0158 vs norm=none 0.53 ± 0.0158; p = 0.004)" in row
+    assert script.main(["--check"]) == 0
+    page.write_text(text.replace("**reproduced**", "**not reproduced**"))  # a verdict typed by hand
+    assert script.main(["--check"]) == 1
