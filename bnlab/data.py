@@ -285,7 +285,7 @@ def load_dataset(cfg, device: torch.device) -> Dataset:
     """Load ``cfg.name`` from ``cfg.root`` as resident, standardized tensors on ``device``."""
     root = Path(os.path.expanduser(str(cfg.root)))
     raw = LOADERS[cfg.name](root, bool(cfg.download))
-    if cfg.get("binarize", False):
+    if cfg.binarize:
         if raw.task != "classification":
             raise UserError(f"data.binarize=true is not valid with data={cfg.name}: its inputs "
                             "are not pixels")
@@ -515,7 +515,7 @@ def check_sampler(cfg, data: Dataset, batch_size: int) -> None:
     m examples need m examples of every class, in the training split and in the test split
     (whose train-mode evaluation uses the same rule). The number of classes and the task are
     checked before, with the config (bnlab.run.preflight)."""
-    if cfg.get("sampler", "iid") != "grouped":
+    if cfg.sampler != "grouped":
         return
     k = int(cfg.labels_per_batch)
     m = batch_size // k
@@ -535,8 +535,8 @@ def make_batch_stream(split: Split, batch_size: int, seed: int, cfg, rank: int =
 
     ``augment`` defaults to ``cfg.augment``.
     """
-    augment = bool(cfg.get("augment", False)) if augment is None else augment
-    if cfg.get("sampler", "iid") == "grouped":
+    augment = bool(cfg.augment) if augment is None else augment
+    if cfg.sampler == "grouped":
         return GroupedBatchStream(split, batch_size, int(cfg.labels_per_batch), seed,
                                   augment=augment, rank=rank, world_size=world_size)
     return BatchStream(split, batch_size, seed, augment=augment, rank=rank, world_size=world_size)

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from bnlab.config.schema import as_dict
 from bnlab.norms import build_norm, norm_class
 
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
@@ -73,7 +74,7 @@ class Net(nn.Module):
 
 def norm_factory(cfg_norm) -> tuple[NormFactory, bool]:
     """(make(num_features, dims), whether the layer replaces the bias before it) for ``cfg.norm``."""
-    options = {k: v for k, v in cfg_norm.items() if k not in ("name", "position", "sync")}
+    options = {k: v for k, v in as_dict(cfg_norm).items() if k not in ("name", "position", "sync")}
     name = str(cfg_norm.name)
 
     def make(num_features: int, dims: int) -> nn.Module:
@@ -128,7 +129,7 @@ def build_model(cfg, in_shape: tuple[int, int, int], num_classes: int) -> Net:
         layers.append(block(nn.Linear(features, width, bias=bias), width, 2))
         features = width
     net = Net(nn.Sequential(*layers), nn.Linear(features, num_classes))
-    if model.get("init", "default") == "glorot":
+    if model.init == "glorot":
         glorot_init(net)
     return net
 

@@ -17,6 +17,8 @@ REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 
+import torch  # noqa: E402
+
 from bnlab.config.schema import compose, config_dir  # noqa: E402  (compose is re-exported for the tests)
 
 
@@ -173,3 +175,22 @@ def fail_on_call(n: int, exc: BaseException, original):
             raise exc
         return original(*args, **kwargs)
     return wrapper
+
+
+# ---------------------------------------------------------------- a known Hessian (landscape, curvature)
+class Point(torch.nn.Module):
+    """theta itself as the output: with a quadratic loss, L(theta) = 0.5 (theta - c)' H (theta - c)."""
+
+    def __init__(self, theta: torch.Tensor) -> None:
+        super().__init__()
+        self.theta = torch.nn.Parameter(theta.clone())
+
+    def forward(self, x):
+        return self.theta
+
+
+def quadratic(hessian: torch.Tensor):
+    def loss(theta, c):
+        d = theta - c
+        return 0.5 * d @ hessian @ d
+    return loss

@@ -18,7 +18,7 @@ from bnlab.norms import build_norm
 from bnlab.probes.activations import Prober
 from bnlab.probes.curvature import HessianVectorProducts, curvature, lanczos_top, start_generator
 
-from helpers import compose, train_in_process
+from helpers import Point, compose, quadratic, train_in_process
 
 CPU = torch.device("cpu")
 F64 = torch.float64
@@ -31,22 +31,6 @@ def spectrum(eigenvalues: list[float], seed: int = 0) -> torch.Tensor:
     return q @ torch.diag(torch.tensor(eigenvalues, dtype=F64)) @ q.T
 
 
-class Point(nn.Module):
-    """theta itself as the output: with L = 0.5 (theta - c)' A (theta - c), H = A exactly."""
-
-    def __init__(self, theta: torch.Tensor) -> None:
-        super().__init__()
-        self.theta = nn.Parameter(theta.clone())
-
-    def forward(self, x):
-        return self.theta
-
-
-def quadratic(a: torch.Tensor):
-    def loss(theta, c):
-        d = theta - c
-        return 0.5 * d @ a @ d
-    return loss
 
 
 def test_lanczos_finds_the_largest_eigenvalue_not_the_largest_in_magnitude():

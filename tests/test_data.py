@@ -12,6 +12,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from bnlab.config.schema import DataConfig
 from bnlab.data import (
     IDX_FILES,
     BatchStream,
@@ -51,8 +52,9 @@ def tiny_mnist(raw: Path, n_train: int = 12, n_test: int = 5, gz: bool = False) 
 
 
 def data_cfg(name: str, root: Path, normalize: bool = False, download: bool = False):
-    return OmegaConf.create({"name": name, "root": str(root), "normalize": normalize,
-                             "download": download, "augment": False})
+    """The data group's node as the schema types it (every key, its default where not given)."""
+    return OmegaConf.structured(DataConfig(name=name, root=str(root), normalize=normalize,
+                                           download=download))
 
 
 def test_mnist_idx_files_load_as_resident_tensors(tmp_path):
@@ -153,10 +155,10 @@ def test_a_run_with_its_files_present_never_imports_torchvision(tmp_path):
 
     tiny_mnist(tmp_path / "MNIST" / "raw")
     tiny_cifar(tmp_path)
-    code = ("import sys, torch; from omegaconf import OmegaConf; "
+    code = ("import sys, torch; from bnlab.config.schema import DataConfig; "
             "from bnlab.data import load_dataset; from bnlab.run.process import versions; "
-            "[load_dataset(OmegaConf.create({'name': n, 'root': sys.argv[1], 'download': False, "
-            "'normalize': True}), torch.device('cpu')) for n in ('mnist', 'cifar10', 'digits')]; "
+            "[load_dataset(DataConfig(name=n, root=sys.argv[1], download=False), "
+            "torch.device('cpu')) for n in ('mnist', 'cifar10', 'digits')]; "
             "v = versions(); print('torchvision' in sys.modules, v['torchvision'])")
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True,
                          check=True).stdout.split()

@@ -8,33 +8,16 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from bnlab.data import load_dataset
 from bnlab.models import build_model
 from bnlab.probes.landscape import landscape, step_sizes
 
-from helpers import compose, train_in_process
+from helpers import Point, compose, quadratic, train_in_process
 
 CPU = torch.device("cpu")
 
 
-class Point(nn.Module):
-    """theta itself as the output: with a quadratic loss, L(theta) = 0.5 (theta - c)' H (theta - c)."""
-
-    def __init__(self, theta: torch.Tensor) -> None:
-        super().__init__()
-        self.theta = nn.Parameter(theta.clone())
-
-    def forward(self, x):
-        return self.theta
-
-
-def quadratic(hessian: torch.Tensor):
-    def loss(theta, c):
-        d = theta - c
-        return 0.5 * d @ hessian @ d
-    return loss
 
 
 @pytest.fixture

@@ -52,7 +52,7 @@ def not_vectorized(cfg: DictConfig) -> str | None:
     From the config alone, before any data is loaded: the norm asks one of its layers
     (:attr:`bnlab.norms.Norm.maps_over_members`); the program checks the built network again.
     """
-    if cfg.norm.get("sync", False):
+    if getattr(cfg.norm, "sync", False):
         return "norm.sync=true: cross-replica statistics train one run per process group"
     widths = hidden_widths(cfg)
     make_norm, _ = norm_factory(cfg.norm)
@@ -65,7 +65,7 @@ def not_vectorized(cfg: DictConfig) -> str | None:
     if cfg.optim.name not in ("sgd", "adam"):
         return f"optim={cfg.optim.name} is not vectorized"
     for key in ("compile", "amp"):
-        if cfg.train.get(key, False):
+        if getattr(cfg.train, key):
             return f"train.{key}=true is not vectorized"
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return "torchrun processes train one run each"

@@ -7,12 +7,13 @@ value costs nothing and leaves nothing behind.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from omegaconf import MISSING, DictConfig
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 from bnlab.config.bounds import (
     at_least,
@@ -215,6 +216,22 @@ def hidden_widths(cfg: DictConfig) -> list[int]:
     if model.name == "vgg":
         return [c for c in model.layers if c != "M"] + list(model.widths)
     return list(model.widths)
+
+
+def typed(cfg: Any) -> Config:
+    """The composed config as the schema's dataclasses (``Config``, each group its option's
+    class), once, at the boundary: inside, values are plain attributes (an OmegaConf read costs
+    ~30 us, a tenth of a small CPU step) and every key exists. A dataclass passes through."""
+    if isinstance(cfg, DictConfig):
+        return OmegaConf.to_object(cfg)
+    return cfg
+
+
+def as_dict(node: Any) -> dict[str, Any]:
+    """A config node (a dataclass of :func:`typed`, or a DictConfig) as a plain dict."""
+    if isinstance(node, DictConfig):
+        return OmegaConf.to_container(node, resolve=True)
+    return dataclasses.asdict(node)
 
 
 def world_size() -> int:

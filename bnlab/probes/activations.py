@@ -230,23 +230,23 @@ class Prober:
         self.cfg, self.model, self.device = cfg.probe, model, torch.device(device)
         self.seed = int(cfg.seed)
         self.ics_every = int(cfg.probe.ics_every)
-        self.landscape_every = int(cfg.probe.get("landscape_every", 0))
-        self.curvature_every = int(cfg.probe.get("curvature_every", 0))
-        self.curvature_iters = int(cfg.probe.get("curvature_iters", 20))
-        self.snd_every = int(cfg.probe.get("snd_every", 0))
+        self.landscape_every = int(cfg.probe.landscape_every)
+        self.curvature_every = int(cfg.probe.curvature_every)
+        self.curvature_iters = int(cfg.probe.curvature_iters)
+        self.snd_every = int(cfg.probe.snd_every)
         settled = settling_step(model)
         self.views = [View(prefix, train, 0 if train else settled)
-                      for prefix, train in MODE_VIEWS[cfg.probe.get("mode", "train")]]
+                      for prefix, train in MODE_VIEWS[cfg.probe.mode]]
         self.task = getattr(data, "task", "classification")
         self.loss_fn = loss_function(self.task)
         self.bounds = saturation_bounds(str(cfg.activation.name))
         self.fractions = percentile_fractions(self.device)
         # The batch one norm layer sees in a training step: a replica's share under torchrun.
-        synced = bool(cfg.norm.get("sync", False))
+        synced = bool(getattr(cfg.norm, "sync", False))
         replicas = 1 if synced else world_size()
         self.chunk_size = max(1, int(cfg.train.batch_size) // replicas)
         # The rows one normalization's statistics cover: a ghost batch of the batch, or all of it.
-        ghost = cfg.norm.get("ghost_batch")
+        ghost = getattr(cfg.norm, "ghost_batch", None)
         self.norm_batch = int(ghost) if ghost and self.chunk_size % int(ghost) == 0 else self.chunk_size
         generator = torch.Generator().manual_seed(self.seed + PROBE_SEED_OFFSET)
         index = torch.randperm(len(data.train), generator=generator)[: self.cfg.batch_size]
@@ -264,8 +264,8 @@ class Prober:
         self.snd_plan: Tensor | None = None
         if self.snd_every > 0 and self.chunk_size <= len(self.x):
             snd_generator = torch.Generator().manual_seed(self.seed + SND_SEED_OFFSET)
-            self.snd_plan = batch_plan(len(self.x), self.chunk_size, int(cfg.probe.get("snd_samples", 4)),
-                                       int(cfg.probe.get("snd_draws", 8)), snd_generator)
+            self.snd_plan = batch_plan(len(self.x), self.chunk_size, int(cfg.probe.snd_samples),
+                                       int(cfg.probe.snd_draws), snd_generator)
         if self.curvature_every > 0:  # refused before training, not at the first measurement
             rows = min(len(self.x), max(2, self.chunk_size))
             check_double_backward(model, self.x[:rows], self.y[:rows], self.loss_fn,

@@ -16,15 +16,15 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import Tensor
 
+from bnlab.config.schema import Config, as_dict, typed
 from bnlab.data import Dataset, check_sampler, load_dataset, make_batch_stream
 from bnlab.errors import UserError, WriteError
 from bnlab.models import build_model, loss_function
@@ -59,24 +59,12 @@ class Interrupted(Exception):
     """Raised in the loop after a first Ctrl-C or SIGTERM: checkpoint, then stop."""
 
 
-@dataclass(frozen=True)
-class Every:
-    """How often the bookkeeping after a step happens, read from the config once as plain ints:
-    an OmegaConf attribute read costs ~30 us, a tenth of a small CPU step."""
-
-    log: int
-    eval: int
-    probe: int  # 0: never
-    landscape: int  # 0: never (Santurkar et al.'s loss landscape along the gradient)
-    checkpoint: int
-    stop_on_divergence: bool
-
-
 class Trainer:
     """One training run in ``run_dir``: fresh, or resumed from its checkpoint."""
 
-    def __init__(self, cfg: DictConfig, run_dir: Path, device: torch.device, data: Dataset,
+    def __init__(self, cfg: Config | DictConfig, run_dir: Path, device: torch.device, data: Dataset,
                  rank: int = 0, world_size: int = 1) -> None:
+        cfg = typed(cfg)  # the schema's dataclasses from here on, not the composed DictConfig
         self.cfg, self.run_dir, self.device, self.data = cfg, run_dir, device, data
         self.rank, self.world_size = rank, world_size
         self.is_writer = rank == 0
@@ -89,7 +77,7 @@ class Trainer:
         self.task = data.task
         self.loss_fn = loss_function(data.task)
         self.distributed = distributed.is_distributed()
-        if self.distributed and cfg.norm.get("sync", False):
+        if self.distributed and getattr(cfg.norm, "sync", False):
             from bnlab.norms.sync import convert_sync
 
             convert_sync(self.model)
@@ -104,12 +92,9 @@ class Trainer:
 
             self.prober = Prober(cfg, self.model, data, device)
         self.step_fn = self._make_step()
-        self.every = Every(log=int(tcfg.log_every), eval=eval_interval(tcfg.eval_every, self.total_steps),
-                           probe=int(cfg.probe.every) if self.prober is not None else 0,
-                           landscape=self.prober.landscape_every if self.prober is not None else 0,
-                           checkpoint=int(tcfg.checkpoint_every),
-                           stop_on_divergence=bool(tcfg.stop_on_divergence))
-        self.schedule = OmegaConf.to_object(cfg.optim) if cfg.optim.schedule == "cosine" else None
+        self.eval_every = eval_interval(tcfg.eval_every, self.total_steps)
+        self.landscape_every = self.prober.landscape_every if self.prober is not None else 0
+        self.schedule = cfg.optim if cfg.optim.schedule == "cosine" else None
         self.step = 0
         self.started = False  # run() began: summary.json is this run's now
         self.loss_sum = torch.zeros((), device=device)  # since the last log step, on the device
@@ -280,7 +265,7 @@ class Trainer:
                 group["lr"] = learning_rate(self.schedule, self.step, self.total_steps)
         if self.prober is not None and self.prober.wants_ics(self.step + 1):
             self.prober.ics(self.step + 1, self.model, self.optimizer, x, y, recorder)
-        if self.every.landscape and (self.step + 1) % self.every.landscape == 0:
+        if self.landscape_every and (self.step + 1) % self.landscape_every == 0:
             self.prober.landscape(self.step + 1, self.model, self.optimizer, x, y, recorder)
         return x, y
 
@@ -290,21 +275,21 @@ class Trainer:
         Returns True when the training loss diverged and the run stops (train.stop_on_divergence),
         evaluated and checkpointed here as at its last step: each happens once per run's end.
         """
-        step, every = self.step, self.every
+        step, tcfg = self.step, self.cfg.train
         last = step == self.total_steps
-        logs = step % every.log == 0 or last
-        if logs and self._log(recorder, progress) and every.stop_on_divergence:
+        logs = step % tcfg.log_every == 0 or last
+        if logs and self._log(recorder, progress) and tcfg.stop_on_divergence:
             self._evaluate(recorder)
             self.save()
             return True
-        if step % every.eval == 0 or last:
+        if step % self.eval_every == 0 or last:
             if last:
                 finish_training(self.model, self.stream)  # BN's inference=population
             values = self._evaluate(recorder)
             progress.evaluated(step, {k: v for k, v in values.items() if k in ("test/acc", "test/loss")})
-        if every.probe and step % every.probe == 0:
+        if self.prober is not None and step % self.cfg.probe.every == 0:
             self.prober.probe(step, recorder)
-        if step % every.checkpoint == 0 or last:
+        if step % tcfg.checkpoint_every == 0 or last:
             self.save()
         if logs:
             self._t_mark = time.perf_counter()  # eval, probes and checkpoints are not train time
@@ -332,7 +317,7 @@ class Trainer:
         """The run's config and final metrics for TensorBoard's HParams dashboard."""
         from bnlab.rundir.reader import flatten
 
-        config = flatten(OmegaConf.to_container(self.cfg, resolve=True))
+        config = flatten(as_dict(self.cfg))
         skip = ("resume", "train.progress", "train.threads", "data.root", "claims")
         recorder.hparams({k: v for k, v in config.items() if k not in skip},
                          {k: v for k, v in self.final.items() if k.startswith(("test/", "train/"))})
@@ -416,7 +401,7 @@ class Loop:
                 run.seen += 1
                 run.step += 1
             step = first.step
-            logs = step % first.every.log == 0 or step == first.total_steps
+            logs = step % first.cfg.train.log_every == 0 or step == first.total_steps
             if logs:
                 if first.device.type == "cuda":
                     torch.cuda.synchronize()
