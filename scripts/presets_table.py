@@ -43,11 +43,13 @@ def number(text: str) -> str:
 
 
 def side(row: dict, which: str) -> str:
-    if not row[f"{which}_mean"]:
-        return "n/a"
-    mean, std = number(row[f"{which}_mean"]), number(row[f"{which}_std"] or "0")
+    """A side's mean ± std over its finite values, and how many runs diverged or never reached a
+    target (censored); "no finite value" when none has one."""
     extra = [f"{row[f'{which}_{k}']} {k}" for k in ("diverged", "censored")
              if row[f"{which}_{k}"] not in ("", "0")]
+    if not row[f"{which}_mean"]:
+        return "no finite value" + (f" ({', '.join(extra)})" if extra else "")
+    mean, std = number(row[f"{which}_mean"]), number(row[f"{which}_std"] or "0")
     return f"{mean} ± {std}" + (f" ({', '.join(extra)})" if extra else "")
 
 
