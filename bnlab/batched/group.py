@@ -94,9 +94,9 @@ class Group:
 
     def __init__(self, members: Sequence[Member], resumed: Sequence[bool], label: str) -> None:
         self.members = list(members)
-        self.resumed = {id(m): r for m, r in zip(members, resumed, strict=True)}
+        self.resumed = dict(zip(self.members, resumed, strict=True))
         first = self.members[0]
-        self.device, self.task, self.label = first.device, first.task, label
+        self.task, self.label = first.task, label
         self.step, self.total_steps = first.step, first.total_steps
         if any(m.step != self.step or m.total_steps != self.total_steps for m in self.members):
             raise ValueError("the members of a group must be at the same step of the same schedule")
@@ -124,7 +124,7 @@ class Group:
         progress = Progress(self.total_steps, self.step, str(first.cfg.train.progress), label=self.label)
         quiet = Progress(self.total_steps, self.step, "off")  # the members' own displays
         loop = Loop(self.members, self._step, progress, {m: quiet for m in self.members},
-                    resumed={m: self.resumed[id(m)] for m in self.members}, leave=self._leave,
+                    resumed=self.resumed, leave=self._leave,
                     show=self._show)
         try:
             return loop.run()

@@ -80,17 +80,23 @@ class TorchKernelOptions(NormOptions):
 
 
 @dataclass
-class BatchStatisticsOptions(TorchKernelOptions):
-    """The keys of the layers built on BN's batch statistics (``bn``, ``noisy_bn``)."""
+class GhostBatchOptions(NormOptions):
+    """``norm.ghost_batch`` of the layers that normalize with batch statistics (bn, noisy_bn, brn)."""
 
-    momentum: float = unit_interval(0.1)
-    eps: float = positive(1e-5)
-    inference: str = choice("moving", "moving", "population")
     ghost_batch: int | None = ghost_batch()
 
     @classmethod
     def check(cls, norm: DictConfig, widths: list[int], batch_size: int) -> None:
         check_ghost_batch(norm, batch_size)
+
+
+@dataclass
+class BatchStatisticsOptions(TorchKernelOptions, GhostBatchOptions):
+    """The keys of the layers built on BN's batch statistics (``bn``, ``noisy_bn``)."""
+
+    momentum: float = unit_interval(0.1)
+    eps: float = positive(1e-5)
+    inference: str = choice("moving", "moving", "population")
 
 
 @dataclass
@@ -105,7 +111,7 @@ class BNOptions(BatchStatisticsOptions):
         if norm.sync and norm.ghost_batch is not None:
             raise invalid("norm.ghost_batch", norm.ghost_batch,
                           "null with norm.sync=true (statistics over all replicas' batches)")
-        check_ghost_batch(norm, batch_size)
+        super().check(norm, widths, batch_size)
 
 
 @dataclass
@@ -133,7 +139,7 @@ class NoisyBNOptions(NoiseOptions, BatchStatisticsOptions):
     @classmethod
     def check(cls, norm: DictConfig, widths: list[int], batch_size: int) -> None:
         NoiseOptions.check(norm, widths, batch_size)
-        check_ghost_batch(norm, batch_size)
+        GhostBatchOptions.check(norm, widths, batch_size)
 
 
 @dataclass
@@ -145,7 +151,7 @@ class NoisyNoneOptions(NoiseOptions):
 
 
 @dataclass
-class BRNOptions(TorchKernelOptions):
+class BRNOptions(TorchKernelOptions, GhostBatchOptions):
     """``norm=brn``: the defaults are the paper's Sec. 4 schedule."""
 
     name: str = "brn"
@@ -156,11 +162,6 @@ class BRNOptions(TorchKernelOptions):
     warmup_steps: int = at_least(5000, 0)
     ramp_steps: int = at_least(35000, 0)  # r_max reaches its value at warmup + ramp (paper: 40k steps)
     d_ramp_steps: int = at_least(20000, 0)  # d_max reaches its value at warmup + d_ramp (paper: 25k)
-    ghost_batch: int | None = ghost_batch()
-
-    @classmethod
-    def check(cls, norm: DictConfig, widths: list[int], batch_size: int) -> None:
-        check_ghost_batch(norm, batch_size)
 
 
 @dataclass

@@ -50,7 +50,7 @@ from bnlab.data import Dataset, make_batch_stream
 from bnlab.models import Block, Net, loss_function
 from bnlab.norms import Norm, frozen_stats
 from bnlab.probes.curvature import check_double_backward, curvature, start_generator
-from bnlab.probes.ics import gradient_ics, preserved_rng
+from bnlab.probes.ics import gradient_ics
 from bnlab.probes.passes import points_per_batch
 from bnlab.probes.snd import batch_plan, layer_disturbances
 
@@ -280,7 +280,7 @@ class Prober:
         self.model.train(train_mode)
         try:
             # Noisy layers draw from the global RNG: restore it so training sees the same stream.
-            with preserved_rng(self.device), frozen_stats(self.model):
+            with frozen_stats(self.model):
                 for block, tap in zip(blocks, taps, strict=True):
                     block.taps = tap
                 self.model(self.x)

@@ -36,7 +36,6 @@ from torch import Tensor, nn
 
 from bnlab.errors import UserError
 from bnlab.norms import frozen_stats
-from bnlab.probes.ics import preserved_rng
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 # T_m's next off-diagonal below this fraction of its scale: an invariant subspace, stop exactly.
@@ -126,7 +125,7 @@ def curvature(model: nn.Module, x: Tensor, y: Tensor, loss_fn: LossFn, iters: in
     was_training = model.training
     model.train()
     try:
-        with preserved_rng(x.device), frozen_stats(model):
+        with frozen_stats(model):
             hvp = HessianVectorProducts(model, x, y, loss_fn)
             g = hvp.gradient
             start = torch.randn(g.numel(), generator=generator, dtype=g.dtype).to(g.device)
@@ -146,7 +145,7 @@ def check_double_backward(model: nn.Module, x: Tensor, y: Tensor, loss_fn: LossF
     was_training = model.training
     model.train()
     try:
-        with preserved_rng(x.device), frozen_stats(model):
+        with frozen_stats(model):
             hvp = HessianVectorProducts(model, x, y, loss_fn)
             hvp(hvp.gradient)
     except RuntimeError as err:

@@ -28,14 +28,6 @@ from torch.func import functional_call
 from bnlab.models import Net
 from bnlab.norms import frozen_stats, held_noise
 
-
-def preserved_rng(device: torch.device):
-    """Context manager: torch's global RNG state (CPU, and ``device`` if CUDA) is restored on exit."""
-    if device.type == "cuda":
-        return torch.random.fork_rng(devices=[device], device_type="cuda")
-    return torch.random.fork_rng(devices=[])
-
-
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
@@ -78,7 +70,7 @@ def gradient_ics(model: Net, optimizer: torch.optim.Optimizer, x: Tensor, y: Ten
     was_training = model.training
     model.train()
     try:
-        with preserved_rng(x.device), frozen_stats(model):
+        with frozen_stats(model):
             grads = torch.autograd.grad(_loss(model, x, y, loss_fn), list(trainable.values()),
                                         allow_unused=True)
             grads_by_name = {n: g for n, g in zip(trainable, grads, strict=True) if g is not None}

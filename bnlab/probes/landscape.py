@@ -27,7 +27,6 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from bnlab.norms import frozen_stats, held_noise
-from bnlab.probes.ics import preserved_rng
 
 STEP_RANGE = (0.5, 4.0)  # eta / learning rate, both ends included (their VGG's range)
 N_STEPS = 8
@@ -80,7 +79,7 @@ def landscape(model: nn.Module, x: Tensor, y: Tensor, lr: float, loss_fn: LossFn
     model.train()
     losses, changes = [], []
     try:
-        with torch.enable_grad(), preserved_rng(x.device), frozen_stats(model):
+        with torch.enable_grad(), frozen_stats(model):
             g = _dense(torch.autograd.grad(loss_fn(model(x), y), leaves, allow_unused=True),
                        leaves)
             flat_g = _flat(g)

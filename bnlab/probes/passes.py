@@ -17,7 +17,6 @@ from torch import Tensor, nn
 
 from bnlab.models import Net
 from bnlab.norms import frozen_stats, held_noise, maps_over_batches
-from bnlab.probes.ics import preserved_rng
 
 # Rows of one mapped pass, as in the train-mode evaluation (bnlab.run.evaluation).
 ROWS_PER_PASS = 2048
@@ -48,7 +47,7 @@ def points_per_batch(model: Net, batches: Tensor, points: list[str], hold_noise:
     outputs: list[tuple[Tensor, ...]] = []
     try:
         hold = held_noise(model) if hold_noise else contextlib.nullcontext()
-        with preserved_rng(batches.device), frozen_stats(model), hold:
+        with frozen_stats(model), hold:
             for start in range(0, len(batches), per_pass):
                 group = batches[start:start + per_pass]
                 if per_pass > 1:
