@@ -164,7 +164,7 @@ class Bench:
         textbook loop. Evaluation and checkpoints are off in all of them: ``train.eval_every=auto``
         evaluates 20 times a run, whatever its length, so a short benchmark run would be mostly
         evaluation."""
-        auto = self._auto_threads()
+        auto = self._auto_threads(overrides)
         native = [*overrides, "norm.impl=torch"]
         # the textbook loop runs ~130 steps/s on the MLP: a fifth of the steps measures it as well
         textbook_steps = max(50, steps // 5)
@@ -194,10 +194,19 @@ class Bench:
             "target >= 0.9")
         row("trainer", "textbook", "trainer vs textbook loop", "probes off")
 
-    def _auto_threads(self) -> int:
-        from bnlab.run.process import auto_threads
+    def _auto_threads(self, overrides: list[str] = MLP, runs: int = 1) -> int:
+        """The threads a run of ``overrides`` (a batched program of ``runs`` runs) would take
+        now, chosen as ``bnlab train`` does: the free cores at start, then one thread for a
+        small step."""
+        from bnlab.models import build_model
+        from bnlab.run.optim import build_optimizer
+        from bnlab.run.process import auto_threads, fit_threads_to_step
 
-        return auto_threads(self.cfg(*MLP))
+        cfg = self.cfg(*overrides)
+        self.torch.set_num_threads(auto_threads(cfg))
+        model = build_model(cfg, self.data.shape, self.data.num_classes)
+        build_optimizer(cfg.optim, model)
+        return fit_threads_to_step(cfg, model, self.data.train.x, cfg.train.batch_size * runs)
 
     def cpu_time(self, steps: int, rounds: int) -> None:
         """The two CPU targets again, timed by this process's CPU time at one thread. On a shared
@@ -330,6 +339,7 @@ class Bench:
                      ratios=[n / v for n, v in zip(r["native"], r["variant"], strict=True)])
         # the same two layers where each operation has real work: the gap is per-operation overhead
         cnn_steps = max(20, steps // 10)
+        threads = self._auto_threads(CNN)
         r = self.rounds({"native": lambda: self.ceiling_steps_per_s([*CNN, "norm=bn", "norm.impl=torch"],
                                                                     threads, cnn_steps),
                          "variant": lambda: self.ceiling_steps_per_s([*CNN, "norm=bn", "norm.impl=scratch"],
@@ -343,31 +353,35 @@ class Bench:
     def threads(self, steps: int, rounds: int) -> None:
         """The trainer at its automatic thread count against fixed counts: with one core kept
         busy by another process (target: within 1.5x of ``train.threads=1``), and on the machine
-        as it is (target: within a few percent of the better of 1 and all cores)."""
+        as it is (target: within a few percent of the better of 1 and all cores), for the MLP
+        (a small step: one thread) and the CNN (a step big enough to share)."""
         from bnlab.run.process import usable_cores
 
         cores = usable_cores()
-        run = [*MLP, "probe=off"]
 
-        def auto() -> float:  # the count the trainer would choose now, as a run chooses it at start
-            return self.trainer_steps_per_s(run, self._auto_threads(), steps)
+        def measures(overrides: list[str], run_steps: int) -> dict[str, Callable[[], float]]:
+            run = [*overrides, "probe=off"]
+            # the count the trainer would choose now, as a run chooses it at start
+            return {"auto": lambda: self.trainer_steps_per_s(run, self._auto_threads(overrides), run_steps),
+                    "one": lambda: self.trainer_steps_per_s(run, 1, run_steps),
+                    "all": lambda: self.trainer_steps_per_s(run, cores, run_steps)}
 
-        idle = self.rounds({"auto": auto, "one": lambda: self.trainer_steps_per_s(run, 1, steps),
-                            "all": lambda: self.trainer_steps_per_s(run, cores, steps)}, rounds)
+        idle = self.rounds(measures(MLP, steps), rounds)
+        cnn = self.rounds(measures(CNN, max(20, steps // 25)), rounds)
         busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
         try:
             time.sleep(0.5)
-            loaded = self.rounds({"auto": auto, "one": lambda: self.trainer_steps_per_s(run, 1, steps),
-                                  "all": lambda: self.trainer_steps_per_s(run, cores, steps)}, rounds)
+            loaded = self.rounds(measures(MLP, steps), rounds)
         finally:
             busy.kill()
             busy.wait()
         med = statistics.median
-        for label, r in (("idle machine", idle), ("one core busy", loaded)):
+        for label, r in (("MLP, idle machine", idle), ("CNN batch 256, idle machine", cnn),
+                         ("MLP, one core busy", loaded)):
             best = [max(o, a) for o, a in zip(r["one"], r["all"], strict=True)]
-            self.add("threads", f"MLP, {label}: automatic threads vs best of 1 and {cores}",
+            self.add("threads", f"{label}: automatic threads vs best of 1 and {cores}",
                      med(r["auto"]), med(best), "steps/s",
-                     f"probes off; 1 thread {med(r['one']):.0f}, {cores} threads {med(r['all']):.0f} steps/s",
+                     f"probes off; 1 thread {med(r['one']):.1f}, {cores} threads {med(r['all']):.1f} steps/s",
                      ratios=[a / b for a, b in zip(r["auto"], best, strict=True)])
         self.add("threads", f"MLP, one core busy: train.threads={cores} vs train.threads=1",
                  med(loaded["all"]), med(loaded["one"]), "steps/s",
@@ -384,7 +398,7 @@ class Bench:
         import multiprocessing
 
         overrides = [*MLP, "probe=off", f"train.steps={steps}", f"device={device}"]
-        threads = self._auto_threads()
+        threads, one_run = self._auto_threads(runs=seeds), self._auto_threads()
         total = seeds * steps
         seed_lists = [list(range(seeds))[i::2] for i in range(2)]
         # spawn: a forked child cannot use CUDA; warm each worker first (imports, data)
@@ -401,7 +415,7 @@ class Bench:
             r = self.rounds({
                 "batched": lambda: total / _train_group(self.cfg, overrides, seeds, threads),
                 "sequential": lambda: total / _train_seeds((self.data_name, overrides, list(range(seeds)),
-                                                            steps, threads)),
+                                                            steps, one_run)),
                 "parallel": parallel,
             }, rounds)
         finally:
@@ -410,7 +424,8 @@ class Bench:
         where = f"{device}, {threads} thread(s)" if device == "cpu" else device
         self.add("batched", f"MLP x{seeds} seeds: batched vs sequential", med(r["batched"]),
                  med(r["sequential"]), "steps/s",
-                 f"aggregate steps/s, {steps} steps per run, {where}; sequential: the basic launcher's way",
+                 f"aggregate steps/s, {steps} steps per run, {where}; sequential: the basic "
+                 f"launcher's way ({one_run} thread(s))",
                  ratios=[b / s for b, s in zip(r["batched"], r["sequential"], strict=True)])
         self.add("batched", f"MLP x{seeds} seeds: batched vs 2 parallel processes", med(r["batched"]),
                  med(r["parallel"]), "steps/s",

@@ -67,10 +67,11 @@ def test_the_threads_group_pairs_automatic_threads_with_fixed_counts_idle_and_wi
     monkeypatch.setattr(bnlab.run.process, "usable_cores", lambda: 2)
     bench = Bench.__new__(Bench)
     bench.rows = []
-    bench.trainer_steps_per_s, bench._auto_threads = steps_per_s, lambda: 2
+    bench.trainer_steps_per_s, bench._auto_threads = steps_per_s, lambda overrides=None, runs=1: 2
     bench.threads(10, 2)
     assert len(started) == 1 and started[0].poll() is not None  # the busy process is gone after
-    idle, loaded, fixed = bench.rows
-    assert idle["ratios"] == [0.8, 0.8] and "idle" in idle["name"]
+    idle, cnn, loaded, fixed = bench.rows
+    assert idle["ratios"] == [0.8, 0.8] and "MLP, idle" in idle["name"]
+    assert cnn["ratios"] == [0.8, 0.8] and "CNN batch 256, idle" in cnn["name"]
     assert loaded["ratios"] == [0.8, 0.8] and "one core busy" in loaded["name"]
     assert fixed["ratios"] == [0.8, 0.8] and fixed["name"].endswith("vs train.threads=1")

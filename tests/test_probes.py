@@ -147,6 +147,15 @@ def test_saturation_is_where_the_derivative_is_below_a_tenth_of_its_maximum(name
         assert got == 0.0
 
 
+@pytest.mark.parametrize("bounds", [(-1.0, 2.0), (-1.5, 1.5), (0.5, math.inf), (-math.inf, math.inf)])
+def test_saturated_fraction_counts_the_entries_outside_the_bounds(bounds):
+    x = torch.randn(300, 7) * 2
+    x[0, :4] = torch.tensor(bounds[:1] * 2 + bounds[1:] * 2)  # values on a bound are not outside
+    lo, hi = bounds
+    expected = sum(1 for v in x.flatten().tolist() if v < lo or v > hi) / x.numel()
+    assert saturated_fraction(x, bounds).item() == expected
+
+
 def direct_batch_noise(chunks: list[torch.Tensor], reference: torch.Tensor,
                        eps: float = 1e-5) -> tuple[float, float]:
     """Batch noise by the definition, one batch and one feature at a time, in float64: each

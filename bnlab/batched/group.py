@@ -36,7 +36,7 @@ from bnlab.models import norm_factory
 from bnlab.run.checkpoint import load_checkpoint
 from bnlab.run.optim import loop_update
 from bnlab.run.preflight import check_against_data, check_config
-from bnlab.run.process import seed_everything, setup_process
+from bnlab.run.process import fit_threads_to_step, seed_everything, setup_process
 from bnlab.run.progress import Progress
 from bnlab.run.trainer import EXIT_INTERRUPTED, Loop, Trainer
 from bnlab.rundir.lock import hold
@@ -184,6 +184,9 @@ def build_group(jobs: Sequence[tuple[DictConfig, Path]], label: str = "batched")
             member.load_state_dict(load_checkpoint(Path(run_dir) / CHECKPOINT, device))
         members.append(member)
         resumed.append(cfg.resume is not None)
+    # the program's step is every member's: its work decides the threads
+    fit_threads_to_step(cfgs[0], members[0].model, data.train.x,
+                        cfgs[0].train.batch_size * len(members))
     return Group(members, resumed, label)
 
 

@@ -113,7 +113,7 @@ class OptimConfig:
 class ProbeConfig:
     name: str = "default"
     enabled: bool = True
-    every: int = at_least(100, 1)
+    every: int = at_least(200, 1)
     batch_size: int = at_least(1000, 2)
     unit: int = at_least(0, 0)  # and below the narrowest hidden width (checked in validate)
     hist_every: int = every_or_never(0)

@@ -12,10 +12,19 @@ import platform
 import time
 
 import torch
+from torch import Tensor
 
 from bnlab import __version__
 from bnlab.errors import UserError
+from bnlab.norms import frozen_stats
 from bnlab.run import distributed
+
+# A training step whose forward pass is under this many FLOPs runs on one thread when
+# train.threads is not set: its operations are too small to share, and a second thread's
+# synchronisation costs more than it saves. On the 2-core machine bnlab is developed on, 2
+# threads made the default MLP (12 MFLOP at batch 60) and the same MLP at batch 256 (51 MFLOP)
+# no faster than 1, and the CNN at batch 64 (89 MFLOP) 1.3x faster (docs/performance.md).
+ONE_THREAD_BELOW_FLOPS = 50e6
 
 
 def _launcher() -> object | None:
@@ -94,6 +103,34 @@ def auto_threads(cfg) -> int:
     share = max(1, cores // parallel_jobs())
     free = free_cores()
     return share if free is None else max(1, min(share, free))
+
+
+def forward_flops(model: torch.nn.Module, example: Tensor, rows: int) -> float:
+    """FLOPs of ``model``'s forward pass over ``rows`` rows like ``example``'s, counted by torch's
+    FlopCounterMode (matrix products and convolutions) on two rows in eval mode and scaled: the
+    models' cost is linear in the rows. Nothing of the model changes (buffers, RNG, mode)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), frozen_stats(model), FlopCounterMode(display=False) as counter:
+            model(example[:2])
+    finally:
+        model.train(was_training)
+    return counter.get_total_flops() / len(example[:2]) * rows
+
+
+def fit_threads_to_step(cfg, model: torch.nn.Module, example: Tensor, rows: int) -> int:
+    """With ``train.threads`` not set, on a CPU: one thread for a step whose forward pass over
+    its ``rows`` rows is under :data:`ONE_THREAD_BELOW_FLOPS`. Returns torch's thread count.
+    Call it once the optimizer exists: FlopCounterMode needs ``torch._dynamo``, which the
+    optimizer's constructor imports anyway (~1.7 s), and then costs a few milliseconds."""
+    if cfg.train.threads or example.device.type != "cpu" or torch.get_num_threads() == 1:
+        return torch.get_num_threads()
+    if forward_flops(model, example, rows) < ONE_THREAD_BELOW_FLOPS:
+        torch.set_num_threads(1)
+    return torch.get_num_threads()
 
 
 def setup_process(cfg) -> torch.device:

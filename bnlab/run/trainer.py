@@ -36,6 +36,7 @@ from bnlab.run.optim import build_optimizer, clear_grads, learning_rate, loop_ba
 from bnlab.run.preflight import check_against_data, check_config
 from bnlab.run.process import (
     device_name,
+    fit_threads_to_step,
     job_label,
     progress_setting,
     seed_everything,
@@ -517,6 +518,8 @@ def run(cfg: DictConfig, run_dir: Path) -> str:
             check_sampler(cfg.data, data, cfg.train.batch_size)
             trainer = Trainer(cfg, run_dir, device, data, rank=replica.rank,
                               world_size=replica.world_size)
+            fit_threads_to_step(cfg, trainer.model, data.train.x,
+                                cfg.train.batch_size // replica.world_size)
             resumed = cfg.resume is not None
             if resumed:
                 trainer.load_state_dict(load_checkpoint(run_dir / CHECKPOINT, device))
