@@ -26,10 +26,10 @@ from bnlab.norms import Norm, frozen_stats, maps_over_batches, preserved_buffers
 from helpers import REPO, scalars, wait_for_checkpoint
 
 SECTION = "## Adding a norm"
-STEPS = ["data=digits", "norm=mean_bn", "train.steps=1200", "train.log_every=20", "train.eval_every=200",
+STEPS = ["data=digits", "norm=mean_bn", "train.steps=600", "train.log_every=20", "train.eval_every=200",
          "train.checkpoint_every=100", "probe.batch_size=200", "train.threads=1", "train.progress=off"]
 PROBES_ON = ["probe=full", "probe.mode=both", "probe.every=100", "probe.ics_every=200",
-             "probe.landscape_every=400"]
+             "probe.landscape_every=300"]
 
 
 def example_blocks() -> dict[str, str]:
@@ -93,7 +93,7 @@ def test_the_docs_norm_trains_probes_and_resumes_exactly(package, tmp_path):
     rows = scalars(probed)
     tags = {tag for _, tag, _ in rows}
     assert {"test/acc_train_mode", "infer/act/layer1/pre/mean", "ics/layer2/l2", "landscape/beta"} <= tags
-    final = {tag: v for step, tag, v in rows if step == 1200}
+    final = {tag: v for step, tag, v in rows if step == 600}
     assert final["test/acc"] > 0.8  # it learns: centring alone, on digits
 
     plain = tmp_path / "plain"
@@ -102,7 +102,7 @@ def test_the_docs_norm_trains_probes_and_resumes_exactly(package, tmp_path):
 
     killed = tmp_path / "killed"
     proc = train(package, killed, *STEPS, *PROBES_ON, wait=False)
-    wait_for_checkpoint(killed, proc, 400)
+    wait_for_checkpoint(killed, proc, 100)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     train(package, None, f"resume={killed}")

@@ -5,6 +5,7 @@ or shorten the run, and a damaged or incomplete directory; a checkpoint is repla
 
 from __future__ import annotations
 
+import fcntl
 import json
 import shutil
 import signal
@@ -15,15 +16,24 @@ import torch
 
 from bnlab.run.checkpoint import load_checkpoint, save_checkpoint
 
-from helpers import bnlab, scalars, start, train_in_process, wait_for_checkpoint
+from helpers import LONG, bnlab, scalars, start, train_in_process, wait_for_checkpoint
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> Path:
-    cwd = tmp_path_factory.mktemp("reference")
-    proc = start(cwd / "run", cwd)
-    assert proc.wait(timeout=300) == 0, proc.stderr.read()
-    return cwd / "run"
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory, worker_id) -> Path:
+    """The uninterrupted run, as `bnlab train` writes it: trained once per test session, by the
+    first xdist worker to ask (the others wait on the lock, then read the finished run)."""
+    shared = tmp_path_factory.getbasetemp()
+    if worker_id != "master":
+        shared = shared.parent  # this session's folder, above each worker's own
+    run = shared / "resume-reference" / "run"
+    with open(shared / "resume-reference.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (run / "summary.json").exists():
+            run.parent.mkdir(exist_ok=True)
+            proc = start(run, run.parent)
+            assert proc.wait(timeout=300) == 0, proc.stderr.read()
+    return run
 
 
 def test_sigkill_then_resume_gives_exactly_the_uninterrupted_scalars(tmp_path, reference):
@@ -53,8 +63,7 @@ def test_sigkill_then_resume_is_bit_identical_with_the_grouped_sampler(tmp_path)
     # 128 batches a planned chunk, a checkpoint every 100 steps: resumes start mid-chunk.
     grouped = ["data.sampler=grouped", "data.labels_per_batch=4", "train.batch_size=32",
                "train.steps=600"]
-    reference = start(tmp_path / "reference", tmp_path, *grouped)
-    assert reference.wait(timeout=300) == 0, reference.stderr.read()
+    assert train_in_process(tmp_path / "reference", *LONG, *grouped) == "completed"
     run = tmp_path / "run"
     proc = start(run, tmp_path, *grouped)
     wait_for_checkpoint(run, proc, 200)
