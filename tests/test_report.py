@@ -435,3 +435,36 @@ def test_x_with_a_key_that_does_not_vary_is_one_line(tmp_path, capsys):
     assert main([str(root), "--x", "optim.lr", "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--x optim.lr" in err and "norm" in err
+
+
+# ---------------------------------------------------------------- which network drift is read in
+@pytest.mark.parametrize("inference_everywhere", [True, False])
+def test_drift_and_saturation_are_read_in_one_network_for_every_group(tmp_path, inference_everywhere):
+    """The inference network's tags when every run logged them, else train mode for all; the
+    header and the CSV columns say which."""
+    root = tmp_path / "sweep"
+    train_drift = {"bn": [0.01, 0.03], "none": [0.5, 0.7]}
+    infer_drift = {"bn": [0.2, 0.4], "none": [0.6, 0.8]}
+    for norm in ("bn", "none"):
+        run = synthetic_run(root, [f"norm={norm}", "seed=0"], [0.5, 0.9])
+        rows = [f"{10 * i},drift/layer1/norm/mean,{v!r}" for i, v in enumerate(train_drift[norm], 1)]
+        rows += [f"20,sat/layer1,{0.25!r}"]
+        if inference_everywhere or norm == "bn":
+            rows += [f"{10 * i},infer/drift/layer1/norm/mean,{v!r}"
+                     for i, v in enumerate(infer_drift[norm], 1)]
+            rows += [f"20,infer/sat/layer1,{0.75!r}"]
+        with open(run / "scalars.csv", "a") as f:
+            f.write("\n".join(rows) + "\n")
+    out = tmp_path / "out"
+    code, stdout = run_main([str(root), "--out", str(out)])
+    assert code == 0
+    with open(out / "summary.csv") as f:
+        table = {row["group"]: row for row in csv.DictReader(f)}
+    drift, view, sat = ((infer_drift, "infer_", 0.75) if inference_everywhere
+                        else (train_drift, "", 0.25))
+    for norm in ("bn", "none"):
+        row = table[f"norm={norm}"]
+        assert number(row[f"{view}drift_layer1_mean"]) == pytest.approx(statistics.mean(drift[norm]))
+        assert number(row[f"{view}saturation_layer1_mean"]) == sat
+    name = "inference network" if inference_everywhere else "train mode"
+    assert f"drift L1 ({name})" in (out / "report.md").read_text()

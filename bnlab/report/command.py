@@ -36,6 +36,8 @@ from bnlab.report.claims import (
 )
 from bnlab.report.data import (
     AUTO,
+    INFERENCE,
+    VIEW_NAMES,
     Group,
     Report,
     axis_figure_name,
@@ -52,6 +54,7 @@ from bnlab.rundir.reader import NO_SUMMARY, find_runs, load_scalars
 # The tags a report reads; everything else in scalars.csv is skipped unparsed.
 REPORT_TAGS = ("test/acc", "test/loss", "train/loss", "perf/steps_per_s",
                "drift/layer*/norm/mean", "drift/layer*/pre/mean", "sat/layer*", "pct/layer*",
+               "infer/drift/layer*/norm/mean", "infer/drift/layer*/pre/mean", "infer/sat/layer*",
                "ics/layer*", "landscape/*", "batchnoise/layer*")
 
 DESCRIPTION = """Compare runs: a table per group of runs that differ only in seed, report.md,
@@ -72,6 +75,10 @@ EPILOG = """columns:
                   the unit's mean since the previous probe, in previous standard deviations, at
                   the nonlinearity input (<point> = norm for norm.position=before_act, pre after)
   saturation Lk   fraction of saturated nonlinearity inputs at the last probe (sat/layerK)
+                  Both read the inference network (infer/...) when every run logged it
+                  (probe.mode=eval or both), else train mode, and say which. In train mode a
+                  batch-statistics norm's output has mean beta and variance gamma^2 by
+                  construction: its drift there tracks gamma and beta only.
   wall, steps/s   wall time of the run (summary.json) and mean training speed (perf/steps_per_s)
 
 --target auto: the median over groups of each group's median best --metric (over its seeds):
@@ -231,9 +238,11 @@ def target_text(report: Report) -> str:
 def table_rows(report: Report) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the group table, shared by the terminal and report.md."""
     layers = "/".join(f"L{k}" for k in report.layers)
+    view = f" ({VIEW_NAMES[report.view]})" if report.layers else ""
     header = ["group", "completed/runs", "final test/acc", "best test/acc",
               f"steps to {target_text(report)}", "final train/loss",
-              f"drift {layers}".strip(), f"saturation {layers}".strip(), "wall (s)", "steps/s"]
+              f"drift {layers}".strip() + view, f"saturation {layers}".strip() + view, "wall (s)",
+              "steps/s"]
     rows = []
     for g in report.groups:
         rows.append([
@@ -603,7 +612,11 @@ def render_markdown(report: Report, figures: list[tuple[str, str]],
         "*drift Lk* is the mean over probes of `drift/layerK/<point>/mean` at each layer's "
         "nonlinearity input (RMS over units of the change of the unit's mean since the previous "
         "probe, in units of its previous standard deviation); *saturation Lk* is `sat/layerK` "
-        "at the last probe; *steps/s* is the mean of `perf/steps_per_s`.", "",
+        "at the last probe; both are read in the network the header names: the inference "
+        "network (`infer/`, probe.mode=eval or both) when every run logged it, else train mode, "
+        "where a batch-statistics norm's output has mean beta and variance gamma^2 by "
+        "construction and its drift tracks gamma and beta only; *steps/s* is the mean of "
+        "`perf/steps_per_s`.", "",
     ]
     judged, not_judged = claims
     if judged or not_judged:
@@ -661,8 +674,9 @@ def write_summary_csv(report: Report, path: Path) -> None:
                "final_test_acc_mean", "final_test_acc_std", "best_test_acc_mean",
                "best_test_acc_std", "metric", "target", "reached", "steps_to_target_mean",
                "steps_to_target_std", "final_train_loss_mean", "final_train_loss_std"]
-    columns += [f"drift_layer{k}_mean" for k in report.layers]
-    columns += [f"saturation_layer{k}_mean" for k in report.layers]
+    view = "infer_" if report.view == INFERENCE else ""  # the network the probes read
+    columns += [f"{view}drift_layer{k}_mean" for k in report.layers]
+    columns += [f"{view}saturation_layer{k}_mean" for k in report.layers]
     columns += ["wall_s_mean", "steps_per_s_mean"]
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)

@@ -147,6 +147,23 @@ def nonlinearity_point(run: Run) -> str:
     return "pre" if run.config.get("norm.position") == "after_act" else "norm"
 
 
+# The network whose probes the report's drift and saturation read: the inference network
+# (probe.mode=eval or both: running statistics, which can drift) where every run logged it, else
+# the training network. In train mode a batch-statistics norm's output has per-unit mean beta and
+# variance gamma^2 by construction, so its drift there tracks gamma and beta only.
+INFERENCE, TRAIN_MODE = "infer/", ""
+VIEW_NAMES = {INFERENCE: "inference network", TRAIN_MODE: "train mode"}
+
+
+def probe_view(runs: Sequence[Run]) -> str:
+    """The tag prefix of the view to report: INFERENCE when every completed run that logged
+    drift logged the inference network's, else TRAIN_MODE (one view for all: comparable)."""
+    probed = [run for run in runs if run.status == "completed"
+              and any(tag.startswith(("drift/", "infer/drift/")) for tag in run.scalars)]
+    inference = all(any(tag.startswith("infer/drift/") for tag in run.scalars) for run in probed)
+    return INFERENCE if probed and inference else TRAIN_MODE
+
+
 def layer_tags(scalars: dict[str, Series], pattern: str) -> dict[int, str]:
     """``{K: tag}`` for tags matching ``pattern`` with ``{K}`` for the layer number."""
     regex = re.compile("^" + re.escape(pattern).replace(r"\{K\}", r"(\d+)") + "$")
@@ -174,7 +191,8 @@ def best_of(series: Series | None, up: bool = True) -> float | None:
     return float(np.nanmax(series.values) if up else np.nanmin(series.values))
 
 
-def run_stats(run: Run, metric: str, target: float) -> RunStats:
+def run_stats(run: Run, metric: str, target: float, view: str = TRAIN_MODE) -> RunStats:
+    """``view``: the probes' tag prefix that drift and saturation are read from (:func:`probe_view`)."""
     scalars = run.scalars
     acc = scalars.get("test/acc")
     stats = RunStats(final_acc=_last(acc), best_acc=best_of(acc),
@@ -186,11 +204,11 @@ def run_stats(run: Run, metric: str, target: float) -> RunStats:
         if len(series.steps) > 1:
             stats.eval_interval = int(np.diff(series.steps).max())
     point = nonlinearity_point(run)
-    for layer, tag in layer_tags(scalars, "drift/layer{K}/" + point + "/mean").items():
+    for layer, tag in layer_tags(scalars, view + "drift/layer{K}/" + point + "/mean").items():
         mean = _finite_mean(scalars[tag].values)
         if mean is not None:
             stats.drift[layer] = mean
-    for layer, tag in layer_tags(scalars, "sat/layer{K}").items():
+    for layer, tag in layer_tags(scalars, view + "sat/layer{K}").items():
         stats.saturation[layer] = _last(scalars[tag])
     if "perf/steps_per_s" in scalars:
         stats.steps_per_s = _finite_mean(scalars["perf/steps_per_s"].values)
@@ -285,6 +303,7 @@ class Report:
     target_note: str
     layers: list[int]
     axis: Axis | None = None  # --metric against one swept key (--x, or the one numeric key)
+    view: str = TRAIN_MODE  # the probes' tag prefix of drift and saturation (probe_view)
 
     @property
     def excluded(self) -> list[Run]:
@@ -326,14 +345,15 @@ def build_report(runs: list[Run], roots: list[Path], by: Sequence[str] | None = 
                 if value is not None else f"auto: no completed run logged {metric}")
     else:
         value, note = float(target), "given with --target"
+    view = probe_view(runs)
     for group in groups:
-        group.stats = [run_stats(run, metric, value if value is not None else math.nan)
+        group.stats = [run_stats(run, metric, value if value is not None else math.nan, view)
                        for run in group.completed]
     layers = sorted({layer for g in groups for s in g.stats
                      for layer in [*s.drift, *s.saturation]})
     x_key = x_key or numeric_key(keys, groups)
     axis = sweep_axis(keys, groups, x_key) if x_key else None
-    return Report(roots, runs, keys, groups, metric, value, note, layers, axis)
+    return Report(roots, runs, keys, groups, metric, value, note, layers, axis, view)
 
 
 # ---------------------------------------------------------------- a metric against a swept key

@@ -17,6 +17,7 @@ import numpy as np
 from bnlab.report.data import (
     Axis,
     Group,
+    VIEW_NAMES,
     Report,
     axis_figure_name,
     best_of,
@@ -57,8 +58,8 @@ def draw_all(report: Report, out: Path) -> list[tuple[str, str]]:
             ("Training loss", "train_loss.png",
              lambda: curves(groups, colors, "train/loss", "Training loss",
                             "training loss (mean since the previous log)", log=True)),
-            ("Drift of each layer's nonlinearity input", "drift.png",
-             lambda: drift(groups, colors)),
+            (f"Drift of each layer's nonlinearity input ({VIEW_NAMES[report.view]})", "drift.png",
+             lambda: drift(groups, colors, report.view)),
             ("Nonlinearity input percentiles of one unit (Ioffe & Szegedy 2015, Fig. 1)",
              "percentiles.png", lambda: percentiles(groups)),
             ("Gradient-based internal covariate shift (Santurkar et al. 2018)", "ics.png",
@@ -202,9 +203,10 @@ def curves(groups: list[Group], colors: dict, tag: str, title: str, ylabel: str,
     return fig
 
 
-def drift(groups: list[Group], colors: dict):
-    layers = layers_with(groups, "drift/layer{K}/norm/mean") or layers_with(
-        groups, "drift/layer{K}/pre/mean")
+def drift(groups: list[Group], colors: dict, view: str):
+    """``view``: the probes' tag prefix (the report's, :func:`bnlab.report.data.probe_view`)."""
+    layers = layers_with(groups, view + "drift/layer{K}/norm/mean") or layers_with(
+        groups, view + "drift/layer{K}/pre/mean")
     if not layers:
         return None
     fig, axes = grid(len(layers))
@@ -212,7 +214,7 @@ def drift(groups: list[Group], colors: dict):
         positive = True
         for g in groups:
             series = group_series(
-                g, lambda run, k=layer: f"drift/layer{k}/{nonlinearity_point(run)}/mean")
+                g, lambda run, k=layer: f"{view}drift/layer{k}/{nonlinearity_point(run)}/mean")
             if series:
                 plot_band(ax, series, colors[g.label], g.label)
                 positive &= all(np.all(s.values[np.isfinite(s.values)] > 0) for s in series)
@@ -220,7 +222,7 @@ def drift(groups: list[Group], colors: dict):
         if i % 3 == 0:
             ax.set_ylabel("drift of the unit means\n(RMS of Δmean / previous std)")
         format_axes(ax, log=positive and bool(ax.lines))
-    fig.suptitle("Drift of each layer's nonlinearity input between probes "
+    fig.suptitle(f"Drift of each layer's nonlinearity input between probes, {VIEW_NAMES[view]} "
                  "(mean over seeds; band: min to max)")
     legend_below(fig, axes)
     return fig
