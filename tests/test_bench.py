@@ -17,6 +17,16 @@ def test_a_row_ratio_is_the_median_of_its_rounds_and_the_table_shows_their_range
     assert "0.50 " in out and "0.50 (" not in out
 
 
+def test_rounds_rotate_which_measurement_runs_first_and_keep_each_rounds_results_together():
+    bench = Bench.__new__(Bench)
+    order = []
+    measures = {name: (lambda n=name: order.append(n) or f"{n}{len(order)}") for name in "abc"}
+    results = bench.rounds(measures, 4)
+    assert order == list("abc" "bca" "cab" "abc")  # each first once in three rounds
+    assert results == {"a": ["a1", "a6", "a8", "a10"], "b": ["b2", "b4", "b9", "b11"],
+                       "c": ["c3", "c5", "c7", "c12"]}
+
+
 def test_the_cpu_group_times_by_cpu_time_at_one_thread_and_pairs_its_rounds():
     """The cpu group's two rows come from the process's CPU clock at one thread, each round's
     trainer and the reference BN (impl=scratch) paired with that round's native-BN ceiling."""
