@@ -364,8 +364,8 @@ class Bench:
 
         def measures(overrides: list[str], run_steps: int) -> dict[str, Callable[[], float]]:
             run = [*overrides, "probe=off"]
-            # the count the trainer would choose now, as a run chooses it at start
-            return {"auto": lambda: self.trainer_steps_per_s(run, self._auto_threads(overrides), run_steps),
+            auto = self._auto_threads(overrides)  # the count a run starting now would choose
+            return {"auto": lambda: self.trainer_steps_per_s(run, auto, run_steps),
                     "one": lambda: self.trainer_steps_per_s(run, 1, run_steps),
                     "all": lambda: self.trainer_steps_per_s(run, cores, run_steps)}
 
