@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 
 from bnlab.report.data import (
+    VIEW_NAMES,
     Axis,
     Group,
-    VIEW_NAMES,
     Report,
     axis_figure_name,
     best_of,
