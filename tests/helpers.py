@@ -116,7 +116,7 @@ def sweep_of(root: Path, finals: dict[str, list[float]], claims=(), extra=(),
 
 
 # ---------------------------------------------------------------- real runs (resume, lock, failures)
-LONG = ["data=digits", "norm=bn", "train.steps=2400", "train.log_every=20", "train.eval_every=200",
+LONG = ["data=digits", "norm=bn", "train.steps=1200", "train.log_every=20", "train.eval_every=200",
         "train.checkpoint_every=100", "probe.every=100", "probe.batch_size=200", "train.threads=1"]
 
 

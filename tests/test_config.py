@@ -132,6 +132,23 @@ def test_help_and_composing_a_config_do_not_load_torch():
     assert done.stdout.split() == ["True", "False"]
 
 
+def test_a_value_out_of_its_bounds_is_refused_before_torch_is_imported(tmp_path):
+    """A single run's bad value (the schema's bounds) gets its line and exit 2 without the
+    seconds of importing torch, and no run directory is left."""
+    code = ("import sys\n"
+            "from bnlab.cli import main\n"
+            "try:\n"
+            "    code = main(['train', 'optim.lr=-1', 'hydra.run.dir=run'])\n"
+            "except SystemExit as stop:\n"
+            "    code = stop.code\n"
+            "print(code, 'torch' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120)
+    assert done.stdout.split() == ["2", "False"], done.stderr
+    assert done.stderr == "bnlab: error: optim.lr=-1.0 is not valid: expected a number > 0\n"
+    assert not (tmp_path / "run").exists()
+
+
 def test_sync_is_an_option_of_the_norms_that_support_it():
     from bnlab.config.schema import validate
 

@@ -57,7 +57,7 @@ def test_a_second_writer_in_the_task_touches_nothing(tmp_path, monkeypatch, caps
 
 def test_one_writer_per_run_even_from_the_command_line_and_sigkill_frees_it(tmp_path):
     run = tmp_path / "run"
-    proc = start(run, tmp_path)
+    proc = start(run, tmp_path, "train.steps=100000")  # still running while two others start
     try:
         wait_for_checkpoint(run, proc, 100)
         hydra_files = {p: p.read_bytes() for p in (run / ".hydra").iterdir()}

@@ -39,7 +39,7 @@ def reference(tmp_path_factory, worker_id) -> Path:
 def test_sigkill_then_resume_gives_exactly_the_uninterrupted_scalars(tmp_path, reference):
     run = tmp_path / "run"
     proc = start(run, tmp_path)
-    wait_for_checkpoint(run, proc, 600)
+    wait_for_checkpoint(run, proc, 300)
     proc.kill()
     proc.wait()
     assert json.loads((run / "summary.json").read_text())["status"] == "running"
@@ -47,7 +47,7 @@ def test_sigkill_then_resume_gives_exactly_the_uninterrupted_scalars(tmp_path, r
     assert resumed.returncode == 0, resumed.stderr
     assert scalars(run) == scalars(reference)  # every step once, every value equal
     summary, expected = (json.loads((r / "summary.json").read_text()) for r in (run, reference))
-    assert summary["status"] == "completed" and summary["steps"] == 2400
+    assert summary["status"] == "completed" and summary["steps"] == 1200
     assert summary["final"]["test/acc"] == expected["final"]["test/acc"]
     assert summary["best"] == expected["best"]
     assert not (run / ".hydra" / "config.yaml.tmp").exists() and len(list(run.glob(".hydra/*"))) == 3
@@ -56,7 +56,7 @@ def test_sigkill_then_resume_gives_exactly_the_uninterrupted_scalars(tmp_path, r
 
     board = EventAccumulator(str(run), size_guidance={"scalars": 0}).Reload().Scalars("train/loss")
     steps = [e.step for e in board]
-    assert steps == sorted(set(steps)) and steps[-1] == 2400  # purge_step removed the killed tail
+    assert steps == sorted(set(steps)) and steps[-1] == 1200  # purge_step removed the killed tail
 
 
 def test_sigkill_then_resume_is_bit_identical_with_the_grouped_sampler(tmp_path):
@@ -80,7 +80,7 @@ def test_sigkill_then_resume_is_bit_identical_with_the_grouped_sampler(tmp_path)
 def test_sigint_checkpoints_marks_interrupted_and_resumes(tmp_path, reference):
     run = tmp_path / "run"
     proc = start(run, tmp_path)
-    wait_for_checkpoint(run, proc, 300)
+    wait_for_checkpoint(run, proc, 200)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130
@@ -103,8 +103,8 @@ def test_resume_refuses_changing_the_experiment(tmp_path, reference):
                              "may be given\n")
     same = bnlab("train", f"resume={reference}", "optim.lr=0.1", "norm=bn", "data=digits", cwd=tmp_path)
     assert same.returncode == 2  # agrees with the saved config; the run has nothing left to do
-    assert same.stderr == (f"bnlab: error: resume={reference}: the run has completed its 2400 steps; "
-                           "give train.steps above 2400 to train it further\n")
+    assert same.stderr == (f"bnlab: error: resume={reference}: the run has completed its 1200 steps; "
+                           "give train.steps above 1200 to train it further\n")
 
 
 def test_resume_on_a_directory_that_is_not_a_run(tmp_path):
@@ -124,7 +124,7 @@ def test_checkpoint_from_a_different_model_is_refused_and_nothing_lost(tmp_path,
     # .lock holds the pid of the last process that held the run: bookkeeping, not the run's data
     files = lambda: {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"}  # noqa: E731
     before = files()
-    result = bnlab("train", f"resume={run}", "train.steps=2500", cwd=tmp_path)
+    result = bnlab("train", f"resume={run}", "train.steps=1300", cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.startswith("bnlab: error: checkpoint does not match this run's model")
     assert len(result.stderr.strip().splitlines()) == 1
@@ -176,17 +176,17 @@ def test_resume_refuses_a_shorter_run_and_a_damaged_or_incomplete_directory(tmp_
     shutil.copytree(reference, run)
     shorter = bnlab("train", "resume=run", "train.steps=1000", cwd=tmp_path)
     assert shorter.returncode == 2
-    assert shorter.stderr == ("bnlab: error: train.steps=1000 is below the run's current step (2400); a "
+    assert shorter.stderr == ("bnlab: error: train.steps=1000 is below the run's current step (1200); a "
                               "run cannot be shortened: give a length above it, or start a new run\n")
     config = run / ".hydra" / "config.yaml"
     config.write_text(config.read_text()[:700])  # cut short, as a full disk leaves it
-    damaged = bnlab("train", "resume=run", "train.steps=2500", cwd=tmp_path)
+    damaged = bnlab("train", "resume=run", "train.steps=1300", cwd=tmp_path)
     assert damaged.returncode == 2
     assert damaged.stderr.startswith("bnlab: error: resume=run: run/.hydra/config.yaml is damaged (")
     assert damaged.stderr.endswith("); the run cannot be resumed\n") and len(damaged.stderr.splitlines()) == 1
     shutil.copy(reference / ".hydra" / "config.yaml", config)
     (run / ".hydra" / "overrides.yaml").unlink()
-    incomplete = bnlab("train", "resume=run", "train.steps=2500", cwd=tmp_path)
+    incomplete = bnlab("train", "resume=run", "train.steps=1300", cwd=tmp_path)
     assert incomplete.returncode == 2
     assert incomplete.stderr == ("bnlab: error: resume=run: run/.hydra/overrides.yaml is missing: the run "
                                  "directory is not whole (Hydra writes it with config.yaml)\n")
