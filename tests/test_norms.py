@@ -1181,7 +1181,7 @@ def test_population_statistics_from_grouped_batches_estimate_the_within_batch_va
 
 # ---------------------------------------------------------------- end to end
 END_TO_END = [
-    ("bn", []), ("bn", ["norm.impl=torch"]), ("bn", ["norm.inference=population"]),
+    ("bn", []), ("bn", ["norm.impl=scratch"]), ("bn", ["norm.inference=population"]),
     ("brn", ["norm.momentum=0.1", "norm.warmup_steps=10", "norm.ramp_steps=10",
              "norm.d_ramp_steps=5"]),
     ("ln", []), ("gn", ["norm.groups=2"]), ("whiten", []), ("whiten", ["norm.method=iter"]),
@@ -1195,7 +1195,8 @@ END_TO_END = [
 @pytest.mark.parametrize("name,extra", END_TO_END)
 def test_every_variant_trains_on_digits(tmp_path, name, extra, model):
     status = train_in_process(tmp_path, f"norm={name}", f"model={model}", "data=digits",
-                              "train.steps=60", "probe=off", "activation=relu", *extra)
+                              "train.steps=60", "train.eval_every=60", "probe=off", "activation=relu",
+                              *extra)  # one evaluation: eval_every=auto would make 20 of 60 steps
     assert status == "completed"
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["final"]["test/acc"] > 0.3  # chance is 0.1
