@@ -150,8 +150,9 @@ def _train(argv: list[str]) -> int:
 def _refuse_bad_values(cfg, run_dir) -> None:
     """The schema's bounds and relations, checked before torch is imported: a bad value gets its
     one line and exit 2 in ~0.5 s instead of ~2.5 s, and the directory Hydra made for the
-    run goes, as the trainer removes it for any refusal before training (a sweep checked its
-    jobs when it started; a resumed run and torchrun's replicas are left to the trainer)."""
+    run goes, as the trainer removes it for any refusal before training. A sweep's job is left
+    to the trainer, which marks it failed for the sweep's report while the other jobs go on; so
+    are a resumed run and torchrun's replicas."""
     from bnlab.config.schema import validate
     from bnlab.errors import UserError
     from bnlab.rundir.writer import discard_fresh
