@@ -7,6 +7,17 @@ import pytest
 import helpers  # noqa: F401  (sets OPENBLAS_NUM_THREADS before any test imports numpy's BLAS)
 
 
+@pytest.fixture(scope="session")
+def digits():
+    """scikit-learn's digits as bnlab loads them, on the CPU: loaded once per test process."""
+    import torch
+
+    from bnlab.config.schema import compose
+    from bnlab.data import load_dataset
+
+    return load_dataset(compose("data=digits").data, torch.device("cpu"))
+
+
 @pytest.fixture
 def digits_overrides() -> list[str]:
     """A small, fast experiment on scikit-learn's bundled digits."""

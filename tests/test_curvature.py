@@ -12,7 +12,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from bnlab.data import load_dataset
 from bnlab.models import build_model
 from bnlab.norms import build_norm
 from bnlab.probes.activations import Prober
@@ -138,11 +137,6 @@ def test_hessian_vector_products_treat_unused_parameters_as_zero():
     assert next(model.parameters()) is unused  # a module's own parameters come first
     assert hv[:2].abs().sum().item() == 0.0 and hvp.gradient[:2].abs().sum().item() == 0.0
     assert hv[2:].abs().sum().item() > 0
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset(compose("data=digits").data, CPU)
 
 
 class Sink:

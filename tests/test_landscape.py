@@ -9,7 +9,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bnlab.data import load_dataset
 from bnlab.models import build_model
 from bnlab.probes.landscape import landscape, step_sizes
 
@@ -64,11 +63,6 @@ def test_every_statistic_on_a_quadratic_matches_its_closed_form(hessian):
     assert eigenvalues.min().item() < beta < eigenvalues.max().item()  # g is no eigenvector
     # theta moved nowhere: the model is as it was.
     assert torch.equal(model.theta.detach(), theta)
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset(compose("data=digits").data, CPU)
 
 
 def make_model(digits, *overrides):

@@ -65,11 +65,6 @@ def read_scalars(run: Path) -> dict[str, dict[int, float]]:
     return table
 
 
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset(compose("data=digits").data, CPU)
-
-
 def make_prober(digits, *overrides: str) -> tuple[Prober, Net]:
     cfg = compose("data=digits", "probe.batch_size=200", *overrides)
     torch.manual_seed(cfg.seed)

@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 
 from bnlab.config.schema import validate
-from bnlab.data import load_dataset
 from bnlab.errors import UserError
 from bnlab.models import build_model
 from bnlab.probes.activations import Prober
@@ -42,11 +41,6 @@ def test_batch_plan_holds_the_sample_at_row_0_and_distinct_others():
         assert len({tuple(plan[i, j, 1:].tolist()) for j in range(6)}) == 6  # other batches each time
     with pytest.raises(ValueError, match="pool"):
         batch_plan(10, 11, 1, 2, torch.Generator())
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset(compose("data=digits").data, CPU)
 
 
 def network(digits, *overrides):
